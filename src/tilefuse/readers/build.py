@@ -1,0 +1,130 @@
+"""Turn parsed layout entries (file, series, affine) into a checked :class:`Layout`.
+
+Every reader ends here: headers are probed in parallel (no pixels decoded), and the tiles must agree
+on dtype, dimensionality and channels before anything is fused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from tilefuse.errors import InputError
+from tilefuse.layout import Layout, Tile
+from tilefuse.tileio import FileSource, TileHeader, probe_tile
+
+__all__ = ["Entry", "layout_from_entries"]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One parsed layout line.
+
+    Attributes
+    ----------
+    name : str
+        As written in the layout (for messages and for writing the layout back).
+    paths : tuple of str
+        Resolved file paths: one file, or one per channel.
+    affine : numpy.ndarray, shape (ndim + 1, ndim + 1)
+        Tile index -> mosaic index, zyx order.
+    series : int
+    where : str
+        ``file:line`` of the entry, for messages.
+    """
+
+    name: str
+    paths: tuple[str, ...]
+    affine: np.ndarray
+    series: int = 0
+    where: str = ""
+
+
+def _probe_all(entries: Sequence[Entry]) -> list[TileHeader]:
+    jobs = [(p, e.series) for e in entries for p in e.paths]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        headers = list(pool.map(lambda job: probe_tile(*job), jobs))
+    out, i = [], 0
+    for e in entries:
+        hs = headers[i : i + len(e.paths)]
+        i += len(e.paths)
+        if len(e.paths) > 1:
+            if any(h.shape != hs[0].shape or h.dtype != hs[0].dtype for h in hs):
+                raise InputError(f"{e.where}: channel files of tile {e.name} differ in shape/dtype")
+            hs = [TileHeader(hs[0].shape, hs[0].dtype, sum(h.n_channels for h in hs), False)]
+        out.append(hs[0])
+    return out
+
+
+def _grey_rgb(path: str, series: int) -> bool:
+    """True when the first tile stores grey as RGB (R = G = B)."""
+    data = FileSource((path,), series).read()
+    return all(np.array_equal(data[0], ch) for ch in data[1:3])
+
+
+def layout_from_entries(
+    entries: Sequence[Entry],
+    *,
+    ndim: int,
+    origin: str,
+    channel_names: Sequence[str] | None = None,
+    pixel_size: Sequence[float] | None = None,
+    unit: str = "micrometer",
+) -> Layout:
+    """Probe every tile and build a layout, refusing inconsistent tiles.
+
+    Parameters
+    ----------
+    entries : sequence of Entry
+    ndim : int
+        Spatial dimensionality the layout declares (2 or 3).
+    origin : str
+        The layout's file or folder, for messages.
+    channel_names : sequence of str, optional
+        Names when each entry lists one file per channel.
+    """
+    if not entries:
+        raise InputError(f"{origin}: the layout lists no tiles")
+    names = [e.name if e.series == 0 else f"{e.name}#{e.series}" for e in entries]
+    seen: dict[str, str] = {}
+    for name, e in zip(names, entries):
+        if name in seen:
+            raise InputError(f"{e.where}: tile {name} is listed twice (first at {seen[name]})")
+        seen[name] = e.where
+    headers = _probe_all(entries)
+    first = headers[0]
+    for e, h in zip(entries, headers):
+        if h.dtype != first.dtype:
+            raise InputError(
+                f"{e.where}: tile {e.name} is {h.dtype}, but {entries[0].name} is {first.dtype}; "
+                "all tiles must share one dtype"
+            )
+        if h.n_channels != first.n_channels:
+            raise InputError(
+                f"{e.where}: tile {e.name} has {h.n_channels} channels, "
+                f"{entries[0].name} has {first.n_channels}"
+            )
+        if len(h.shape) > ndim:
+            raise InputError(
+                f"{e.where}: tile {e.name} is {len(h.shape)}D {h.shape} but the layout is "
+                f"dim = {ndim}; set dim = {len(h.shape)} and give z positions"
+            )
+    same, keep = False, None
+    n_channels = first.n_channels
+    if first.rgb and _grey_rgb(entries[0].paths[0], entries[0].series):
+        same, keep, n_channels = True, (0,), 1
+    if channel_names is None:
+        channel_names = ["RGB"[i] if first.rgb else str(i) for i in range(n_channels)]
+        if n_channels == 1:
+            channel_names = ["0"]
+    tiles = []
+    for name, e, h in zip(names, entries, headers):
+        shape = h.shape if len(h.shape) == ndim else (1, *h.shape)
+        source = FileSource(e.paths, e.series, keep, same)
+        tiles.append(Tile(name, shape, e.affine, source))
+    return Layout(
+        tuple(tiles), first.dtype, tuple(channel_names), pixel_size, unit, origin=origin
+    )

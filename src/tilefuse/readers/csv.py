@@ -1,0 +1,110 @@
+"""CSV layouts with a header row.
+
+Columns (names are case-insensitive):
+
+- ``file`` (required): tile path, relative to the CSV's folder;
+- ``x, y[, z]``: pixel position of the tile's top-left corner; or
+- ``affine``: 6 numbers (2D) or 12 numbers (3D), row-major, mapping tile pixel ``(x, y[, z], 1)``
+  to mosaic pixel ``(x, y[, z])``, for rotated, scaled or sheared tiles; separated by spaces or
+  semicolons (or commas inside a quoted cell);
+- ``series`` (optional): series index in a multi-series file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from tilefuse.errors import InputError
+from tilefuse.layout import Layout, translation_affine
+from tilefuse.readers.build import Entry, layout_from_entries
+from tilefuse.readers.text import read_text_lines
+from tilefuse.tileio import resolve
+
+__all__ = ["read_csv_layout", "xy_affine_to_zyx"]
+
+
+def xy_affine_to_zyx(values: list[float], where: str) -> np.ndarray:
+    """Turn a row-major ``x, y(, z)`` affine (6 or 12 numbers) into a homogeneous zyx affine."""
+    if len(values) == 6:
+        ndim = 2
+    elif len(values) == 12:
+        ndim = 3
+    else:
+        raise InputError(f"{where}: affine needs 6 (2D) or 12 (3D) numbers, got {len(values)}")
+    xy = np.eye(ndim + 1)
+    xy[:ndim] = np.asarray(values, dtype=np.float64).reshape(ndim, ndim + 1)
+    if not np.all(np.isfinite(xy)):
+        raise InputError(f"{where}: affine is not finite: {values}")
+    flip = np.eye(ndim + 1)[[*range(ndim - 1, -1, -1), ndim]]  # reverses the spatial axes
+    return flip @ xy @ flip
+
+
+def _number(row: dict, col: str, where: str) -> float:
+    text = (row.get(col) or "").strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"{where}: column {col!r} must be a number, got {text!r}") from None
+    if not np.isfinite(value):
+        raise InputError(f"{where}: column {col!r} is not finite: {text}")
+    return value
+
+
+def _row_entry(row: dict, cols: set, base: Path, where: str) -> tuple[int, Entry]:
+    name = (row.get("file") or "").strip()
+    if not name:
+        raise InputError(f"{where}: empty 'file' value")
+    series_text = (row.get("series") or "0").strip() or "0"
+    if not series_text.isdigit():
+        raise InputError(f"{where}: 'series' must be a non-negative integer, got {series_text!r}")
+    if "affine" in cols and (row.get("affine") or "").strip():
+        parts = [p for p in re.split(r"[\s;,]+", row["affine"].strip()) if p]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise InputError(f"{where}: 'affine' must be numbers, got {row['affine']!r}") from None
+        affine = xy_affine_to_zyx(values, where)
+    else:
+        axes = ["x", "y", "z"] if "z" in cols else ["x", "y"]
+        affine = translation_affine([_number(row, c, where) for c in axes][::-1])
+    ndim = affine.shape[0] - 1
+    return ndim, Entry(name, (resolve(name, base),), affine, int(series_text), where)
+
+
+def read_csv_layout(path: str | os.PathLike) -> Layout:
+    """Read a CSV layout (see module docstring) into a :class:`Layout`.
+
+    Raises
+    ------
+    InputError
+        Missing columns, a malformed value (``file:line``), inconsistent tiles.
+    """
+    path = str(path)
+    lines = read_text_lines(path)
+    rows = csv.DictReader([text for _, text in lines])
+    if rows.fieldnames is None:
+        raise InputError(f"{path}: empty CSV; expected a header like 'file,x,y'")
+    header = [h.strip().lower() for h in rows.fieldnames]
+    rows.fieldnames = header
+    cols = set(header)
+    if "file" not in cols or not ({"x", "y"} <= cols or "affine" in cols):
+        raise InputError(
+            f"{path}:1: header {','.join(header)!r} needs 'file' and 'x,y[,z]' or 'affine'"
+        )
+    line_numbers = [n for n, text in lines if text.strip()][1:]
+    entries, ndims = [], set()
+    base = Path(path).parent
+    for lineno, row in zip(line_numbers, rows):
+        if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+            continue
+        ndim, entry = _row_entry(row, cols, base, f"{path}:{lineno}")
+        ndims.add(ndim)
+        entries.append(entry)
+    if len(ndims) > 1:
+        raise InputError(f"{path}: rows mix 2D and 3D positions/affines")
+    return layout_from_entries(entries, ndim=ndims.pop() if ndims else 2, origin=path)

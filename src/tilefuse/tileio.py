@@ -1,0 +1,311 @@
+"""Reading tile pixels: picklable sources, header probing, and a bounded per-process cache.
+
+A source describes *how* to read one tile (a path and a series, or an in-memory array); it holds
+no open file, so it can travel to any worker. :func:`read_tile` decodes through a byte-bounded
+LRU cache shared by the threads of one process, so a tile touching four output chunks is decoded
+once, not four times.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tilefuse.errors import InputError
+
+__all__ = [
+    "ArraySource",
+    "FileSource",
+    "TileHeader",
+    "probe_tile",
+    "read_tile",
+    "set_cache_limit",
+]
+
+log = logging.getLogger(__name__)
+
+_TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+_SPATIAL = "ZYX"
+_CHANNEL = "CS"
+
+
+@dataclass(frozen=True, slots=True)
+class TileHeader:
+    """What a tile file holds, learned without decoding its pixels.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        Spatial shape, ``(y, x)`` or ``(z, y, x)``.
+    dtype : numpy.dtype
+    n_channels : int
+        Channels stored in the file (3 for RGB).
+    rgb : bool
+        True when the channels are interleaved colour samples (RGB/RGBA).
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    n_channels: int
+    rgb: bool
+
+
+def _is_tiff(path: str) -> bool:
+    return path.lower().endswith(_TIFF_SUFFIXES)
+
+
+def _axes_to_layout(axes: str, shape: tuple[int, ...], path: str) -> tuple[list, list, list]:
+    """Split tifffile axes into spatial, channel and squeezable axes, or refuse."""
+    spatial, channel, squeeze = [], [], []
+    for i, (ax, n) in enumerate(zip(axes, shape)):
+        if ax in _SPATIAL:
+            spatial.append(i)
+        elif ax in _CHANNEL:
+            channel.append(i)
+        elif n == 1:
+            squeeze.append(i)
+        else:
+            raise InputError(
+                f"{path}: axis {ax!r} of size {n} (axes {axes}, shape {shape}) is not a tile axis; "
+                "expected a 2D image, a z-stack or channels"
+            )
+    if len(channel) > 1:
+        raise InputError(f"{path}: more than one channel axis in {axes} {shape}")
+    return spatial, channel, squeeze
+
+
+def probe_tile(path: str, series: int = 0) -> TileHeader:
+    """Read a tile file's header: shape, dtype and channels, without decoding pixels.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    InputError
+        The file is not a readable image, or its axes are not a tile's.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tile file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: empty file (0 bytes), expected an image")
+    try:
+        if _is_tiff(path):
+            return _probe_tiff(path, series)
+        return _probe_other(path)
+    except InputError:
+        raise
+    except Exception as exc:  # decoders raise anything; the user needs the file name
+        raise InputError(f"{path}: cannot read image header ({exc})") from exc
+
+
+def _probe_tiff(path: str, series: int) -> TileHeader:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if series >= len(tif.series):
+            raise InputError(f"{path}: has {len(tif.series)} series, series {series} requested")
+        s = tif.series[series]
+        axes, shape, dtype = s.axes, tuple(s.shape), np.dtype(s.dtype)
+    spatial, channel, _ = _axes_to_layout(axes, shape, path)
+    sp_shape = tuple(shape[i] for i in spatial)
+    if len(sp_shape) == 3 and sp_shape[0] == 1:
+        sp_shape = sp_shape[1:]
+    n_ch = shape[channel[0]] if channel else 1
+    rgb = bool(channel) and axes[channel[0]] == "S"
+    return TileHeader(sp_shape, dtype, n_ch, rgb)
+
+
+def _probe_other(path: str) -> TileHeader:
+    import imageio.v3 as iio
+
+    props = iio.improps(path)
+    shape = tuple(props.shape)
+    if len(shape) == 3 and shape[-1] in (3, 4):
+        return TileHeader(shape[:2], np.dtype(props.dtype), shape[-1], True)
+    if len(shape) != 2:
+        raise InputError(f"{path}: image of shape {shape}; expected (y, x) or (y, x, rgb)")
+    return TileHeader(shape, np.dtype(props.dtype), 1, False)
+
+
+def _decode(path: str, series: int) -> np.ndarray:
+    """Decode a tile file to ``(c, *spatial)``."""
+    if not _is_tiff(path):
+        import imageio.v3 as iio
+
+        data = np.asarray(iio.imread(path))
+        return np.moveaxis(data, -1, 0) if data.ndim == 3 else data[None]
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        s = tif.series[series]
+        axes = s.axes
+        data = s.asarray()
+    spatial, channel, squeeze = _axes_to_layout(axes, data.shape, path)
+    order = channel + spatial + squeeze
+    data = np.transpose(data, order)
+    data = data.reshape(data.shape[: len(channel) + len(spatial)])
+    if not channel:
+        data = data[None]
+    if data.ndim == 4 and data.shape[1] == 1:  # a single-plane "z-stack" is a 2D tile
+        data = data[:, 0]
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class FileSource:
+    """A tile stored in one or more image files.
+
+    Attributes
+    ----------
+    paths : tuple of str
+        One file holding all channels, or one file per channel (in channel order).
+    series : int
+        TIFF series (multi-series OME-TIFF); 0 otherwise.
+    channels : tuple of int or None
+        Which stored channels to keep, in output order; None keeps them all.
+    same_channels : bool
+        The file stores RGB with R = G = B and only the first is kept; reading checks that the
+        dropped channels really are equal and refuses otherwise.
+    """
+
+    paths: tuple[str, ...]
+    series: int = 0
+    channels: tuple[int, ...] | None = None
+    same_channels: bool = False
+
+    @property
+    def key(self) -> tuple:
+        return ("file", self.paths, self.series, self.channels)
+
+    def read(self) -> np.ndarray:
+        """Decode the tile, shape ``(c, *spatial)``."""
+        parts = [self._read_one(p) for p in self.paths]
+        data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        if self.same_channels and not all(np.array_equal(data[0], ch) for ch in data[1:]):
+            raise InputError(
+                f"{self.paths[0]}: colour channels differ, but the first tile of the layout "
+                "was grey stored as RGB; fuse colour tiles as channels (all tiles colour)"
+            )
+        if self.channels is not None:
+            data = data[list(self.channels)]
+        return data
+
+    def _read_one(self, path: str) -> np.ndarray:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tile file not found: {path}")
+        try:
+            return _decode(path, self.series)
+        except (InputError, FileNotFoundError):
+            raise
+        except Exception as exc:
+            raise InputError(f"{path}: cannot decode image ({exc})") from exc
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ArraySource:
+    """A tile held in memory (numpy) or lazily (dask), shape ``(c, *spatial)``."""
+
+    array: object
+    ident: int = 0
+
+    @property
+    def key(self) -> tuple:
+        return ("array", id(self.array), self.ident)
+
+    def read(self) -> np.ndarray:
+        data = self.array
+        if hasattr(data, "compute"):
+            data = data.compute(scheduler="sync")
+        return np.asarray(data)
+
+
+class _TileCache:
+    """Byte-bounded LRU cache of decoded tiles, safe for the threads of one process."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._loading: dict[tuple, threading.Lock] = {}
+        self.decodes = 0
+
+    def get(self, source) -> np.ndarray:
+        key = source.key
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            gate = self._loading.setdefault(key, threading.Lock())
+        with gate:  # one thread decodes a tile; the others wait for it
+            with self._lock:
+                if key in self._items:
+                    return self._items[key]
+            data = source.read()
+            data.setflags(write=False)
+            with self._lock:
+                self.decodes += 1
+                self._loading.pop(key, None)
+                if data.nbytes <= self.limit:
+                    self._items[key] = data
+                    self._bytes += data.nbytes
+                    while self._bytes > self.limit:
+                        _, old = self._items.popitem(last=False)
+                        self._bytes -= old.nbytes
+        return data
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+            self.decodes = 0
+
+
+_CACHE = _TileCache(512 * 2**20)
+
+
+def set_cache_limit(limit_bytes: int) -> None:
+    """Set this process's tile cache budget in bytes (shrinks the cache at once)."""
+    with _CACHE._lock:
+        _CACHE.limit = int(limit_bytes)
+        while _CACHE._bytes > _CACHE.limit and _CACHE._items:
+            _, old = _CACHE._items.popitem(last=False)
+            _CACHE._bytes -= old.nbytes
+
+
+def cache_stats() -> dict:
+    """Decodes so far and bytes held by this process's tile cache."""
+    return {"decodes": _CACHE.decodes, "bytes": _CACHE._bytes, "limit": _CACHE.limit}
+
+
+def clear_cache() -> None:
+    """Drop every cached tile and reset the decode counter."""
+    _CACHE.clear()
+
+
+def read_tile(source, cache_limit: int | None = None) -> np.ndarray:
+    """Pixels of one tile, shape ``(c, *spatial)``, through the process's cache.
+
+    Parameters
+    ----------
+    source : FileSource or ArraySource
+    cache_limit : int, optional
+        Budget in bytes for this process's cache; applied before reading when given.
+    """
+    if cache_limit is not None and cache_limit != _CACHE.limit:
+        set_cache_limit(cache_limit)
+    return _CACHE.get(source)
+
+
+def resolve(path: str, base: str | Path | None) -> str:
+    """Resolve a tile path written in a layout file against that file's folder."""
+    p = Path(path)
+    if not p.is_absolute() and base is not None:
+        p = Path(base) / p
+    return str(p)
