@@ -22,6 +22,8 @@ from tilefuse.errors import InputError
 __all__ = [
     "ArraySource",
     "FileSource",
+    "cache_stats",
+    "clear_cache",
     "TileHeader",
     "probe_tile",
     "read_tile",

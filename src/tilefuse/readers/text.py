@@ -25,7 +25,8 @@ def read_text_lines(path: str) -> list[tuple[int, str]]:
         raise FileNotFoundError(f"layout file not found: {path}")
     if os.path.getsize(path) > _MAX_LAYOUT_BYTES:
         raise InputError(f"{path}: {os.path.getsize(path)} bytes is too large for a layout file")
-    raw = open(path, "rb").read()
+    with open(path, "rb") as fh:
+        raw = fh.read()
     if b"\x00" in raw[:8192]:
         raise InputError(f"{path}: is a binary file, not a text layout (TileConfiguration or CSV)")
     try:
