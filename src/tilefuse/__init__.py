@@ -1,1 +1,42 @@
-"""tilefuse."""
+"""tilefuse: fuse overlapping microscope tiles into one seamless, out-of-core OME-Zarr mosaic.
+
+The path data takes: ``read_layout`` (or ``layout_from_arrays``) -> optional ``register`` ->
+``fuse`` (a lazy dask array, one task per output chunk) -> ``write_ome_zarr``.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from tilefuse.errors import InputError
+from tilefuse.fuse import fuse, fused_axes, plan_fusion
+from tilefuse.layout import Layout, Tile
+from tilefuse.readers import layout_from_arrays, read_layout, write_csv_layout, write_tileconfig
+
+try:
+    __version__ = version("tilefuse")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+
+def write_ome_zarr(*args, **kwargs):
+    """Write a mosaic as multiscale OME-Zarr; see :func:`tilefuse.ngff.write_ome_zarr`."""
+    from tilefuse.ngff import write_ome_zarr as _write
+
+    return _write(*args, **kwargs)
+
+
+__all__ = [
+    "InputError",
+    "Layout",
+    "Tile",
+    "__version__",
+    "fuse",
+    "fused_axes",
+    "layout_from_arrays",
+    "plan_fusion",
+    "read_layout",
+    "write_csv_layout",
+    "write_ome_zarr",
+    "write_tileconfig",
+]

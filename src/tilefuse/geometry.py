@@ -14,7 +14,14 @@ import numpy as np
 from tilefuse.errors import InputError
 from tilefuse.layout import Layout
 
-__all__ = ["ChunkPlan", "output_box", "plan_chunks", "tile_bounds"]
+__all__ = [
+    "ChunkPlan",
+    "Overlaps",
+    "neighbour_overlaps",
+    "output_box",
+    "plan_chunks",
+    "tile_bounds",
+]
 
 _EPS = 1e-6
 MAX_OUTPUT_VOXELS = 2**44  # 16 Tera-voxels: beyond this a layout is a mistake, not a mosaic
@@ -47,6 +54,9 @@ def _layout_arrays(layout: Layout) -> tuple[np.ndarray, np.ndarray]:
 def output_box(layout: Layout) -> tuple[np.ndarray, tuple[int, ...]]:
     """Origin and shape of the smallest pixel grid holding every tile.
 
+    The grid spans the mosaic pixels whose centres fall inside some tile's bounding box of
+    pixel centres, so an axis-aligned mosaic has no empty border row or column.
+
     Returns
     -------
     origin : numpy.ndarray, shape (ndim,), int64
@@ -60,8 +70,8 @@ def output_box(layout: Layout) -> tuple[np.ndarray, tuple[int, ...]]:
         The mosaic would be absurdly large (positions far apart), reported before allocating.
     """
     lo, hi = tile_bounds(*_layout_arrays(layout))
-    origin = np.floor(lo.min(axis=0) + _EPS).astype(np.int64)
-    end = np.ceil(hi.max(axis=0) - _EPS).astype(np.int64)
+    origin = np.ceil(lo.min(axis=0) - _EPS).astype(np.int64)
+    end = np.floor(hi.max(axis=0) + _EPS).astype(np.int64)
     shape = tuple(int(v) for v in end - origin + 1)
     voxels = float(np.prod(shape, dtype=np.float64)) * len(layout.channels)
     if voxels > MAX_OUTPUT_VOXELS:
@@ -165,3 +175,59 @@ def plan_chunks(layout: Layout, chunk_shape: Sequence[int], margin: float = 1.0)
     indptr = np.zeros(int(np.prod(grid)) + 1, dtype=np.int64)
     indptr[1:] = np.cumsum(np.bincount(keys, minlength=int(np.prod(grid))))
     return ChunkPlan(origin, shape, tuple(int(c) for c in chunk), grid, indptr, tile_ids[order])
+
+
+@dataclass(frozen=True)
+class Overlaps:
+    """Neighbouring tile pairs and how much they overlap.
+
+    Attributes
+    ----------
+    pairs : numpy.ndarray, shape (n_pairs, 2), int
+        Tile indices ``i < j`` whose footprints overlap.
+    extent : numpy.ndarray, shape (n_pairs, ndim), float64
+        Size of each pair's overlap box per axis, in pixels.
+    axis : numpy.ndarray, shape (n_pairs,), int
+        The axis along which each pair is neighbours (the one with the thinnest overlap
+        relative to the tile size).
+    """
+
+    pairs: np.ndarray
+    extent: np.ndarray
+    axis: np.ndarray
+
+    def widths(self, ndim: int) -> list[float | None]:
+        """Median overlap width along each axis among pairs neighbouring on it (None if none)."""
+        return [
+            float(np.median(self.extent[self.axis == ax, ax])) if np.any(self.axis == ax) else None
+            for ax in range(ndim)
+        ]
+
+
+def neighbour_overlaps(layout: Layout, min_extent: float = 1.0) -> Overlaps:
+    """Find the pairs of tiles whose footprints overlap (bounding boxes, after affines).
+
+    Parameters
+    ----------
+    min_extent : float
+        Minimum overlap in pixels on every axis for a pair to count.
+    """
+    from scipy.spatial import cKDTree
+
+    shapes = np.array([t.shape for t in layout.tiles], dtype=np.float64)
+    lo, hi = tile_bounds(layout.affines, shapes)
+    ndim = layout.ndim
+    if len(layout.tiles) < 2:
+        return Overlaps(np.zeros((0, 2), int), np.zeros((0, ndim)), np.zeros(0, int))
+    centres = (lo + hi) / 2
+    reach = float(np.max(hi - lo))
+    pairs = np.array(sorted(cKDTree(centres).query_pairs(reach * 1.01)), dtype=np.int64)
+    if len(pairs) == 0:
+        return Overlaps(np.zeros((0, 2), int), np.zeros((0, ndim)), np.zeros(0, int))
+    i, j = pairs[:, 0], pairs[:, 1]
+    extent = np.minimum(hi[i], hi[j]) - np.maximum(lo[i], lo[j]) + 1
+    keep = np.all(extent >= min_extent, axis=1)
+    pairs, extent = pairs[keep], extent[keep]
+    size = np.maximum(hi[pairs[:, 0]] - lo[pairs[:, 0]] + 1, 1)
+    axis = np.argmin(extent / size, axis=1) if len(pairs) else np.zeros(0, int)
+    return Overlaps(pairs, extent, axis)

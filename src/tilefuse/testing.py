@@ -25,6 +25,7 @@ from tilefuse.readers.memory import layout_from_arrays
 
 __all__ = [
     "Scene",
+    "coverage",
     "TileSet",
     "cut_tiles",
     "grid_positions",
@@ -142,7 +143,10 @@ class TileSet:
     tiles : list of numpy.ndarray
         Tile pixels, each of the tile shape.
     truth : numpy.ndarray
-        The scene on the mosaic grid that :func:`tilefuse.fuse` produces for ``layout``.
+        The scene on the mosaic grid that :func:`tilefuse.fuse` produces for ``layout``; 0 (the
+        default fill) where no tile covers the mosaic.
+    covered : numpy.ndarray of bool
+        Mosaic pixels inside at least one tile (pixel centre within the tile's pixel centres).
     truth_origin : numpy.ndarray
         Mosaic pixel index of ``truth[0, 0]``, zyx.
     """
@@ -151,6 +155,7 @@ class TileSet:
     stage: Layout
     tiles: list
     truth: np.ndarray
+    covered: np.ndarray
     truth_origin: np.ndarray
     scene: Scene
 
@@ -216,7 +221,25 @@ def grid_tileset(
 
     origin, shape = output_box(layout)
     truth = _to_dtype(scene.render(shape, origin), dtype)
-    return TileSet(layout, stage, tiles, truth, origin, scene)
+    covered = coverage(layout, origin, shape)
+    truth[~covered] = 0
+    return TileSet(layout, stage, tiles, truth, covered, origin, scene)
+
+
+def coverage(layout: Layout, origin: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Mosaic pixels whose centre lies within some tile's pixel centres, bool of ``shape``.
+
+    Computed independently of the fusion kernel: every output pixel is mapped back through each
+    tile's inverse affine.
+    """
+    grids = np.meshgrid(*[np.arange(n) + o for n, o in zip(shape, origin)], indexing="ij")
+    points = np.stack([g.ravel() for g in grids] + [np.ones(grids[0].size)])
+    covered = np.zeros(grids[0].size, dtype=bool)
+    for tile in layout.tiles:
+        t = np.linalg.inv(tile.affine)[:-1] @ points
+        inside = np.all((t >= -1e-6) & (t <= np.asarray(tile.shape)[:, None] - 1 + 1e-6), axis=0)
+        covered |= inside
+    return covered.reshape(tuple(shape))
 
 
 def cut_tiles(image: np.ndarray, positions: np.ndarray, tile_shape: Sequence[int]) -> list:

@@ -65,6 +65,9 @@ def _is_tiff(path: str) -> bool:
 def _axes_to_layout(axes: str, shape: tuple[int, ...], path: str) -> tuple[list, list, list]:
     """Split tifffile axes into spatial, channel and squeezable axes, or refuse."""
     spatial, channel, squeeze = [], [], []
+    stack = [a for a, n in zip(axes, shape) if a in "QI" and n > 1]
+    if "Z" not in axes and len(stack) == 1:  # a plain multi-page TIFF is a z-stack
+        axes = axes.replace(stack[0], "Z")
     for i, (ax, n) in enumerate(zip(axes, shape)):
         if ax in _SPATIAL:
             spatial.append(i)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tilefuse.errors import InputError
 from tilefuse.layout import Layout
-from tilefuse.readers.csv import read_csv_layout
+from tilefuse.readers.csv import read_csv_layout, write_csv_layout
 from tilefuse.readers.memory import layout_from_arrays
 from tilefuse.readers.tileconfig import read_tileconfig, write_tileconfig
 
@@ -16,6 +16,7 @@ __all__ = [
     "read_csv_layout",
     "read_layout",
     "read_tileconfig",
+    "write_csv_layout",
     "write_tileconfig",
 ]
 

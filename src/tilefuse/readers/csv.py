@@ -25,7 +25,7 @@ from tilefuse.readers.build import Entry, layout_from_entries
 from tilefuse.readers.text import read_text_lines
 from tilefuse.tileio import resolve
 
-__all__ = ["read_csv_layout", "xy_affine_to_zyx"]
+__all__ = ["read_csv_layout", "write_csv_layout", "xy_affine_to_zyx"]
 
 
 def xy_affine_to_zyx(values: list[float], where: str) -> np.ndarray:
@@ -108,3 +108,23 @@ def read_csv_layout(path: str | os.PathLike) -> Layout:
     if len(ndims) > 1:
         raise InputError(f"{path}: rows mix 2D and 3D positions/affines")
     return layout_from_entries(entries, ndim=ndims.pop() if ndims else 2, origin=path)
+
+
+def write_csv_layout(layout: Layout, path: str | os.PathLike) -> Path:
+    """Write a CSV layout with an ``affine`` column: an exact round trip of every tile's affine.
+
+    Tile paths are written relative to the CSV's folder.
+    """
+    path = Path(path)
+    folder = path.parent.resolve()
+    flip = np.eye(layout.ndim + 1)[[*range(layout.ndim - 1, -1, -1), layout.ndim]]
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "series", "affine"])
+        for tile in layout.tiles:
+            paths = getattr(tile.source, "paths", None)
+            name = os.path.relpath(paths[0], folder) if paths else tile.name
+            xy = (flip @ tile.affine @ flip)[:-1].ravel()
+            writer.writerow([name, getattr(tile.source, "series", 0),
+                             " ".join(repr(float(v)) for v in xy)])
+    return path

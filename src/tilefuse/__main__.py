@@ -1,0 +1,7 @@
+"""``python -m tilefuse`` runs the command-line tool."""
+
+import sys
+
+from tilefuse.cli import main
+
+sys.exit(main())

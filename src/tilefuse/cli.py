@@ -1,0 +1,198 @@
+"""The ``tilefuse`` command: argument parsing, logging, progress; one library call per command.
+
+A user's mistake (missing file, malformed layout, existing output) is one line on stderr and exit
+status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tilefuse import __version__
+from tilefuse.blend import BLENDS
+from tilefuse.errors import InputError
+
+__all__ = ["main"]
+
+log = logging.getLogger("tilefuse")
+
+USER_ERRORS = (InputError, FileNotFoundError, FileExistsError, PermissionError,
+               NotADirectoryError, IsADirectoryError)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_layout_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("layout", help="TileConfiguration.txt or CSV layout (file,x,y[,z] or affine)")
+    p.add_argument("--rotate", type=float, metavar="DEG", default=None,
+                   help="rotate every tile about its centre (camera rotated against the stage)")
+    p.add_argument("--pixel-size", type=float, nargs="+", metavar="S", default=None,
+                   help="physical pixel size: one value, or one per axis (z y x), default 1")
+    p.add_argument("--unit", default="micrometer", help="unit of --pixel-size (default micrometer)")
+    p.add_argument("--chunk", type=_positive_int, nargs="+", default=None, metavar="N",
+                   help="output chunk size: one value or one per axis (default 1024)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tilefuse", description="Fuse overlapping microscope tiles into an OME-Zarr mosaic.")
+    parser.add_argument("--version", action="version", version=f"tilefuse {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fuse = sub.add_parser("fuse", help="fuse a layout into a multiscale OME-Zarr mosaic")
+    _add_layout_options(fuse)
+    fuse.add_argument("-o", "--output", required=True, help="output folder, e.g. mosaic.ome.zarr")
+    fuse.add_argument("--blend", choices=BLENDS, default="linear",
+                      help="how overlaps combine (default linear: cosine feathering)")
+    fuse.add_argument("--blend-width", type=float, default=None, metavar="PX",
+                      help="feathering width in pixels (default: the median overlap)")
+    fuse.add_argument("--fill", type=float, default=0, help="value where no tile is (default 0)")
+    fuse.add_argument("--dtype", default=None, help="output dtype (default: the tiles')")
+    fuse.add_argument("--ngff", choices=("0.4", "0.5"), default="0.5",
+                      help="OME-Zarr version: 0.5 (zarr v3, default) or 0.4 (zarr v2)")
+    fuse.add_argument("--levels", type=_positive_int, default=None,
+                      help="pyramid levels incl. full resolution (default: until one chunk)")
+    fuse.add_argument("--threads", type=_positive_int, default=None,
+                      help="worker threads (default: all cores)")
+    fuse.add_argument("--cache-mb", type=_positive_int, default=512,
+                      help="decoded-tile cache per process in MiB (default 512)")
+    fuse.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    fuse.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+
+    info = sub.add_parser("info", help="describe a layout: tiles, mosaic size, overlaps, memory")
+    _add_layout_options(info)
+    info.add_argument("--threads", type=_positive_int, default=None)
+    info.add_argument("--cache-mb", type=_positive_int, default=512)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from tilefuse.readers import read_layout
+
+    layout = read_layout(args.layout)
+    if args.pixel_size is not None:
+        size = args.pixel_size
+        if len(size) == 1:
+            size = size * layout.ndim
+        if len(size) != layout.ndim:
+            raise InputError(f"--pixel-size takes 1 or {layout.ndim} values, got {len(size)}")
+        layout = replace(layout, pixel_size=tuple(size), unit=args.unit)
+    if args.rotate:
+        layout = layout.rotated(args.rotate)
+    return layout
+
+
+def _chunk_arg(args) -> int | tuple[int, ...] | None:
+    if args.chunk is None:
+        return None
+    return args.chunk[0] if len(args.chunk) == 1 else tuple(args.chunk)
+
+
+def _sidecar(output: Path, suffix: str) -> Path:
+    name = output.name
+    for ext in (".ome.zarr", ".zarr"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return output.with_name(name + suffix)
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from tilefuse.fuse import fuse, fused_axes, plan_fusion
+    from tilefuse.ngff import write_ome_zarr
+    from tilefuse.progress import DaskProgress
+    from tilefuse.readers import write_csv_layout, write_tileconfig
+
+    started = time.perf_counter()
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    layout = _load(args)
+    plan = plan_fusion(layout, chunk=_chunk_arg(args), blend=args.blend,
+                       blend_width=args.blend_width, dtype=args.dtype, fill=args.fill,
+                       cache_bytes=args.cache_mb * 2**20)
+    mosaic = fuse(plan)
+    labels = itertools.chain(["fuse"], (f"pyramid {i}" for i in itertools.count(1)))
+    compute = {"scheduler": "threads", "num_workers": args.threads}
+    existed = output.exists()
+    try:
+        with DaskProgress(labels, enabled=not args.quiet):
+            write_ome_zarr(
+                mosaic, output, axes=fused_axes(layout), pixel_size=layout.pixel_size,
+                unit=layout.unit, ngff_version=args.ngff, levels=args.levels,
+                channel_names=layout.channels, overwrite=args.overwrite,
+                compute_kwargs=compute,
+            )
+    except BaseException:
+        if not existed and output.exists():  # never leave a half-written image behind
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    tc = write_tileconfig(layout, _sidecar(output, ".TileConfiguration.txt"))
+    write_csv_layout(layout, _sidecar(output, ".layout.csv"))
+    if not args.quiet:
+        seconds = time.perf_counter() - started
+        mpix = np.prod(plan.chunks.shape) / 1e6
+        print(
+            f"fused {len(layout.tiles)} tiles -> {output} "
+            f"({' x '.join(map(str, plan.chunks.shape))}, {mpix:.1f} MPix) in {seconds:.1f} s "
+            f"({mpix / seconds:.1f} MPix/s); layout saved as {tc}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from tilefuse.info import describe
+
+    layout = _load(args)
+    threads = args.threads or os.cpu_count() or 1
+    for line in describe(layout, chunk=_chunk_arg(args), threads=threads,
+                         cache_bytes=args.cache_mb * 2**20):
+        print(line)
+    return 0
+
+
+COMMANDS = {"fuse": cmd_fuse, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tilefuse`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # decoders' own complaints become our one-line errors instead
+        for name in ("tifffile", "imageio", "PIL"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        print(f"tilefuse {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tilefuse: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Dask wiring: one task per output chunk, each carrying only the tiles that touch it.
+
+The graph is built by hand from the chunk plan (not with ``map_blocks`` over a closure), so every
+task holds a few tile descriptions (paths, affines), never the whole layout, and the same graph
+runs on threads, processes or a distributed cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dask.array as da
+import numpy as np
+from dask.highlevelgraph import HighLevelGraph
+
+from tilefuse.blend import BLENDS
+from tilefuse.errors import InputError
+from tilefuse.geometry import ChunkPlan, neighbour_overlaps, plan_chunks
+from tilefuse.kernel import ChunkTile, fuse_chunk
+from tilefuse.layout import Layout
+from tilefuse.resample import classify
+from tilefuse.tileio import read_tile
+
+__all__ = [
+    "DEFAULT_CACHE_BYTES",
+    "DEFAULT_CHUNK",
+    "FusionPlan",
+    "fuse",
+    "fused_axes",
+    "plan_fusion",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 1024
+DEFAULT_CACHE_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class FusionPlan:
+    """Everything decided once per run, before any pixel is read.
+
+    Attributes
+    ----------
+    layout : Layout
+    chunks : ChunkPlan
+    blend : str
+    widths : tuple of float
+        Feathering width per spatial axis.
+    dtype : numpy.dtype
+        Output dtype.
+    fill : float
+    paths : tuple of str
+        Resampling path per tile ("slice", "shift" or "affine").
+    cache_bytes : int
+        Tile cache budget per worker process.
+    """
+
+    layout: Layout
+    chunks: ChunkPlan
+    blend: str
+    widths: tuple[float, ...]
+    dtype: np.dtype
+    fill: float
+    paths: tuple[str, ...]
+    cache_bytes: int
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.layout.channels)
+
+
+def fused_axes(layout: Layout) -> tuple[str, ...]:
+    """Axis names of :func:`fuse`'s output: ``(y, x)``, ``(z, y, x)``, with ``c`` first if any."""
+    spatial = ("z", "y", "x")[-layout.ndim :]
+    return ("c", *spatial) if len(layout.channels) > 1 else spatial
+
+
+def _chunk_shape(chunk: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+    if chunk is None:
+        chunk = DEFAULT_CHUNK
+    if isinstance(chunk, int | np.integer):
+        chunk = (int(chunk),) * ndim
+        if ndim == 3:  # z-stacks: keep chunks near the 2D budget
+            chunk = (min(chunk[0], 64), *chunk[1:])
+    chunk = tuple(int(c) for c in chunk)
+    if len(chunk) != ndim or any(c < 1 for c in chunk):
+        raise InputError(f"chunk {chunk} must be one positive integer or {ndim} of them")
+    return chunk
+
+
+def default_widths(layout: Layout) -> tuple[float, ...]:
+    """Feathering width per axis: the median neighbour overlap along it (1 where none)."""
+    widths = neighbour_overlaps(layout).widths(layout.ndim)
+    return tuple(max(1.0, w) if w is not None else 1.0 for w in widths)
+
+
+def plan_fusion(
+    layout: Layout,
+    *,
+    chunk: int | Sequence[int] | None = None,
+    blend: str = "linear",
+    blend_width: float | Sequence[float] | None = None,
+    dtype: np.dtype | str | None = None,
+    fill: float = 0,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> FusionPlan:
+    """Decide the output grid, the chunk -> tiles map and the blend parameters.
+
+    See :func:`fuse` for the parameters.
+    """
+    if blend not in BLENDS:
+        raise InputError(f"unknown blend {blend!r}; expected one of {', '.join(BLENDS)}")
+    chunks = plan_chunks(layout, _chunk_shape(chunk, layout.ndim))
+    if blend_width is None:
+        widths = default_widths(layout) if blend == "linear" else (1.0,) * layout.ndim
+    elif np.ndim(blend_width) == 0:
+        widths = (float(blend_width),) * layout.ndim
+    else:
+        widths = tuple(float(w) for w in blend_width)
+    out_dtype = np.dtype(dtype) if dtype is not None else layout.dtype
+    paths = tuple(classify(t.affine) for t in layout.tiles)
+    log.info(
+        "plan: %d tiles -> mosaic %s in %d chunks of %s; blend %s; paths %s",
+        len(layout.tiles), chunks.shape, chunks.n_chunks, chunks.chunk_shape, blend,
+        {p: paths.count(p) for p in set(paths)},
+    )
+    return FusionPlan(layout, chunks, blend, widths, out_dtype, fill, paths, int(cache_bytes))
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """One output chunk's work: small, picklable, self-contained."""
+
+    origin: np.ndarray
+    shape: tuple[int, ...]
+    tiles: tuple[tuple, ...]  # (affine, shape, path, source) per tile, layout order
+    n_channels: int
+    dtype: np.dtype
+    blend: str
+    widths: tuple[float, ...]
+    fill: float
+    cache_bytes: int
+    squeeze_channel: bool
+
+    def run(self) -> np.ndarray:
+        """Fuse this chunk; shape ``(c, *shape)``, or ``shape`` for single-channel output."""
+        tiles = [
+            ChunkTile(aff, shp, path, _reader(src, self.cache_bytes))
+            for aff, shp, path, src in self.tiles
+        ]
+        out = fuse_chunk(
+            self.origin, self.shape, tiles, n_channels=self.n_channels, dtype=self.dtype,
+            blend=self.blend, widths=self.widths, fill=self.fill,
+        )
+        return out[0] if self.squeeze_channel else out
+
+
+def _reader(source, cache_bytes: int):
+    return lambda: read_tile(source, cache_bytes)
+
+
+def _run(job: ChunkJob) -> np.ndarray:
+    return job.run()
+
+
+def chunk_job(plan: FusionPlan, block: Sequence[int]) -> ChunkJob:
+    """The job for output chunk ``block`` (a chunk index per spatial axis)."""
+    origin, shape = plan.chunks.chunk_box(block)
+    tiles = tuple(
+        (t.affine, t.shape, plan.paths[i], t.source)
+        for i in plan.chunks.tiles_of(block)
+        for t in (plan.layout.tiles[i],)
+    )
+    return ChunkJob(
+        origin, tuple(int(s) for s in shape), tiles, plan.n_channels, plan.dtype, plan.blend,
+        plan.widths, plan.fill, plan.cache_bytes, squeeze_channel=plan.n_channels == 1,
+    )
+
+
+def fuse(
+    layout: Layout | FusionPlan,
+    *,
+    chunk: int | Sequence[int] | None = None,
+    blend: str = "linear",
+    blend_width: float | Sequence[float] | None = None,
+    dtype: np.dtype | str | None = None,
+    fill: float = 0,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> da.Array:
+    """The fused mosaic as a lazy dask array, one task per output chunk.
+
+    Parameters
+    ----------
+    layout : Layout or FusionPlan
+        The tiles and where they go (or a plan made by :func:`plan_fusion`).
+    chunk : int or sequence of int, optional
+        Output chunk shape (default 1024 per axis; z chunks at most 64 for z-stacks).
+    blend : {"linear", "mean", "max", "min", "first", "last"}
+        How overlapping tiles combine; ``linear`` is cosine feathering.
+    blend_width : float or sequence of float, optional
+        Feathering width in pixels per axis (default: the median neighbour overlap).
+    dtype : dtype, optional
+        Output dtype (default: the tiles'). Values are rounded, never truncated.
+    fill : float
+        Value of pixels no tile covers.
+    cache_bytes : int
+        Decoded-tile cache budget per worker process.
+
+    Returns
+    -------
+    dask.array.Array
+        Shape ``(*spatial)`` for one channel, ``(c, *spatial)`` otherwise; see :func:`fused_axes`.
+    """
+    plan = layout if isinstance(layout, FusionPlan) else plan_fusion(
+        layout, chunk=chunk, blend=blend, blend_width=blend_width, dtype=dtype, fill=fill,
+        cache_bytes=cache_bytes,
+    )
+    name = "tilefuse-" + _token(plan)
+    lead = () if plan.n_channels == 1 else (0,)
+    dsk = {
+        (name, *lead, *block): (_run, chunk_job(plan, block))
+        for block in np.ndindex(*plan.chunks.grid)
+    }
+    chunks = plan.chunks.chunks if not lead else ((plan.n_channels,), *plan.chunks.chunks)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
+    meta = np.empty((0,) * len(chunks), dtype=plan.dtype)
+    return da.Array(graph, name, chunks, meta=meta)
+
+
+def _token(plan: FusionPlan) -> str:
+    from dask.base import tokenize
+
+    return tokenize(
+        plan.layout.affines, [t.source.key for t in plan.layout.tiles], plan.chunks.chunk_shape,
+        plan.blend, plan.widths, str(plan.dtype), plan.fill,
+    )

@@ -1,0 +1,79 @@
+"""``tilefuse info``: what a layout holds and what fusing it will take, before any pixel is read."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from tilefuse.fuse import DEFAULT_CACHE_BYTES, plan_fusion
+from tilefuse.geometry import neighbour_overlaps
+from tilefuse.layout import Layout
+
+__all__ = ["describe", "estimate_peak_bytes"]
+
+_BASELINE_BYTES = 200 * 2**20  # interpreter, numpy, dask, zarr, codecs
+
+
+def estimate_peak_bytes(
+    chunk_pixels: int, n_channels: int, itemsize: int, threads: int, cache_bytes: int
+) -> int:
+    """Peak memory of a fusion: per thread, the float32 accumulators plus temporaries of one
+    chunk and its encoded copy; plus the tile cache and a fixed baseline."""
+    per_thread = chunk_pixels * (n_channels * 4 * 3 + 4 + 1 + 2 * n_channels * itemsize)
+    return int(threads * per_thread + cache_bytes + _BASELINE_BYTES)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def describe(
+    layout: Layout,
+    *,
+    chunk: int | Sequence[int] | None = None,
+    threads: int = 1,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> list[str]:
+    """Human-readable lines describing a layout and its fusion plan."""
+    plan = plan_fusion(layout, chunk=chunk, cache_bytes=cache_bytes)
+    shapes = {t.shape for t in layout.tiles}
+    shape_text = " x ".join(map(str, next(iter(shapes)))) if len(shapes) == 1 else (
+        f"{len(shapes)} different shapes")
+    out_shape = plan.chunks.shape
+    n_px = int(np.prod(out_shape, dtype=np.int64))
+    size = n_px * len(layout.channels) * layout.dtype.itemsize
+    overlaps = neighbour_overlaps(layout)
+    axes = "zyx"[-layout.ndim :]
+    lines = [
+        f"layout:       {layout.origin}",
+        f"tiles:        {len(layout.tiles)} of {shape_text} ({axes}), {layout.dtype}, "
+        f"{len(layout.channels)} channel(s) {', '.join(layout.channels)}",
+        f"pixel size:   {' x '.join(f'{s:g}' for s in layout.pixel_size)} {layout.unit} ({axes})",
+        f"mosaic:       {' x '.join(map(str, out_shape))} ({axes}), {n_px / 1e6:.1f} MPix, "
+        f"{_fmt_bytes(size)} uncompressed",
+        "placement:    " + ", ".join(f"{plan.paths.count(p)} {p}" for p in sorted(set(plan.paths))),
+    ]
+    if len(overlaps.pairs):
+        frac = overlaps.extent[np.arange(len(overlaps.axis)), overlaps.axis]
+        lines.append(
+            f"overlaps:     {len(overlaps.pairs)} neighbour pairs, width min {frac.min():.0f} px, "
+            f"median {np.median(frac):.0f} px"
+        )
+    else:
+        lines.append("overlaps:     none (tiles do not touch)")
+    chunk_px = int(np.prod(plan.chunks.chunk_shape))
+    peak = estimate_peak_bytes(chunk_px, len(layout.channels), layout.dtype.itemsize, threads,
+                               cache_bytes)
+    per_chunk = np.diff(plan.chunks.indptr)
+    lines += [
+        f"chunks:       {plan.chunks.n_chunks} of {' x '.join(map(str, plan.chunks.chunk_shape))}"
+        f", tiles per chunk max {per_chunk.max()}, mean {per_chunk.mean():.1f}",
+        f"peak memory:  ~{_fmt_bytes(peak)} with {threads} thread(s) and a "
+        f"{_fmt_bytes(cache_bytes)} tile cache",
+    ]
+    return lines

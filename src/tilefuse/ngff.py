@@ -1,0 +1,528 @@
+"""Writing a mosaic as an OME-Zarr image (NGFF 0.5 on zarr v3, or NGFF 0.4 on zarr v2).
+
+Level 0 is the mosaic itself, stored with one zarr chunk per dask chunk. Each further level is a
+2x mean downsample in y and x of the previous level *read back from the store*, so the fusion
+graph runs once and every level costs one dask compute of chunk-sized tasks. The group metadata
+that makes the folder an OME-Zarr image is written last: an interrupted run leaves a folder that
+no reader mistakes for a finished image.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numcodecs
+import numpy as np
+import zarr
+
+from tilefuse.errors import InputError
+
+__all__ = ["pyramid_shapes", "read_ome_zarr_level", "write_ome_zarr"]
+
+log = logging.getLogger(__name__)
+
+_AXIS_ORDER = "tczyx"
+_AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+_SPATIAL = ("z", "y", "x")
+_VERSIONS = ("0.4", "0.5")
+# Green/magenta first: the pair stays distinguishable for colour-blind viewers.
+_PALETTE = ("00FF00", "FF00FF", "00FFFF", "FFFF00", "FF0000", "0000FF", "FFFFFF")
+_GREY = "FFFFFF"
+_HEX = re.compile(r"^#?([0-9A-Fa-f]{6})$")
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def pyramid_shapes(
+    shape: Sequence[int],
+    chunks_yx: Sequence[int],
+    axes: Sequence[str],
+    levels: int | None = None,
+) -> list[tuple[int, ...]]:
+    """Shapes of every pyramid level, full resolution first.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Level-0 shape, one entry per axis in `axes`.
+    chunks_yx : (int, int)
+        Chunk size along y and x.
+    axes : sequence of str
+        Axis names, e.g. ``("c", "z", "y", "x")``; must contain ``"y"`` and ``"x"``.
+    levels : int, optional
+        Number of levels including level 0. By default levels are added while y or x is larger
+        than its chunk size, so the last level fits in one chunk in y and x.
+
+    Returns
+    -------
+    list of tuple of int
+        ``shapes[k]`` is level k; y and x of level ``k + 1`` are ``ceil(n / 2)`` of level k, the
+        other axes are unchanged.
+    """
+    axes = _check_axes(axes, len(shape))
+    iy, ix = axes.index("y"), axes.index("x")
+    cy, cx = (int(c) for c in chunks_yx)
+    if cy < 1 or cx < 1:
+        raise InputError(f"chunk sizes must be >= 1, got {tuple(chunks_yx)}")
+    if levels is not None and levels < 1:
+        raise InputError(f"levels must be >= 1, got {levels}")
+    shapes = [tuple(int(n) for n in shape)]
+    while _needs_level(shapes[-1], len(shapes), levels, (iy, ix), (cy, cx)):
+        nxt = list(shapes[-1])
+        nxt[iy], nxt[ix] = -(-nxt[iy] // 2), -(-nxt[ix] // 2)
+        shapes.append(tuple(nxt))
+    return shapes
+
+
+def write_ome_zarr(
+    array: da.Array,
+    path: str | os.PathLike,
+    *,
+    axes: Sequence[str],
+    pixel_size: Sequence[float] | None = None,
+    unit: str = "micrometer",
+    ngff_version: str = "0.5",
+    levels: int | None = None,
+    channel_names: Sequence[str] | None = None,
+    channel_colors: Sequence[str] | None = None,
+    overwrite: bool = False,
+    name: str | None = None,
+    compute_kwargs: dict | None = None,
+) -> Path:
+    """Write `array` and its 2x mean pyramid as an OME-Zarr image.
+
+    Parameters
+    ----------
+    array : dask.array.Array, shape (..., y, x)
+        The mosaic; its axes are named by `axes` (a subset of ``t, c, z, y, x`` in that order).
+        Each dask chunk becomes one zarr chunk (irregular chunks are rechunked first).
+    path : str or os.PathLike
+        Output folder, e.g. ``mosaic.ome.zarr``.
+    axes : sequence of str
+        One name per dimension of `array`.
+    pixel_size : sequence of float, optional
+        Physical pixel size per spatial axis (the z, y, x present), default 1.0 each.
+    unit : str
+        Unit of the spatial axes.
+    ngff_version : {"0.5", "0.4"}
+        "0.5" writes a zarr v3 store, "0.4" a zarr v2 store.
+    levels : int, optional
+        Number of levels including level 0; by default until one chunk holds y and x.
+    channel_names, channel_colors : sequence of str, optional
+        One per channel (hex ``RRGGBB`` colours); default ``"Channel i"`` and a palette.
+    overwrite : bool
+        Replace an existing `path` instead of refusing.
+    name : str, optional
+        Image name in the metadata; default the folder name without ``.zarr``.
+    compute_kwargs : dict, optional
+        Keyword arguments for every dask compute (e.g. ``scheduler="threads"``).
+
+    Returns
+    -------
+    pathlib.Path
+        The written image folder.
+
+    Raises
+    ------
+    FileExistsError
+        `path` exists and `overwrite` is False.
+    InputError
+        Invalid options, or `path` cannot be written.
+    """
+    array = da.asarray(array)
+    axes = _check_axes(axes, array.ndim)
+    _check_dtype(array.dtype)
+    if ngff_version not in _VERSIONS:
+        raise InputError(f"ngff_version must be one of {_VERSIONS}, got {ngff_version!r}")
+    if array.size == 0:
+        raise InputError(f"cannot write an empty image of shape {array.shape}")
+    sizes = _spatial_sizes(axes, pixel_size)
+    channels = _channel_specs(axes, array.shape, channel_names, channel_colors)
+    out = _prepare_path(Path(path), overwrite)
+
+    array = _regular_chunks(array)
+    chunks = tuple(c[0] for c in array.chunks)
+    iy, ix = axes.index("y"), axes.index("x")
+    shapes = pyramid_shapes(array.shape, (chunks[iy], chunks[ix]), axes, levels)
+    kwargs = dict(compute_kwargs or {})
+    zarr_format = 3 if ngff_version == "0.5" else 2
+    group = zarr.open_group(out, mode="w", zarr_format=zarr_format)
+
+    source = array
+    lo = hi = None
+    for k, shape in enumerate(shapes):
+        if k:
+            source = _downsample_level(group[str(k - 1)], axes)
+        log.info("level %d: shape %s, chunks %s", k, shape, chunks)
+        target = _create_level(group, str(k), shape, chunks, array.dtype, axes, zarr_format)
+        last = k == len(shapes) - 1
+        lo, hi = _store_level(source, target, axes, stats=last, compute_kwargs=kwargs)
+
+    attrs = _image_attrs(
+        axes, sizes, unit, len(shapes), ngff_version, channels, lo, hi, name or _default_name(out)
+    )
+    group.attrs.update(attrs)
+    log.info("wrote %s (%d levels, NGFF %s)", out, len(shapes), ngff_version)
+    return out
+
+
+def read_ome_zarr_level(path: str | os.PathLike, level: int = 0) -> da.Array:
+    """Open one resolution level of an OME-Zarr image lazily.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The image folder (NGFF 0.4 or 0.5).
+    level : int
+        0 is full resolution; negative values count from the coarsest level.
+
+    Returns
+    -------
+    dask.array.Array
+        The level, chunked as stored.
+
+    Raises
+    ------
+    InputError
+        `path` is not a finished OME-Zarr image or `level` does not exist.
+    """
+    try:
+        group = zarr.open_group(Path(path), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise InputError(f"{path}: not a zarr group") from exc
+    attrs = group.attrs.asdict()
+    multiscales = attrs.get("ome", attrs).get("multiscales")
+    if not multiscales:
+        raise InputError(f"{path}: no OME-Zarr multiscales metadata (unfinished write?)")
+    datasets = multiscales[0]["datasets"]
+    if not -len(datasets) <= level < len(datasets):
+        raise InputError(f"{path}: level {level} does not exist ({len(datasets)} levels)")
+    return da.from_zarr(group[datasets[level]["path"]])
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_axes(axes: Sequence[str], ndim: int) -> tuple[str, ...]:
+    """Validate axis names: one per dim, from ``tczyx`` in that order, with y and x."""
+    axes = tuple(str(a).lower() for a in axes)
+    if len(axes) != ndim:
+        raise InputError(f"axes {axes} name {len(axes)} dims but the array has {ndim}")
+    order = [_AXIS_ORDER.find(a) for a in axes]
+    if -1 in order or order != sorted(set(order)):
+        raise InputError(f"axes must be distinct names from 't c z y x' in that order, got {axes}")
+    if "y" not in axes or "x" not in axes:
+        raise InputError(f"axes must include 'y' and 'x', got {axes}")
+    return axes
+
+
+def _check_dtype(dtype: np.dtype) -> None:
+    """Accept boolean, integer and real floating dtypes."""
+    if np.dtype(dtype).kind not in "biuf":
+        raise InputError(f"cannot write dtype {dtype}; expected an integer or real float type")
+
+
+def _spatial_sizes(axes: Sequence[str], pixel_size: Sequence[float] | None) -> dict[str, float]:
+    """Map each spatial axis present to its physical pixel size."""
+    spatial = [a for a in axes if a in _SPATIAL]
+    if pixel_size is None:
+        pixel_size = [1.0] * len(spatial)
+    sizes = [float(s) for s in pixel_size]
+    if len(sizes) != len(spatial):
+        raise InputError(
+            f"pixel_size has {len(sizes)} values but there are {len(spatial)} spatial axes "
+            f"{tuple(spatial)}"
+        )
+    if not all(math.isfinite(s) and s > 0 for s in sizes):
+        raise InputError(f"pixel sizes must be finite and > 0, got {tuple(sizes)}")
+    return dict(zip(spatial, sizes))
+
+
+def _channel_specs(
+    axes: Sequence[str],
+    shape: Sequence[int],
+    names: Sequence[str] | None,
+    colors: Sequence[str] | None,
+) -> list[tuple[str, str]]:
+    """(label, RRGGBB colour) per channel; one grey channel when there is no c axis."""
+    n = shape[axes.index("c")] if "c" in axes else 1
+    if names is None:
+        names = [f"Channel {i}" for i in range(n)]
+    if colors is None:
+        colors = [_GREY] if n == 1 else [_PALETTE[i % len(_PALETTE)] for i in range(n)]
+    if len(names) != n or len(colors) != n:
+        raise InputError(
+            f"got {len(names)} channel names and {len(colors)} colours for {n} channel(s)"
+        )
+    hexes = []
+    for color in colors:
+        match = _HEX.match(str(color))
+        if match is None:
+            raise InputError(f"channel colour {color!r} is not a hex RRGGBB value")
+        hexes.append(match.group(1).upper())
+    return list(zip((str(s) for s in names), hexes))
+
+
+def _prepare_path(path: Path, overwrite: bool) -> Path:
+    """Refuse or remove an existing `path`, then create it as an empty folder.
+
+    Creating the folder is the writability check; it happens before anything is computed.
+    """
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError as exc:
+            raise InputError(f"cannot remove {path}: {exc.strerror or exc}") from exc
+    try:
+        path.mkdir(parents=True)
+        probe = path / ".tilefuse-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def _default_name(path: Path) -> str:
+    """Folder name without ``.ome.zarr`` / ``.zarr``."""
+    name = path.name
+    for suffix in (".ome.zarr", ".zarr"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or name
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# Chunks and pyramid
+# --------------------------------------------------------------------------------------------
+
+
+def _needs_level(
+    shape: Sequence[int],
+    n_levels: int,
+    levels: int | None,
+    yx_axes: tuple[int, int],
+    chunks_yx: tuple[int, int],
+) -> bool:
+    """Whether to add a level: below `levels` if given, else while y or x spans several chunks."""
+    if levels is not None:
+        return n_levels < levels
+    return any(shape[a] > c for a, c in zip(yx_axes, chunks_yx))
+
+
+def _is_regular(chunks: Sequence[int]) -> bool:
+    """True when zarr can store these chunks: all equal but a smaller last one."""
+    return all(c == chunks[0] for c in chunks[:-1]) and chunks[-1] <= chunks[0]
+
+
+def _regular_chunks(array: da.Array) -> da.Array:
+    """Rechunk axes whose chunks zarr cannot hold to their largest chunk size."""
+    if all(_is_regular(c) for c in array.chunks):
+        return array
+    target = tuple(c[0] if _is_regular(c) else max(c) for c in array.chunks)
+    log.info("rechunking irregular chunks %s to %s", array.chunks, target)
+    return array.rechunk(target)
+
+
+def _downsample_level(previous: zarr.Array, axes: Sequence[str]) -> da.Array:
+    """2x mean in y and x of a stored level, one output chunk per task.
+
+    Parameters
+    ----------
+    previous : zarr.Array, shape (..., y, x)
+        The stored level, chunk shape C.
+
+    Returns
+    -------
+    dask.array.Array, shape (..., ceil(y / 2), ceil(x / 2))
+        Chunked as C, so it stores into a level with chunk shape C without locking.
+    """
+    iy, ix = axes.index("y"), axes.index("x")
+    read = list(previous.chunks)
+    read[iy], read[ix] = 2 * read[iy], 2 * read[ix]
+    src = da.from_zarr(previous, chunks=tuple(read))
+    out_chunks = tuple(
+        tuple(-(-c // 2) for c in cs) if i in (iy, ix) else cs for i, cs in enumerate(src.chunks)
+    )
+    return da.map_blocks(
+        _mean_2x_yx,
+        src,
+        chunks=out_chunks,
+        dtype=src.dtype,
+        meta=np.empty((0,) * src.ndim, dtype=src.dtype),
+        iy=iy,
+        ix=ix,
+    )
+
+
+def _mean_2x_yx(block: np.ndarray, iy: int, ix: int) -> np.ndarray:
+    """2x mean of one block in y and x.
+
+    Parameters
+    ----------
+    block : numpy.ndarray, shape (..., h, w)
+        y at axis `iy`, x at axis `ix`.
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., ceil(h / 2), ceil(w / 2))
+        Same dtype. An odd last row/column averages the pixels that exist. Integers are
+        rounded half to even (``np.rint``), never truncated.
+    """
+    out = block.astype(np.float64)
+    for axis in (iy, ix):
+        n = out.shape[axis]
+        starts = np.arange(0, n, 2)
+        counts = np.minimum(2, n - starts).astype(np.float64)
+        shape = [1] * out.ndim
+        shape[axis] = counts.size
+        out = np.add.reduceat(out, starts, axis=axis) / counts.reshape(shape)
+    if block.dtype.kind in "biu":
+        out = np.rint(out)
+    return out.astype(block.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Storing
+# --------------------------------------------------------------------------------------------
+
+
+def _create_level(
+    group: zarr.Group,
+    key: str,
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    dtype: np.dtype,
+    axes: Sequence[str],
+    zarr_format: int,
+) -> zarr.Array:
+    """Create one empty level: zstd (v3 default) or Blosc/zstd with "/" chunk keys (v2)."""
+    if zarr_format == 3:
+        return group.create_array(
+            key, shape=shape, chunks=chunks, dtype=dtype, dimension_names=list(axes)
+        )
+    return group.create_array(
+        key,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        compressors=numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+    )
+
+
+def _store_level(
+    source: da.Array,
+    target: zarr.Array,
+    axes: Sequence[str],
+    *,
+    stats: bool,
+    compute_kwargs: dict[str, Any],
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Store `source` into `target` in one dask compute, with per-channel min/max if `stats`.
+
+    Returns
+    -------
+    lo, hi : numpy.ndarray of shape (n_channels,), or None
+        Finite per-channel minimum and maximum (NaN and inf ignored), when `stats`.
+    """
+    stored = da.store(source, target, lock=False, compute=False)
+    if not stats:
+        dask.compute(stored, **compute_kwargs)
+        return None, None
+    reduce_axes = tuple(i for i, a in enumerate(axes) if a != "c")
+    values = source.astype(np.float64)
+    finite = da.isfinite(values)
+    lo = da.where(finite, values, np.inf).min(axis=reduce_axes)
+    hi = da.where(finite, values, -np.inf).max(axis=reduce_axes)
+    _, lo, hi = dask.compute(stored, lo, hi, **compute_kwargs)
+    return np.atleast_1d(lo), np.atleast_1d(hi)
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata
+# --------------------------------------------------------------------------------------------
+
+
+def _image_attrs(
+    axes: Sequence[str],
+    sizes: dict[str, float],
+    unit: str,
+    n_levels: int,
+    version: str,
+    channels: list[tuple[str, str]],
+    lo: np.ndarray | None,
+    hi: np.ndarray | None,
+    name: str,
+) -> dict[str, Any]:
+    """Group attributes: ``{"ome": {...}}`` for 0.5, top-level keys for 0.4."""
+    multiscale: dict[str, Any] = {
+        "name": name,
+        "axes": [_axis_meta(a, unit) for a in axes],
+        "datasets": [
+            {"path": str(k), "coordinateTransformations": [_scale(axes, sizes, k)]}
+            for k in range(n_levels)
+        ],
+        "type": "mean",
+        "metadata": {"description": "2x2 mean in y and x of the previous level"},
+    }
+    omero = {"channels": _omero_channels(channels, lo, hi)}
+    if version == "0.4":
+        multiscale["version"] = "0.4"
+        return {"multiscales": [multiscale], "omero": {"version": "0.4", **omero}}
+    return {"ome": {"version": "0.5", "multiscales": [multiscale], "omero": omero}}
+
+
+def _axis_meta(axis: str, unit: str) -> dict[str, str]:
+    """NGFF axis entry; space axes carry `unit`."""
+    meta = {"name": axis, "type": _AXIS_TYPES[axis]}
+    if meta["type"] == "space":
+        meta["unit"] = unit
+    return meta
+
+
+def _scale(axes: Sequence[str], sizes: dict[str, float], level: int) -> dict[str, Any]:
+    """Scale transform of `level`: y and x double per level, other axes unchanged."""
+    factor = {"y": 2.0**level, "x": 2.0**level}
+    return {
+        "type": "scale",
+        "scale": [sizes.get(a, 1.0) * factor.get(a, 1.0) for a in axes],
+    }
+
+
+def _omero_channels(
+    channels: list[tuple[str, str]], lo: np.ndarray | None, hi: np.ndarray | None
+) -> list[dict[str, Any]]:
+    """omero channel entries, display window = data range of the coarsest level."""
+    out = []
+    for i, (label, color) in enumerate(channels):
+        vmin = float(lo[i]) if lo is not None and np.isfinite(lo[i]) else 0.0
+        vmax = float(hi[i]) if hi is not None and np.isfinite(hi[i]) else 1.0
+        out.append(
+            {
+                "label": label,
+                "color": color,
+                "active": True,
+                "window": {"min": vmin, "max": vmax, "start": vmin, "end": vmax},
+            }
+        )
+    return out

@@ -1,0 +1,201 @@
+"""The command line, end to end: real data, the saved layout, and every bad input."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from conftest import DATA, read_positions, run_cli
+from tilefuse.ngff import read_ome_zarr_level
+from tilefuse.readers import read_layout
+from tilefuse.testing import grid_tileset, write_tileset
+
+
+@pytest.fixture(scope="module")
+def tile_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiles")
+    ts = grid_tileset(grid=(2, 3), tile_shape=(64, 80), overlap=0.2, position_error=5, seed=11)
+    return write_tileset(ts, folder, stage=False), ts
+
+
+def _assert_user_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip() and "task/s" not in ln]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_fuse_writes_mosaic_and_layout(tile_folder, tmp_path):
+    layout_path, ts = tile_folder
+    out = tmp_path / "m.ome.zarr"
+    result = run_cli("fuse", layout_path, "-o", out, "--chunk", "32", "--pixel-size", "0.5")
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(read_ome_zarr_level(out, 0).compute(), ts.truth)
+    attrs = zarr.open_group(str(out), mode="r").attrs.asdict()["ome"]
+    scale = attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale == [0.5, 0.5]
+    saved = read_layout(tmp_path / "m.TileConfiguration.txt")
+    np.testing.assert_allclose(saved.positions, ts.layout.positions)
+    again = read_layout(tmp_path / "m.layout.csv")
+    np.testing.assert_array_equal(again.affines, ts.layout.affines)
+    assert "fused 6 tiles" in result.stderr
+
+
+def test_fuse_ngff04_and_rotate_and_blend(tile_folder, tmp_path):
+    layout_path, _ = tile_folder
+    out = tmp_path / "r.ome.zarr"
+    result = run_cli("fuse", layout_path, "-o", out, "--ngff", "0.4", "--rotate", "1",
+                     "--blend", "max", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert (out / ".zattrs").exists()
+
+
+def test_info_reports_layout(tile_folder):
+    layout_path, _ = tile_folder
+    result = run_cli("info", layout_path, "--chunk", "50")
+    assert result.returncode == 0, result.stderr
+    assert "6 of 64 x 80" in result.stdout and "uint16" in result.stdout
+    assert "neighbour pairs" in result.stdout and "peak memory" in result.stdout
+
+
+def test_mist_fused_at_exact_positions_reproduces_every_tile(tmp_path):
+    rows = read_positions(DATA / "mist_phase_5x5" / "positions.csv")
+    layout_csv = tmp_path / "mist.csv"
+    tiles = DATA / "mist_phase_5x5" / "tiles"
+    lines = ["file,x,y"] + [f"{tiles / r['file']},{r['gt_x']},{r['gt_y']}" for r in rows]
+    layout_csv.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "mist.ome.zarr"
+    result = run_cli("fuse", layout_csv, "-o", out, "--chunk", "200", "-q")
+    assert result.returncode == 0, result.stderr
+    mosaic = read_ome_zarr_level(out, 0).compute()
+    gx = np.array([int(r["gt_x"]) for r in rows])
+    gy = np.array([int(r["gt_y"]) for r in rows])
+    for r, x, y in zip(rows, gx - gx.min(), gy - gy.min()):
+        tile = tifffile.imread(tiles / r["file"])
+        np.testing.assert_array_equal(mosaic[y : y + tile.shape[0], x : x + tile.shape[1]], tile)
+
+
+def test_rgb_grey_tiles_fuse_as_one_channel(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = [rng.integers(0, 255, (40, 50), dtype=np.uint8) for _ in range(2)]
+    for i, g in enumerate(grey):
+        tifffile.imwrite(tmp_path / f"t{i}.tif", np.stack([g] * 3, axis=-1), photometric="rgb")
+    (tmp_path / "tc.txt").write_text("dim = 2\nt0.tif; ; (0, 0)\nt1.tif; ; (45, 0)\n")
+    layout = read_layout(tmp_path / "tc.txt")
+    assert layout.channels == ("0",)
+    result = run_cli("fuse", tmp_path / "tc.txt", "-o", tmp_path / "o.ome.zarr", "-q")
+    assert result.returncode == 0, result.stderr
+    mosaic = read_ome_zarr_level(tmp_path / "o.ome.zarr").compute()
+    np.testing.assert_array_equal(mosaic[:, :45], grey[0][:, :45])
+    np.testing.assert_array_equal(mosaic[:, 50:], grey[1][:, 5:])
+
+
+def test_colour_rgb_tiles_fuse_as_three_channels(tmp_path):
+    rng = np.random.default_rng(1)
+    rgb = [rng.integers(0, 255, (30, 40, 3), dtype=np.uint8) for _ in range(2)]
+    for i, img in enumerate(rgb):
+        tifffile.imwrite(tmp_path / f"t{i}.tif", img, photometric="rgb")
+    (tmp_path / "tc.txt").write_text("dim = 2\nt0.tif; ; (0, 0)\nt1.tif; ; (40, 0)\n")
+    assert read_layout(tmp_path / "tc.txt").channels == ("R", "G", "B")
+    result = run_cli("fuse", tmp_path / "tc.txt", "-o", tmp_path / "o.ome.zarr", "-q")
+    assert result.returncode == 0, result.stderr
+    mosaic = read_ome_zarr_level(tmp_path / "o.ome.zarr").compute()
+    assert mosaic.shape == (3, 30, 80)
+    np.testing.assert_array_equal(np.moveaxis(mosaic[:, :, 40:], 0, -1), rgb[1])
+
+
+# ---------------------------------------------------------------- bad input: exit 2, one line
+
+
+@pytest.fixture
+def two_tiles(tmp_path):
+    for i in range(2):
+        tifffile.imwrite(tmp_path / f"a{i}.tif", np.full((20, 20), i + 1, np.uint16))
+    return tmp_path
+
+
+def _layout(folder, text, name="tc.txt"):
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ("dim = 2\na0.tif; ; (0, 0)\nmissing.tif; ; (10, 0)\n", ["missing.tif", "not found"]),
+        ("dim = 2\na0.tif; ; (0, 0)\na1.tif; (10, 0)\n", ["tc.txt:3", "file; series; (x, y)"]),
+        ("dim = 2\na0.tif; ; (0, 0)\na1.tif; ; (nan, 0)\n", ["tc.txt:3", "not finite"]),
+        ("dim = 2\na0.tif; ; (0, 0)\na1.tif; ; (inf, 0)\n", ["tc.txt:3", "not finite"]),
+        ("dim = 2\n# nothing here\n", ["no tiles"]),
+        ("", ["dim = 2"]),
+        ("dim = 3\na0.tif; ; (0, 0)\n", ["tc.txt:2", "dim = 3 but 2 coordinates"]),
+        ("dim = 2\na0.tif; ; (0, 0, 0)\n", ["tc.txt:2", "dim = 2 but 3 coordinates"]),
+        ("dim = 2\na0.tif; ; (zero, 0)\n", ["tc.txt:2", "numbers"]),
+        ("dim = 2\na0.tif; ; (0, 0)\na0.tif; ; (5, 0)\n", ["listed twice"]),
+        ("dim = 2\na0.tif; ; (0, 0)\na1.tif; ; (1e12, 0)\n", ["would be", "pixels"]),
+    ],
+)
+def test_malformed_layouts_are_one_clear_line(two_tiles, text, needles):
+    result = run_cli("fuse", _layout(two_tiles, text), "-o", two_tiles / "o.ome.zarr")
+    _assert_user_error(result, *needles)
+    assert not (two_tiles / "o.ome.zarr").exists()
+
+
+def test_mixed_dtypes_and_dimensionality(two_tiles):
+    tifffile.imwrite(two_tiles / "f.tif", np.zeros((20, 20), np.float32))
+    stack = np.zeros((4, 20, 20), np.uint16)
+    tifffile.imwrite(two_tiles / "z.tif", stack, photometric="minisblack")
+    bad = _layout(two_tiles, "dim = 2\na0.tif; ; (0, 0)\nf.tif; ; (10, 0)\n")
+    _assert_user_error(run_cli("fuse", bad, "-o", two_tiles / "o"), "float32", "uint16")
+    bad = _layout(two_tiles, "dim = 2\na0.tif; ; (0, 0)\nz.tif; ; (10, 0)\n")
+    _assert_user_error(run_cli("fuse", bad, "-o", two_tiles / "o"), "z.tif", "3D")
+
+
+def test_truncated_and_empty_images(two_tiles):
+    data = (two_tiles / "a1.tif").read_bytes()
+    (two_tiles / "cut.tif").write_bytes(data[: len(data) // 2])
+    (two_tiles / "empty.tif").write_bytes(b"")
+    for name in ("cut.tif", "empty.tif"):
+        bad = _layout(two_tiles, f"dim = 2\na0.tif; ; (0, 0)\n{name}; ; (10, 0)\n")
+        result = run_cli("fuse", bad, "-o", two_tiles / "o.ome.zarr")
+        _assert_user_error(result, name)
+        assert not (two_tiles / "o.ome.zarr").exists()
+
+
+def test_not_a_layout(two_tiles):
+    png = two_tiles / "image.txt"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(100))
+    _assert_user_error(run_cli("fuse", png, "-o", two_tiles / "o"), "image.txt", "binary")
+    _assert_user_error(run_cli("info", two_tiles / "nope.txt"), "nope.txt", "not found")
+
+
+def test_existing_output_needs_overwrite(two_tiles):
+    good = _layout(two_tiles, "dim = 2\na0.tif; ; (0, 0)\na1.tif; ; (15, 0)\n")
+    out = two_tiles / "o.ome.zarr"
+    assert run_cli("fuse", good, "-o", out, "-q").returncode == 0
+    _assert_user_error(run_cli("fuse", good, "-o", out, "-q"), "exists", "--overwrite")
+    assert run_cli("fuse", good, "-o", out, "-q", "--overwrite").returncode == 0
+
+
+def test_unwritable_output(two_tiles):
+    good = _layout(two_tiles, "dim = 2\na0.tif; ; (0, 0)\na1.tif; ; (15, 0)\n")
+    (two_tiles / "plain_file").write_text("x")
+    _assert_user_error(run_cli("fuse", good, "-o", two_tiles / "plain_file" / "o.ome.zarr"),
+                       "plain_file")
+
+
+def test_tile_vanishing_mid_run_leaves_nothing_that_looks_finished(two_tiles):
+    good = _layout(two_tiles, "dim = 2\na0.tif; ; (0, 0)\na1.tif; ; (15, 0)\n")
+    shutil.copy(two_tiles / "a1.tif", two_tiles / "keep.tif")
+    (two_tiles / "a1.tif").write_bytes(b"II*\x00" + bytes(8))  # header-less garbage
+    result = run_cli("fuse", good, "-o", two_tiles / "o.ome.zarr")
+    _assert_user_error(result, "a1.tif")
+    assert not (two_tiles / "o.ome.zarr").exists()
