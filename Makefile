@@ -29,8 +29,16 @@ test: $(TEST_STAMP)
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-bench: $(TEST_STAMP)
+# The peers compared in the benchmarks live in their own venv, never in tilefuse's dependencies.
+BENCH_VENV := benchmarks/.venv
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e . multiview-stitcher==0.1.62
+	touch $@
+
+bench: $(TEST_STAMP) $(BENCH_VENV)/.installed
 	$(BIN)/python benchmarks/bench_fusion.py
+	$(BIN)/python benchmarks/bench_scale.py --mosaic 50000
 
 clean:
-	rm -rf $(VENV) demo build dist .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) demo build dist .pytest_cache

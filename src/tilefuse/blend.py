@@ -100,6 +100,9 @@ class _Weighted(Reducer):
         acc = self.acc[(slice(None), *p.box)]
         if self.widths is None and p.mask is None:
             acc += p.values
+        elif p.values.dtype == np.float32 and p.values.flags.writeable:
+            np.multiply(p.values, w, out=p.values)  # a temporary made for this chunk: reuse it
+            acc += p.values
         else:
             acc += p.values * w
         self.wsum[p.box] += w
@@ -107,7 +110,7 @@ class _Weighted(Reducer):
 
     def values(self) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
-            return self.acc / self.wsum
+            return np.divide(self.acc, self.wsum, out=self.acc)
 
 
 class _Extreme(Reducer):

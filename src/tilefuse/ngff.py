@@ -450,10 +450,13 @@ def _store_level(
         dask.compute(stored, **compute_kwargs)
         return None, None
     reduce_axes = tuple(i for i, a in enumerate(axes) if a != "c")
-    values = source.astype(np.float64)
-    finite = da.isfinite(values)
-    lo = da.where(finite, values, np.inf).min(axis=reduce_axes)
-    hi = da.where(finite, values, -np.inf).max(axis=reduce_axes)
+    if source.dtype.kind in "biu":  # every value is finite: no conversion, no masking
+        lo, hi = source.min(axis=reduce_axes), source.max(axis=reduce_axes)
+    else:
+        values = source.astype(np.float64)
+        finite = da.isfinite(values)
+        lo = da.where(finite, values, np.inf).min(axis=reduce_axes)
+        hi = da.where(finite, values, -np.inf).max(axis=reduce_axes)
     _, lo, hi = dask.compute(stored, lo, hi, **compute_kwargs)
     return np.atleast_1d(lo), np.atleast_1d(hi)
 

@@ -97,15 +97,18 @@ def _shift_linear(data: np.ndarray, pos: np.ndarray, spans: list) -> np.ndarray:
             integer_axes.append(ax)
         else:
             src.append(slice(lo - i - 1, hi - i))
-    out = data[tuple(src)].astype(np.float32)
+    out = data[tuple(src)]
     for ax, f in enumerate(frac):
         if ax in integer_axes:
             continue
         a = [slice(None)] * out.ndim
         b = [slice(None)] * out.ndim
         a[ax + 1], b[ax + 1] = slice(None, -1), slice(1, None)
-        out = out[tuple(a)] * np.float32(f) + out[tuple(b)] * np.float32(1 - f)
-    return out
+        upper = np.multiply(out[tuple(b)], np.float32(1 - f), dtype=np.float32)
+        lower = np.multiply(out[tuple(a)], np.float32(f), dtype=np.float32)
+        lower += upper
+        out = lower
+    return out if out.dtype == np.float32 else out.astype(np.float32)
 
 
 def _affine_footprint(affine, shape, chunk_origin, chunk_shape) -> tuple | None:

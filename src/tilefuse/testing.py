@@ -24,8 +24,10 @@ from tilefuse.layout import Layout, translation_affine
 from tilefuse.readers.memory import layout_from_arrays
 
 __all__ = [
+    "PatternSource",
     "Scene",
     "coverage",
+    "pattern_layout",
     "TileSet",
     "cut_tiles",
     "grid_positions",
@@ -272,3 +274,49 @@ def write_tileset(tileset: TileSet, folder: str | os.PathLike, *, stage: bool = 
     path = folder / "TileConfiguration.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@dataclass(frozen=True, slots=True)
+class PatternSource:
+    """A tile made on the fly from a procedural pattern of mosaic coordinates.
+
+    Overlapping tiles agree exactly (the pattern is a function of the global pixel index), tiles
+    cost no disk, and any mosaic size can be fused; used by the scale benchmarks.
+
+    Attributes
+    ----------
+    origin : tuple of int
+        Mosaic index of the tile's first pixel (y, x).
+    shape : tuple of int
+        Tile shape (y, x).
+    """
+
+    origin: tuple[int, int]
+    shape: tuple[int, int]
+
+    @property
+    def key(self) -> tuple:
+        return ("pattern", self.origin, self.shape)
+
+    def read(self) -> np.ndarray:
+        """Pixels ``(1, y, x)`` uint16: smooth waves plus a fine hashed texture."""
+        gy = np.arange(self.shape[0], dtype=np.int64) + self.origin[0]
+        gx = np.arange(self.shape[1], dtype=np.int64) + self.origin[1]
+        wave_y = (np.sin(gy / 97.0) * 8000 + 20000).astype(np.uint16)
+        wave_x = (np.cos(gx / 131.0) * 8000 + 20000).astype(np.uint16)
+        texture = ((gy[:, None] * 2654435761) ^ (gx[None, :] * 40503)) & 1023
+        return (wave_y[:, None] + wave_x[None, :] + texture.astype(np.uint16))[None]
+
+
+def pattern_layout(grid: Sequence[int], tile: int = 1024, overlap: float = 0.1) -> Layout:
+    """A ``grid`` of on-the-fly tiles at integer positions, for scale tests (no files)."""
+    from tilefuse.layout import Tile
+
+    step = round(tile * (1 - overlap))
+    tiles = []
+    for r in range(grid[0]):
+        for c in range(grid[1]):
+            origin = (r * step, c * step)
+            tiles.append(Tile(f"r{r}c{c}", (tile, tile), translation_affine(origin),
+                              PatternSource(origin, (tile, tile))))
+    return Layout(tuple(tiles), np.dtype(np.uint16), origin="pattern")
