@@ -36,9 +36,14 @@ def cosine_ramp(t: np.ndarray, n: int, width: float) -> np.ndarray:
     width : float
         Distance from the edge, in pixels, over which the weight rises to 1.
     """
-    d = np.minimum(t, (n - 1) - t) + 0.5
-    u = np.clip(d / max(float(width), 0.5), 0.0, 1.0)
-    return (0.5 - 0.5 * np.cos(np.pi * u)).astype(np.float32)
+    width = max(float(width), 0.5)
+    d = np.minimum(t, (n - 1) - t)
+    d += 0.5
+    w = np.ones(d.shape, dtype=np.float32)
+    band = d < width  # beyond the band the weight is exactly 1: no cosine to evaluate
+    if band.any():
+        w[band] = 0.5 - 0.5 * np.cos(np.pi * np.maximum(d[band], 0.0) / width)
+    return w
 
 
 class Reducer:

@@ -51,6 +51,14 @@ def _add_layout_options(p: argparse.ArgumentParser) -> None:
                    help="output chunk size: one value or one per axis (default 1024)")
 
 
+def _add_registration_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-shift", type=float, default=None, metavar="PX",
+                   help="largest correction of a stage position, in pixels (default: derived)")
+    p.add_argument("--channel", type=int, default=0, help="channel to register on (default 0)")
+    p.add_argument("--report", default=None, metavar="REPORT.json",
+                   help="write the registration report (every link and tile) as JSON")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tilefuse", description="Fuse overlapping microscope tiles into an OME-Zarr mosaic.")
@@ -61,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     fuse = sub.add_parser("fuse", help="fuse a layout into a multiscale OME-Zarr mosaic")
     _add_layout_options(fuse)
     fuse.add_argument("-o", "--output", required=True, help="output folder, e.g. mosaic.ome.zarr")
+    fuse.add_argument("--register", action="store_true",
+                      help="refine the positions from the image content before fusing")
+    _add_registration_options(fuse)
     fuse.add_argument("--blend", choices=BLENDS, default="linear",
                       help="how overlaps combine (default linear: cosine feathering)")
     fuse.add_argument("--blend-width", type=float, default=None, metavar="PX",
@@ -77,6 +88,15 @@ def _parser() -> argparse.ArgumentParser:
                       help="decoded-tile cache per process in MiB (default 512)")
     fuse.add_argument("--overwrite", action="store_true", help="replace an existing output")
     fuse.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+
+    reg = sub.add_parser("register", help="refine tile positions from the image content")
+    _add_layout_options(reg)
+    reg.add_argument("-o", "--output", default=None, metavar="LAYOUT",
+                     help="registered TileConfiguration (default: NAME.registered.txt beside "
+                          "the input, as Fiji names it)")
+    _add_registration_options(reg)
+    reg.add_argument("--threads", type=_positive_int, default=None)
+    reg.add_argument("-q", "--quiet", action="store_true", help="no summary")
 
     info = sub.add_parser("info", help="describe a layout: tiles, mosaic size, overlaps, memory")
     _add_layout_options(info)
@@ -118,6 +138,36 @@ def _sidecar(output: Path, suffix: str) -> Path:
     return output.with_name(name + suffix)
 
 
+def _register(layout, args):
+    """Register ``layout``; print the summary, write the report if asked. Returns the layout."""
+    from tilefuse.registration import register
+
+    registered, report = register(layout, max_shift=args.max_shift, channel=args.channel,
+                                  workers=args.threads)
+    if args.report:
+        report.to_json(args.report)
+    if not args.quiet:
+        for line in report.summary_lines():
+            print(line, file=sys.stderr)
+    return registered
+
+
+def _registered_name(layout_path: Path) -> Path:
+    return layout_path.with_name(layout_path.stem + ".registered.txt")
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from tilefuse.readers import write_tileconfig
+
+    layout = _load(args)
+    registered = _register(layout, args)
+    out = Path(args.output) if args.output else _registered_name(Path(args.layout))
+    write_tileconfig(registered, out)
+    if not args.quiet:
+        print(f"registered layout written to {out}", file=sys.stderr)
+    return 0
+
+
 def cmd_fuse(args: argparse.Namespace) -> int:
     from tilefuse.fuse import fuse, fused_axes, plan_fusion
     from tilefuse.ngff import write_ome_zarr
@@ -129,6 +179,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
     layout = _load(args)
+    if args.register:
+        layout = _register(layout, args)
     plan = plan_fusion(layout, chunk=_chunk_arg(args), blend=args.blend,
                        blend_width=args.blend_width, dtype=args.dtype, fill=args.fill,
                        cache_bytes=args.cache_mb * 2**20)
@@ -173,7 +225,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fuse": cmd_fuse, "info": cmd_info}
+COMMANDS = {"fuse": cmd_fuse, "register": cmd_register, "info": cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

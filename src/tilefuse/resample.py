@@ -54,17 +54,31 @@ def classify(affine: np.ndarray) -> str:
     if not np.allclose(affine[:-1, :-1], np.eye(ndim), rtol=0, atol=1e-12):
         return "affine"
     pos = affine[:-1, -1]
-    return "slice" if np.all(np.abs(pos - np.round(pos)) < _EPS) else "shift"
+    return "slice" if np.array_equal(_snap(pos), np.round(pos)) else "shift"
+
+
+def _snap(pos: np.ndarray) -> np.ndarray:
+    """Positions within ``_EPS`` of an integer become that integer; the rest are untouched.
+
+    Every later step uses exact arithmetic on the snapped values, so the integer/fractional
+    decision and the covered range can never disagree.
+    """
+    nearest = np.round(pos)
+    return np.where(np.abs(pos - nearest) < _EPS, nearest, pos)
 
 
 def _translation_span(pos: float, n: int, c0: int, cn: int) -> tuple[int, int] | None:
-    """Global output index range [lo, hi) covered by a tile along one axis, within a chunk."""
-    lo = max(int(np.ceil(pos - _EPS)), c0)
-    hi = min(int(np.floor(pos + n - 1 + _EPS)) + 1, c0 + cn)
+    """Global output index range [lo, hi) covered by a tile along one axis, within a chunk.
+
+    ``pos`` is snapped: output index ``o`` is covered when ``pos <= o <= pos + n - 1``.
+    """
+    lo = max(int(np.ceil(pos)), c0)
+    hi = min(int(np.floor(pos + n - 1)) + 1, c0 + cn)
     return (lo, hi) if hi > lo else None
 
 
 def _place_translation(data, pos, chunk_origin, chunk_shape, exact: bool) -> Placement | None:
+    pos = _snap(np.asarray(pos, dtype=np.float64))
     spans = []
     for p, n, c0, cn in zip(pos, data.shape[1:], chunk_origin, chunk_shape):
         span = _translation_span(float(p), n, int(c0), int(cn))
@@ -88,11 +102,11 @@ def _shift_linear(data: np.ndarray, pos: np.ndarray, spans: list) -> np.ndarray:
     coordinate ``t = o - p`` between pixels ``k - 1`` and ``k`` with ``k = o - i``, so its value
     is ``f * data[k - 1] + (1 - f) * data[k]``.
     """
-    ip = np.floor(pos + _EPS).astype(np.int64)
+    ip = np.floor(pos).astype(np.int64)  # pos is snapped: frac is 0 or in [_EPS, 1 - _EPS]
     frac = pos - ip
     src, integer_axes = [slice(None)], []
     for ax, ((lo, hi), i, f) in enumerate(zip(spans, ip, frac)):
-        if f < _EPS:
+        if f == 0:
             src.append(slice(lo - i, hi - i))
             integer_axes.append(ax)
         else:
@@ -131,25 +145,26 @@ def _place_affine(data, affine, chunk_origin, chunk_shape, order: int) -> Placem
         return None
     lo, hi = span
     inv = np.linalg.inv(affine)
-    axes = [np.arange(a, b, dtype=np.float64) for a, b in zip(lo, hi)]
     ndim = len(shape)
-    coords = []
-    for row in range(ndim):  # t[row] = sum_j inv[row, j] * o_j + inv[row, -1], from global o
-        t = inv[row, -1]
-        for j, ax in enumerate(axes):
-            t = t + (inv[row, j] * ax).reshape([-1 if k == j else 1 for k in range(ndim)])
-        coords.append(np.broadcast_to(t, tuple(b - a for a, b in zip(lo, hi))))
-    mask = np.ones(coords[0].shape, dtype=bool)
-    for t, n in zip(coords, shape):
-        mask &= (t >= -_EPS) & (t <= n - 1 + _EPS)
+    box_shape = tuple(int(b - a) for a, b in zip(lo, hi))
+    grid = np.empty((ndim, *box_shape), dtype=np.float64)
+    for row in range(ndim):  # t[row] = inv[row, -1] + sum_j inv[row, j] * o_j, from global o
+        grid[row] = inv[row, -1]
+        for j, (a, b) in enumerate(zip(lo, hi)):
+            term = inv[row, j] * np.arange(a, b, dtype=np.float64)
+            grid[row] += term.reshape([-1 if k == j else 1 for k in range(ndim)])
+    mask = np.ones(box_shape, dtype=bool)
+    for t, n in zip(grid, shape):
+        mask &= t >= -_EPS
+        mask &= t <= n - 1 + _EPS
     if not mask.any():
         return None
-    grid = np.stack(coords)
-    values = np.empty((data.shape[0], *mask.shape), dtype=np.float32)
+    values = np.empty((data.shape[0], *box_shape), dtype=np.float32)
     for ch in range(data.shape[0]):
         ndimage.map_coordinates(data[ch], grid, output=values[ch], order=order, mode="nearest")
+    coords = tuple(grid)
     box = tuple(slice(a - c0, b - c0) for a, b, c0 in zip(lo, hi, chunk_origin))
-    return Placement(box, values, tuple(coords), mask)
+    return Placement(box, values, coords, mask)
 
 
 def place_tile(
