@@ -199,3 +199,30 @@ def test_tile_vanishing_mid_run_leaves_nothing_that_looks_finished(two_tiles):
     result = run_cli("fuse", good, "-o", two_tiles / "o.ome.zarr")
     _assert_user_error(result, "a1.tif")
     assert not (two_tiles / "o.ome.zarr").exists()
+
+
+@pytest.mark.parametrize("ngff", ["0.5", "0.4"])
+def test_fused_output_validates_and_opens_in_ome_zarr(tile_folder, tmp_path, ngff):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models import v04, v05
+
+    layout_path, ts = tile_folder
+    out = tmp_path / "v.ome.zarr"
+    result = run_cli("fuse", layout_path, "-o", out, "--chunk", "40", "--ngff", ngff, "-q",
+                     "--pixel-size", "0.25")
+    assert result.returncode == 0, result.stderr
+    group = zarr.open_group(str(out), mode="r")
+    (v05.Image if ngff == "0.5" else v04.Image).from_zarr(group)  # raises if invalid
+    image_node = next(iter(Reader(parse_url(str(out)))()))
+    levels = [np.asarray(d) for d in image_node.data]
+    np.testing.assert_array_equal(levels[0], ts.truth)
+    h, w = ts.truth.shape
+    expected = [(h, w)]
+    while max(expected[-1]) > 40:
+        expected.append(tuple(-(-n // 2) for n in expected[-1]))
+    assert [lv.shape for lv in levels] == expected
+    attrs = group.attrs.asdict()
+    ms = (attrs["ome"] if ngff == "0.5" else attrs)["multiscales"][0]
+    scales = [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]]
+    assert scales == [[0.25 * 2**k, 0.25 * 2**k] for k in range(len(expected))]
