@@ -193,7 +193,13 @@ def _import_everything(variant: str) -> None:
 
 
 def child(variant: str, layout_path: Path, out: Path) -> None:
-    """Run one variant in this process and print its timing (imports excluded) as JSON."""
+    """Run one variant in this process and print its timing (imports excluded) as JSON.
+
+    Every variant, peers included, runs with the same allocator settings as the CLI.
+    """
+    from tilefuse.allocator import retain_freed_memory
+
+    retain_freed_memory()
     _import_everything(variant)
     started = time.perf_counter()
     shape = VARIANTS[variant](layout_path, out)

@@ -28,9 +28,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def child(mosaic: int, tile: int, out: Path, cache_mb: int, chunk: int) -> None:
     from tilefuse import fuse
+    from tilefuse.allocator import retain_freed_memory
     from tilefuse.ngff import write_ome_zarr
     from tilefuse.testing import pattern_layout
 
+    retain_freed_memory()  # as the CLI does
     n = int(np.ceil((mosaic - tile) / round(tile * 0.9))) + 1
     layout = pattern_layout((n, n), tile)
     started = time.perf_counter()

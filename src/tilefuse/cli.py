@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tilefuse import __version__
+from tilefuse.allocator import retain_freed_memory
 from tilefuse.blend import BLENDS
 from tilefuse.errors import InputError
 
@@ -233,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    retain_freed_memory()  # this process is ours: reuse freed blocks (see tilefuse.allocator)
     if not args.verbose:  # decoders' own complaints become our one-line errors instead
         for name in ("tifffile", "imageio", "PIL"):
             logging.getLogger(name).setLevel(logging.ERROR)
