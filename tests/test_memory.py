@@ -12,6 +12,7 @@ CHILD = textwrap.dedent(
     import json, sys
     import numpy as np
     from tilefuse import fuse
+    from tilefuse.allocator import retain_freed_memory
     from tilefuse.ngff import read_ome_zarr_level, write_ome_zarr
     from tilefuse.testing import PatternSource, pattern_layout
 
@@ -20,6 +21,7 @@ CHILD = textwrap.dedent(
             if line.startswith(field):
                 return int(line.split()[1]) * 1024
 
+    retain_freed_memory()  # as the CLI does: freed blocks are reused, never added
     side = int(sys.argv[2])
     layout = pattern_layout((side, side), tile=512)
     arr = fuse(layout, chunk=512, cache_bytes=32 * 2**20)
