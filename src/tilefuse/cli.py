@@ -42,7 +42,24 @@ def _positive_int(text: str) -> int:
 
 
 def _add_layout_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("layout", help="TileConfiguration.txt or CSV layout (file,x,y[,z] or affine)")
+    p.add_argument("layout", help="TileConfiguration.txt, CSV layout, .czi, OME-TIFF with stage "
+                                  "positions, or a folder of tiles with --pattern")
+    g = p.add_argument_group("folders of tiles")
+    g.add_argument("--pattern", default=None,
+                   help="file names with {row} {col} {index} {channel}, e.g. 'img_p{index}.tif'")
+    g.add_argument("--grid", default=None, metavar="ROWSxCOLS", help="grid for {index}, e.g. 5x5")
+    g.add_argument("--order", default=None,
+                   choices=("row-major", "column-major", "snake-rows", "snake-cols"),
+                   help="how {index} runs over the grid (default row-major)")
+    g.add_argument("--overlap", type=float, default=None,
+                   help="fraction of a tile shared with a neighbour (default 0.1)")
+    g.add_argument("--first-index", type=int, default=None,
+                   help="index of the first tile (default: the smallest found)")
+    g = p.add_argument_group("stage positions (CZI, OME-TIFF)")
+    g.add_argument("--flip-x", action="store_true", help="stage x runs against the camera's")
+    g.add_argument("--flip-y", action="store_true", help="stage y runs against the camera's")
+    g.add_argument("--swap-xy", action="store_true", help="stage x is the camera's y")
+    g.add_argument("--scene", type=int, default=None, help="CZI scene to read")
     p.add_argument("--rotate", type=float, metavar="DEG", default=None,
                    help="rotate every tile about its centre (camera rotated against the stage)")
     p.add_argument("--pixel-size", type=float, nargs="+", metavar="S", default=None,
@@ -111,7 +128,11 @@ def _load(args: argparse.Namespace):
 
     from tilefuse.readers import read_layout
 
-    layout = read_layout(args.layout)
+    layout = read_layout(
+        args.layout, pattern=args.pattern, grid=args.grid, order=args.order,
+        overlap=args.overlap, first_index=args.first_index, flip_x=args.flip_x,
+        flip_y=args.flip_y, swap_xy=args.swap_xy, scene=args.scene,
+    )
     if args.pixel_size is not None:
         size = args.pixel_size
         if len(size) == 1:

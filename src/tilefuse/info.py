@@ -49,8 +49,9 @@ def describe(
     size = n_px * len(layout.channels) * layout.dtype.itemsize
     overlaps = neighbour_overlaps(layout)
     axes = "zyx"[-layout.ndim :]
+    reader = layout.metadata.get("reader")
     lines = [
-        f"layout:       {layout.origin}",
+        f"layout:       {layout.origin}" + (f" (read as {reader})" if reader else ""),
         f"tiles:        {len(layout.tiles)} of {shape_text} ({axes}), {layout.dtype}, "
         f"{len(layout.channels)} channel(s) {', '.join(layout.channels)}",
         f"pixel size:   {' x '.join(f'{s:g}' for s in layout.pixel_size)} {layout.unit} ({axes})",
@@ -76,4 +77,15 @@ def describe(
         f"peak memory:  ~{_fmt_bytes(peak)} with {threads} thread(s) and a "
         f"{_fmt_bytes(cache_bytes)} tile cache",
     ]
+    return lines + _position_lines(layout)
+
+
+def _position_lines(layout: Layout, limit: int = 8) -> list[str]:
+    """The first tiles' positions as read (x, y[, z] in pixels), so nothing is guessed silently."""
+    lines = ["positions:    tile: x, y" + (", z" if layout.ndim == 3 else "") + " (pixels)"]
+    for tile in layout.tiles[:limit]:
+        coords = ", ".join(f"{v:.2f}" for v in tile.position[::-1])
+        lines.append(f"              {tile.name}: {coords}")
+    if len(layout.tiles) > limit:
+        lines.append(f"              ... and {len(layout.tiles) - limit} more")
     return lines
