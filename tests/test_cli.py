@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import tifffile
@@ -20,6 +18,14 @@ def tile_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiles")
     ts = grid_tileset(grid=(2, 3), tile_shape=(64, 80), overlap=0.2, position_error=5, seed=11)
     return write_tileset(ts, folder, stage=False), ts
+
+
+def _not_a_finished_image(path):
+    """Nothing at ``path``, or an unfinished write that no OME-Zarr reader takes for an image."""
+    if not path.exists():
+        return True
+    attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+    return "multiscales" not in attrs and "multiscales" not in attrs.get("ome", {})
 
 
 def _assert_user_error(result, *needles):
@@ -165,9 +171,33 @@ def test_truncated_and_empty_images(two_tiles):
     (two_tiles / "empty.tif").write_bytes(b"")
     for name in ("cut.tif", "empty.tif"):
         bad = _layout(two_tiles, f"dim = 2\na0.tif; ; (0, 0)\n{name}; ; (10, 0)\n")
-        result = run_cli("fuse", bad, "-o", two_tiles / "o.ome.zarr")
+        out = two_tiles / f"{name}.ome.zarr"
+        result = run_cli("fuse", bad, "-o", out)
         _assert_user_error(result, name)
-        assert not (two_tiles / "o.ome.zarr").exists()
+        assert _not_a_finished_image(out)
+
+
+def test_tiff_header_claiming_an_enormous_shape(two_tiles):
+    import struct
+
+    tifffile.imwrite(two_tiles / "huge.tif", np.zeros((16, 16), np.uint16))
+    with tifffile.TiffFile(two_tiles / "huge.tif") as tif:
+        tags = [tif.pages[0].tags[name] for name in ("ImageWidth", "ImageLength")]
+    data = bytearray((two_tiles / "huge.tif").read_bytes())
+    for tag in tags:
+        struct.pack_into("<H" if tag.dtype == 3 else "<I", data, tag.valueoffset, 60000)
+    (two_tiles / "huge.tif").write_bytes(bytes(data))
+    bad = _layout(two_tiles, "dim = 2\na0.tif; ; (0, 0)\nhuge.tif; ; (10, 0)\n")
+    _assert_user_error(run_cli("fuse", bad, "-o", two_tiles / "o"), "huge.tif", "60000 x 60000")
+
+
+def test_symlink_loop_in_a_pattern_folder(tmp_path):
+    tifffile.imwrite(tmp_path / "t_1.tif", np.ones((8, 8), np.uint8))
+    tifffile.imwrite(tmp_path / "t_2.tif", np.ones((8, 8), np.uint8))
+    (tmp_path / "loop").symlink_to(tmp_path, target_is_directory=True)
+    result = run_cli("info", tmp_path, "--pattern", "t_{index}.tif", "--grid", "1x2")
+    assert result.returncode == 0, result.stderr
+    assert "2 of 8 x 8" in result.stdout
 
 
 def test_not_a_layout(two_tiles):
@@ -192,13 +222,26 @@ def test_unwritable_output(two_tiles):
                        "plain_file")
 
 
-def test_tile_vanishing_mid_run_leaves_nothing_that_looks_finished(two_tiles):
+def test_tile_failing_mid_run_keeps_a_resumable_unfinished_output(two_tiles):
     good = _layout(two_tiles, "dim = 2\na0.tif; ; (0, 0)\na1.tif; ; (15, 0)\n")
-    shutil.copy(two_tiles / "a1.tif", two_tiles / "keep.tif")
-    (two_tiles / "a1.tif").write_bytes(b"II*\x00" + bytes(8))  # header-less garbage
-    result = run_cli("fuse", good, "-o", two_tiles / "o.ome.zarr")
-    _assert_user_error(result, "a1.tif")
-    assert not (two_tiles / "o.ome.zarr").exists()
+    pixels = np.random.default_rng(0).integers(0, 9, (20, 20), dtype=np.uint16)
+    tifffile.imwrite(two_tiles / "a1.tif", pixels, compression="zlib")
+    clean = two_tiles / "clean.ome.zarr"
+    assert run_cli("fuse", good, "-o", clean, "-q").returncode == 0
+    data = (two_tiles / "a1.tif").read_bytes()
+    with tifffile.TiffFile(two_tiles / "a1.tif") as tif:
+        start = tif.pages[0].dataoffsets[0]
+    broken = bytearray(data)
+    broken[start : start + 16] = b"\xff" * 16  # header and sizes fine, pixels undecodable
+    (two_tiles / "a1.tif").write_bytes(bytes(broken))
+    out = two_tiles / "o.ome.zarr"
+    _assert_user_error(run_cli("fuse", good, "-o", out), "a1.tif", "--resume")
+    assert _not_a_finished_image(out)
+    _assert_user_error(run_cli("fuse", good, "-o", out), "unfinished run", "--resume")
+    (two_tiles / "a1.tif").write_bytes(data)  # fixed: the same command continues the run
+    assert run_cli("fuse", good, "-o", out, "--resume", "-q").returncode == 0
+    np.testing.assert_array_equal(read_ome_zarr_level(out).compute(),
+                                  read_ome_zarr_level(clean).compute())
 
 
 @pytest.mark.parametrize("ngff", ["0.5", "0.4"])

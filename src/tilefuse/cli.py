@@ -7,10 +7,9 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import itertools
+import hashlib
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -77,6 +76,14 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
                    help="write the registration report (every link and tile) as JSON")
 
 
+def _add_scheduler_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", default="threads", metavar="NAME",
+                   help="threads (default), processes, distributed (a local cluster) or the "
+                        "address of a running dask scheduler, e.g. tcp://host:8786")
+    p.add_argument("--workers", "--threads", dest="workers", type=_positive_int, default=None,
+                   help="threads, processes or local-cluster workers (default: one per core)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tilefuse", description="Fuse overlapping microscope tiles into an OME-Zarr mosaic.")
@@ -100,8 +107,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="OME-Zarr version: 0.5 (zarr v3, default) or 0.4 (zarr v2)")
     fuse.add_argument("--levels", type=_positive_int, default=None,
                       help="pyramid levels incl. full resolution (default: until one chunk)")
-    fuse.add_argument("--threads", type=_positive_int, default=None,
-                      help="worker threads (default: all cores)")
+    _add_scheduler_options(fuse)
+    fuse.add_argument("--resume", action="store_true",
+                      help="continue an interrupted run of the same command into OUTPUT")
     fuse.add_argument("--cache-mb", type=_positive_int, default=512,
                       help="decoded-tile cache per process in MiB (default 512)")
     fuse.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -113,12 +121,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="registered TileConfiguration (default: NAME.registered.txt beside "
                           "the input, as Fiji names it)")
     _add_registration_options(reg)
-    reg.add_argument("--threads", type=_positive_int, default=None)
+    reg.add_argument("--workers", "--threads", dest="workers", type=_positive_int, default=None,
+                     help="threads for pairwise registration (default: all cores)")
     reg.add_argument("-q", "--quiet", action="store_true", help="no summary")
 
     info = sub.add_parser("info", help="describe a layout: tiles, mosaic size, overlaps, memory")
     _add_layout_options(info)
-    info.add_argument("--threads", type=_positive_int, default=None)
+    info.add_argument("--workers", "--threads", dest="workers", type=_positive_int, default=None)
     info.add_argument("--cache-mb", type=_positive_int, default=512)
     return parser
 
@@ -165,7 +174,7 @@ def _register(layout, args):
     from tilefuse.registration import register
 
     registered, report = register(layout, max_shift=args.max_shift, channel=args.channel,
-                                  workers=args.threads)
+                                  workers=args.workers)
     if args.report:
         report.to_json(args.report)
     if not args.quiet:
@@ -190,38 +199,77 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(output: Path, args: argparse.Namespace) -> None:
+    from tilefuse.ngff import MANIFEST
+
+    if args.resume and args.overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
+    if args.resume and not output.exists():
+        raise FileNotFoundError(f"{output} does not exist; nothing to resume")
+    if output.exists() and not (args.overwrite or args.resume):
+        hint = " (an unfinished run: --resume continues it)" if (output / MANIFEST).exists() else ""
+        raise FileExistsError(f"{output} exists{hint}; pass --overwrite to replace it")
+
+
+def run_manifest(layout, plan, args: argparse.Namespace) -> dict:
+    """What a fusion run was asked to do: a resume must be asked exactly the same."""
+    digest = hashlib.sha256()
+    for tile in layout.tiles:
+        digest.update(repr((tile.name, tile.source.key, tile.shape)).encode())
+        digest.update(np.round(tile.affine, 9).tobytes())
+    digest.update(repr((str(layout.dtype), layout.channels)).encode())
+    return {
+        "tilefuse": __version__,
+        "layout_sha256": digest.hexdigest(),
+        "tiles": len(layout.tiles),
+        "blend": plan.blend,
+        "blend_width": [round(w, 6) for w in plan.widths],
+        "chunk": list(plan.chunks.chunk_shape),
+        "dtype": str(plan.dtype),
+        "fill": plan.fill,
+        "ngff": args.ngff,
+        "levels": args.levels,
+        "pixel_size": list(layout.pixel_size),
+        "unit": layout.unit,
+    }
+
+
 def cmd_fuse(args: argparse.Namespace) -> int:
     from tilefuse.fuse import fuse, fused_axes, plan_fusion
-    from tilefuse.ngff import write_ome_zarr
-    from tilefuse.progress import DaskProgress
+    from tilefuse.ngff import MANIFEST, write_ome_zarr
     from tilefuse.readers import write_csv_layout, write_tileconfig
+    from tilefuse.runner import open_runner
 
     started = time.perf_counter()
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    _check_output(output, args)
     layout = _load(args)
     if args.register:
         layout = _register(layout, args)
     plan = plan_fusion(layout, chunk=_chunk_arg(args), blend=args.blend,
                        blend_width=args.blend_width, dtype=args.dtype, fill=args.fill,
                        cache_bytes=args.cache_mb * 2**20)
-    mosaic = fuse(plan)
-    labels = itertools.chain(["fuse"], (f"pyramid {i}" for i in itertools.count(1)))
-    compute = {"scheduler": "threads", "num_workers": args.threads}
-    existed = output.exists()
     try:
-        with DaskProgress(labels, enabled=not args.quiet):
+        with open_runner(args.scheduler, workers=args.workers, progress=not args.quiet) as (
+            compute, dashboard,
+        ):
+            if dashboard and not args.quiet:
+                print(f"dask dashboard: {dashboard}", file=sys.stderr)
             write_ome_zarr(
-                mosaic, output, axes=fused_axes(layout), pixel_size=layout.pixel_size,
+                fuse(plan), output, axes=fused_axes(layout), pixel_size=layout.pixel_size,
                 unit=layout.unit, ngff_version=args.ngff, levels=args.levels,
-                channel_names=layout.channels, overwrite=args.overwrite,
-                compute_kwargs=compute,
+                channel_names=layout.channels, overwrite=args.overwrite, compute=compute,
+                manifest=run_manifest(layout, plan, args), resume=args.resume,
             )
-    except BaseException:
-        if not existed and output.exists():  # never leave a half-written image behind
-            shutil.rmtree(output, ignore_errors=True)
-        raise
+    except (*USER_ERRORS, OSError, KeyboardInterrupt) as exc:
+        if not (output / MANIFEST).exists():
+            raise
+        note = f" (partial output kept in {output}; the same command with --resume continues it)"
+        if isinstance(exc, KeyboardInterrupt):
+            raise KeyboardInterrupt(note) from None
+        if isinstance(exc, USER_ERRORS):
+            raise type(exc)(f"{exc}{note}") from exc
+        raise InputError(f"cannot write {output}: {exc.strerror or exc}{note}") from exc
     tc = write_tileconfig(layout, _sidecar(output, ".TileConfiguration.txt"))
     write_csv_layout(layout, _sidecar(output, ".layout.csv"))
     if not args.quiet:
@@ -240,7 +288,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from tilefuse.info import describe
 
     layout = _load(args)
-    threads = args.threads or os.cpu_count() or 1
+    threads = args.workers or os.cpu_count() or 1
     for line in describe(layout, chunk=_chunk_arg(args), threads=threads,
                          cache_bytes=args.cache_mb * 2**20):
         print(line)
@@ -258,14 +306,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     retain_freed_memory()  # this process is ours: reuse freed blocks (see tilefuse.allocator)
     if not args.verbose:  # decoders' own complaints become our one-line errors instead
         for name in ("tifffile", "imageio", "PIL"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as exc:
         print(f"tilefuse {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tilefuse: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"tilefuse: interrupted{exc}", file=sys.stderr)
         return 130
 
 

@@ -9,12 +9,14 @@ no reader mistakes for a finished image.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ import zarr
 
 from tilefuse.errors import InputError
 
-__all__ = ["pyramid_shapes", "read_ome_zarr_level", "write_ome_zarr"]
+__all__ = ["MANIFEST", "pyramid_shapes", "read_ome_zarr_level", "write_ome_zarr", "written_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,9 @@ def write_ome_zarr(
     overwrite: bool = False,
     name: str | None = None,
     compute_kwargs: dict | None = None,
+    compute: Callable[..., tuple] | None = None,
+    manifest: dict | None = None,
+    resume: bool = False,
 ) -> Path:
     """Write `array` and its 2x mean pyramid as an OME-Zarr image.
 
@@ -128,6 +133,15 @@ def write_ome_zarr(
         Image name in the metadata; default the folder name without ``.zarr``.
     compute_kwargs : dict, optional
         Keyword arguments for every dask compute (e.g. ``scheduler="threads"``).
+    compute : callable, optional
+        Runs the dask collections of one level, like ``dask.compute(*collections)``; lets a
+        caller drive progress bars on any scheduler. Overrides `compute_kwargs`.
+    manifest : dict, optional
+        What this run was asked to do (layout hash, parameters, version), saved as
+        ``tilefuse-run.json`` before any pixel is written; a resume must present the same.
+    resume : bool
+        Continue an interrupted write of the same image at `path`: level-0 chunks that exist
+        and decode are kept, the others are written; the pyramid and metadata are then made.
 
     Returns
     -------
@@ -139,10 +153,13 @@ def write_ome_zarr(
     FileExistsError
         `path` exists and `overwrite` is False.
     InputError
-        Invalid options, or `path` cannot be written.
+        Invalid options, `path` cannot be written, or a resume finds a finished image, another
+        run's manifest, or a level 0 of another shape.
     """
     array = da.asarray(array)
     axes = _check_axes(axes, array.ndim)
+    if resume and overwrite:
+        raise InputError("resume and overwrite exclude each other")
     _check_dtype(array.dtype)
     if ngff_version not in _VERSIONS:
         raise InputError(f"ngff_version must be one of {_VERSIONS}, got {ngff_version!r}")
@@ -150,25 +167,35 @@ def write_ome_zarr(
         raise InputError(f"cannot write an empty image of shape {array.shape}")
     sizes = _spatial_sizes(axes, pixel_size)
     channels = _channel_specs(axes, array.shape, channel_names, channel_colors)
-    out = _prepare_path(Path(path), overwrite)
-
     array = _regular_chunks(array)
     chunks = tuple(c[0] for c in array.chunks)
     iy, ix = axes.index("y"), axes.index("x")
     shapes = pyramid_shapes(array.shape, (chunks[iy], chunks[ix]), axes, levels)
-    kwargs = dict(compute_kwargs or {})
     zarr_format = 3 if ngff_version == "0.5" else 2
-    group = zarr.open_group(out, mode="w", zarr_format=zarr_format)
+    if compute is None:
+        kwargs = dict(compute_kwargs or {})
+        compute = lambda *collections: dask.compute(*collections, **kwargs)  # noqa: E731
+    if resume:
+        out = Path(path)
+        group = _open_unfinished(out, zarr_format, manifest)
+    else:
+        out = _prepare_path(Path(path), overwrite)
+        group = zarr.open_group(out, mode="w", zarr_format=zarr_format)
+        if manifest is not None:
+            (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
-    source = array
     lo = hi = None
     for k, shape in enumerate(shapes):
-        if k:
-            source = _downsample_level(group[str(k - 1)], axes)
-        log.info("level %d: shape %s, chunks %s", k, shape, chunks)
-        target = _create_level(group, str(k), shape, chunks, array.dtype, axes, zarr_format)
         last = k == len(shapes) - 1
-        lo, hi = _store_level(source, target, axes, stats=last, compute_kwargs=kwargs)
+        log.info("level %d: shape %s, chunks %s", k, shape, chunks)
+        if k == 0:
+            target = _level_zero(group, shape, chunks, array.dtype, axes, zarr_format, resume)
+            lo, hi = _store_missing_blocks(array, target, out / "0", axes, last, compute,
+                                           resume)
+            continue
+        source = _downsample_level(group[str(k - 1)], axes)
+        target = _create_level(group, str(k), shape, chunks, array.dtype, axes, zarr_format)
+        lo, hi = _store_level(source, target, axes, stats=last, compute=compute)
 
     attrs = _image_attrs(
         axes, sizes, unit, len(shapes), ngff_version, channels, lo, hi, name or _default_name(out)
@@ -414,19 +441,19 @@ def _create_level(
     dtype: np.dtype,
     axes: Sequence[str],
     zarr_format: int,
+    write_empty_chunks: bool = False,
 ) -> zarr.Array:
-    """Create one empty level: zstd (v3 default) or Blosc/zstd with "/" chunk keys (v2)."""
+    """Create one empty level (replacing any left by an interrupted run): zstd (v3 default) or
+    Blosc/zstd with "/" chunk keys (v2)."""
+    common = {"shape": shape, "chunks": chunks, "dtype": dtype, "overwrite": True,
+              "config": {"write_empty_chunks": write_empty_chunks}}
     if zarr_format == 3:
-        return group.create_array(
-            key, shape=shape, chunks=chunks, dtype=dtype, dimension_names=list(axes)
-        )
+        return group.create_array(key, dimension_names=list(axes), **common)
     return group.create_array(
         key,
-        shape=shape,
-        chunks=chunks,
-        dtype=dtype,
         compressors=numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
         chunk_key_encoding={"name": "v2", "separator": "/"},
+        **common,
     )
 
 
@@ -436,7 +463,7 @@ def _store_level(
     axes: Sequence[str],
     *,
     stats: bool,
-    compute_kwargs: dict[str, Any],
+    compute: Callable[..., tuple],
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Store `source` into `target` in one dask compute, with per-channel min/max if `stats`.
 
@@ -445,9 +472,9 @@ def _store_level(
     lo, hi : numpy.ndarray of shape (n_channels,), or None
         Finite per-channel minimum and maximum (NaN and inf ignored), when `stats`.
     """
-    stored = da.store(source, target, lock=False, compute=False)
+    stored = da.store(source, target, lock=False, compute=False) if target is not None else None
     if not stats:
-        dask.compute(stored, **compute_kwargs)
+        compute(stored)
         return None, None
     reduce_axes = tuple(i for i, a in enumerate(axes) if a != "c")
     if source.dtype.kind in "biu":  # every value is finite: no conversion, no masking
@@ -457,8 +484,92 @@ def _store_level(
         finite = da.isfinite(values)
         lo = da.where(finite, values, np.inf).min(axis=reduce_axes)
         hi = da.where(finite, values, -np.inf).max(axis=reduce_axes)
-    _, lo, hi = dask.compute(stored, lo, hi, **compute_kwargs)
+    _, lo, hi = compute(stored, lo, hi)
     return np.atleast_1d(lo), np.atleast_1d(hi)
+
+
+# --------------------------------------------------------------------------------------------
+# Level 0, resumable
+# --------------------------------------------------------------------------------------------
+
+MANIFEST = "tilefuse-run.json"
+
+
+def _open_unfinished(out: Path, zarr_format: int, manifest: dict | None) -> zarr.Group:
+    """Open an interrupted write for resuming, refusing anything that is not exactly that."""
+    if not (out / MANIFEST).is_file():
+        raise InputError(f"{out}: nothing to resume (no {MANIFEST}); run without --resume")
+    try:
+        group = zarr.open_group(out, mode="r+", zarr_format=zarr_format)
+    except Exception as exc:
+        raise InputError(f"{out}: cannot open the interrupted output to resume ({exc})") from exc
+    attrs = group.attrs.asdict()
+    if "multiscales" in attrs or "multiscales" in attrs.get("ome", {}):
+        raise InputError(f"{out}: is a finished image; nothing to resume")
+    saved = json.loads((out / MANIFEST).read_text())
+    if manifest is not None and saved != manifest:
+        keys = sorted(k for k in set(saved) | set(manifest) if saved.get(k) != manifest.get(k))
+        raise InputError(
+            f"{out}: was started with other inputs or parameters ({', '.join(keys)} differ); "
+            "resume only with the same command, or start again with --overwrite"
+        )
+    return group
+
+
+def _level_zero(group, shape, chunks, dtype, axes, zarr_format, resume: bool) -> zarr.Array:
+    """Level 0, every chunk stored as a file (even all-fill ones) so written chunks can be
+    told from missing ones on a resume."""
+    if resume and "0" in group:
+        target = group["0"]
+        if tuple(target.shape) != tuple(shape) or tuple(target.chunks) != tuple(chunks):
+            raise InputError(
+                f"level 0 of the interrupted output is {target.shape} in chunks {target.chunks}, "
+                f"this run makes {tuple(shape)} in {tuple(chunks)}; start again with --overwrite"
+            )
+        return target
+    return _create_level(group, "0", shape, chunks, dtype, axes, zarr_format,
+                         write_empty_chunks=True)
+
+
+def written_blocks(target: zarr.Array, folder: Path) -> set[tuple[int, ...]]:
+    """Chunks of `target` that exist as files and decode; broken chunk files are removed."""
+    grid = tuple(-(-n // c) for n, c in zip(target.shape, target.chunks))
+
+    def check(block: tuple[int, ...]) -> tuple[int, ...] | None:
+        path = folder / target.metadata.encode_chunk_key(block)
+        if not path.is_file():
+            return None
+        try:
+            target.get_block_selection(block)
+        except Exception:  # a chunk cut short by a crash: write it again
+            log.warning("chunk %s of %s does not decode; it will be written again", block, folder)
+            path.unlink(missing_ok=True)
+            return None
+        return block
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = pool.map(check, np.ndindex(*grid))
+        return {b for b in found if b is not None}
+
+
+def _store_missing_blocks(
+    source: da.Array, target: zarr.Array, folder: Path, axes, stats: bool, compute, resume: bool
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Store the blocks of `source` that `target` lacks (all of them on a fresh write)."""
+    done = written_blocks(target, folder) if resume else set()
+    if not done:
+        return _store_level(source, target, axes, stats=stats, compute=compute)
+    todo = [b for b in np.ndindex(*source.numblocks) if b not in done]
+    log.info("resuming: %d of %d chunks already written", len(done), len(done) + len(todo))
+    if todo:
+        starts = [np.cumsum((0, *c)) for c in source.chunks]
+        regions = [tuple(slice(int(s[i]), int(s[i + 1])) for s, i in zip(starts, b))
+                   for b in todo]
+        compute(da.store([source.blocks[b] for b in todo], [target] * len(todo),
+                         regions=regions, lock=False, compute=False))
+    if not stats:
+        return None, None
+    return _store_level(da.from_zarr(target), None, axes, stats=True, compute=compute)
 
 
 # --------------------------------------------------------------------------------------------

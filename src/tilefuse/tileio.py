@@ -33,6 +33,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+MAX_TILE_BYTES = 4 * 2**30  # one decoded tile; beyond this a header is lying or a tile is a mosaic
 _SPATIAL = "ZYX"
 _CHANNEL = "CS"
 
@@ -117,6 +118,7 @@ def _probe_tiff(path: str, series: int) -> TileHeader:
             raise InputError(f"{path}: has {len(tif.series)} series, series {series} requested")
         s = tif.series[series]
         axes, shape, dtype = s.axes, tuple(s.shape), np.dtype(s.dtype)
+        _check_plausible(path, shape, dtype, s.pages[0] if s.pages else None)
     spatial, channel, _ = _axes_to_layout(axes, shape, path)
     sp_shape = tuple(shape[i] for i in spatial)
     if len(sp_shape) == 3 and sp_shape[0] == 1:
@@ -124,6 +126,27 @@ def _probe_tiff(path: str, series: int) -> TileHeader:
     n_ch = shape[channel[0]] if channel else 1
     rgb = bool(channel) and axes[channel[0]] == "S"
     return TileHeader(sp_shape, dtype, n_ch, rgb)
+
+
+def _check_plausible(path: str, shape: tuple, dtype: np.dtype, page) -> None:
+    """Refuse a header whose pixels cannot be there, before anything is allocated."""
+    nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if nbytes > MAX_TILE_BYTES:
+        raise InputError(
+            f"{path}: header claims {' x '.join(map(str, shape))} {dtype} "
+            f"({nbytes / 2**30:.1f} GiB) for one tile; tiles up to "
+            f"{MAX_TILE_BYTES // 2**30} GiB are read"
+        )
+    if page is None:
+        return
+    end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts)), default=0)
+    size = os.path.getsize(path)
+    uncompressed = getattr(page, "compression", 1) == 1
+    if end > size or (uncompressed and sum(page.databytecounts) < page.size * dtype.itemsize):
+        raise InputError(
+            f"{path}: truncated: its pixel data should reach byte {end} "
+            f"({page.size * dtype.itemsize} bytes of pixels), the file has {size} bytes"
+        )
 
 
 def _probe_other(path: str) -> TileHeader:
