@@ -1,0 +1,121 @@
+"""Scale out and survive faults: resume after SIGKILL, schedulers, a worker killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from tilefuse import fuse, read_layout
+from tilefuse.ngff import read_ome_zarr_level
+from tilefuse.testing import grid_tileset, write_tileset
+
+
+@pytest.fixture(scope="module")
+def layout_file(tmp_path_factory):
+    ts = grid_tileset(grid=(4, 5), tile_shape=(160, 192), overlap=0.15, position_error=4,
+                      fractional=True, seed=21)
+    return write_tileset(ts, tmp_path_factory.mktemp("tiles"), stage=False)
+
+
+@pytest.fixture(scope="module")
+def reference(layout_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "ref.ome.zarr"
+    result = run_cli("fuse", layout_file, "-o", out, "--chunk", "48", "-q")
+    assert result.returncode == 0, result.stderr
+    return read_ome_zarr_level(out).compute()
+
+
+def _chunk_files(out):
+    folder = out / "0" / "c"
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def test_resume_after_sigkill_is_bit_identical(layout_file, reference, tmp_path):
+    out = tmp_path / "killed.ome.zarr"
+    cmd = [sys.executable, "-m", "tilefuse", "fuse", str(layout_file), "-o", str(out),
+           "--chunk", "24", "--workers", "1", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    total = int(np.prod([-(-n // 24) for n in reference.shape]))
+    deadline = time.monotonic() + 120
+    while _chunk_files(out) < total // 4 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    written = _chunk_files(out)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert 0 < written < total, "the run must be killed part-way through level 0"
+    with pytest.raises(ValueError, match="unfinished"):
+        read_ome_zarr_level(out)  # the interrupted output never looks finished
+
+    refused = run_cli("fuse", layout_file, "-o", out, "--chunk", "24", "--resume",
+                      "--blend", "max", "-q")
+    assert refused.returncode == 2 and "blend" in refused.stderr and "differ" in refused.stderr
+
+    resumed = run_cli("fuse", layout_file, "-o", out, "--chunk", "24", "--resume", "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    np.testing.assert_array_equal(read_ome_zarr_level(out).compute(), reference)
+
+
+def test_resume_of_a_finished_or_missing_output_is_refused(layout_file, tmp_path):
+    out = tmp_path / "done.ome.zarr"
+    assert run_cli("fuse", layout_file, "-o", out, "-q").returncode == 0
+    again = run_cli("fuse", layout_file, "-o", out, "--resume", "-q")
+    assert again.returncode == 2 and "finished image" in again.stderr
+    missing = run_cli("fuse", layout_file, "-o", tmp_path / "nope.ome.zarr", "--resume")
+    assert missing.returncode == 2 and "nothing to resume" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--scheduler", "threads", "--workers", "1", "--chunk", "1000"],
+        ["--scheduler", "threads", "--workers", "2", "--chunk", "33"],
+        ["--scheduler", "processes", "--workers", "2", "--chunk", "100"],
+        ["--scheduler", "sync", "--chunk", "64", "70"],
+    ],
+)
+def test_same_output_on_every_scheduler_and_chunking(layout_file, reference, tmp_path, args):
+    out = tmp_path / "s.ome.zarr"
+    result = run_cli("fuse", layout_file, "-o", out, "-q", *args)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(read_ome_zarr_level(out).compute(), reference)
+
+
+def test_local_cluster_same_output_and_progress(layout_file, reference, tmp_path):
+    out = tmp_path / "d.ome.zarr"
+    result = run_cli("fuse", layout_file, "-o", out, "--scheduler", "distributed",
+                     "--workers", "2", "--chunk", "48")
+    assert result.returncode == 0, result.stderr
+    assert "dask dashboard:" in result.stderr and "fused 20 tiles" in result.stderr
+    np.testing.assert_array_equal(read_ome_zarr_level(out).compute(), reference)
+
+
+def test_unknown_scheduler_is_a_clear_error(layout_file, tmp_path):
+    result = run_cli("fuse", layout_file, "-o", tmp_path / "x.ome.zarr", "--scheduler", "gpu")
+    assert result.returncode == 2 and "unknown scheduler 'gpu'" in result.stderr
+
+
+def test_worker_killed_mid_run_is_retried_with_identical_output(layout_file, reference):
+    from distributed import Client, LocalCluster
+
+    layout = read_layout(layout_file)
+    arr = fuse(layout, chunk=16)  # many small tasks, so the run is still going when we kill
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        future = client.compute(arr)
+        deadline = time.monotonic() + 60
+        while not client.has_what() or not any(client.has_what().values()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pids = client.run(os.getpid)
+        assert not future.done(), "the kill must happen mid-run"
+        os.kill(next(iter(pids.values())), signal.SIGKILL)
+        result = future.result(timeout=240)
+    np.testing.assert_array_equal(result, reference)
