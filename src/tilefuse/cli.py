@@ -125,6 +125,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="threads for pairwise registration (default: all cores)")
     reg.add_argument("-q", "--quiet", action="store_true", help="no summary")
 
+    prev = sub.add_parser("preview", help="a picture of the mosaic with tile outlines and links")
+    _add_layout_options(prev)
+    prev.add_argument("-o", "--output", required=True, help="PNG file to write")
+    prev.add_argument("--report", default=None, metavar="REPORT.json",
+                      help="registration report: colour links by NCC, mark stage placements")
+    prev.add_argument("--max-size", type=_positive_int, default=1024,
+                      help="longest side of the picture in pixels (default 1024)")
+
     info = sub.add_parser("info", help="describe a layout: tiles, mosaic size, overlaps, memory")
     _add_layout_options(info)
     info.add_argument("--workers", "--threads", dest="workers", type=_positive_int, default=None)
@@ -284,6 +292,19 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preview(args: argparse.Namespace) -> int:
+    from tilefuse.preview import preview_image
+
+    source = Path(args.layout)
+    is_image = source.is_dir() and any((source / n).exists() for n in ("zarr.json", ".zattrs"))
+    picture = preview_image(source if is_image else _load(args), max_size=args.max_size,
+                            report=args.report)
+    picture.save(args.output)
+    print(f"preview written to {args.output} ({picture.size[0]} x {picture.size[1]})",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from tilefuse.info import describe
 
@@ -295,7 +316,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fuse": cmd_fuse, "register": cmd_register, "info": cmd_info}
+COMMANDS = {"fuse": cmd_fuse, "register": cmd_register, "preview": cmd_preview,
+            "info": cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

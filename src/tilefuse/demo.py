@@ -15,6 +15,7 @@ import numpy as np
 from tilefuse.cli import main as cli_main
 from tilefuse.ngff import read_ome_zarr_level
 from tilefuse.overview import write_png_overview
+from tilefuse.preview import write_preview
 from tilefuse.testing import grid_tileset, write_tileset
 
 
@@ -38,12 +39,13 @@ def run(folder: Path) -> int:
     fused = read_ome_zarr_level(mosaic, 0).compute().astype(np.float64)
     err = np.abs(fused - ts.truth)[ts.covered]
     png = write_png_overview(mosaic, folder / "mosaic.png", max_size=1024)
-    print(f"3/3 overview written to {png}")
+    preview = write_preview(mosaic, folder / "preview.png", max_size=800)
+    print(f"3/3 overview written to {png}, tile outlines in {preview}")
     print()
     print(f"  tiles:     {tiles}/ (TileConfiguration.txt + 20 TIFFs)")
     print(f"  mosaic:    {mosaic} ({' x '.join(map(str, fused.shape))} px, OME-Zarr 0.5, "
           f"open it in napari or Fiji)")
-    print(f"  overview:  {png}")
+    print(f"  overview:  {png} (and {preview} with the tiles outlined)")
     print(f"  layout:    {folder / 'mosaic.TileConfiguration.txt'} (reusable in Fiji)")
     print(f"  vs truth:  mean |error| {err.mean():.2f}, max {err.max():.0f} of 60000 "
           f"(linear interpolation at fractional positions); {seconds:.1f} s")

@@ -10,7 +10,7 @@ import zarr
 
 from tilefuse.ngff import read_ome_zarr_level
 
-__all__ = ["contrast_stretch", "write_png_overview"]
+__all__ = ["contrast_stretch", "screen_image", "write_png_overview"]
 
 
 def contrast_stretch(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
@@ -23,10 +23,34 @@ def contrast_stretch(image: np.ndarray, low: float = 0.5, high: float = 99.5) ->
     return np.rint(np.clip(scaled, 0, 1) * 255).astype(np.uint8)
 
 
-def _level_count(path: Path) -> int:
+def _multiscale(path: Path) -> dict:
     attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
-    multiscales = attrs.get("ome", attrs).get("multiscales")
-    return len(multiscales[0]["datasets"])
+    return attrs.get("ome", attrs)["multiscales"][0]
+
+
+def screen_image(zarr_path: str | os.PathLike, max_size: int = 1024) -> tuple[np.ndarray, float]:
+    """The mosaic as one (y, x) plane from the smallest pyramid level still ``max_size`` wide.
+
+    z is max-projected, the first channel and time point are shown.
+
+    Returns
+    -------
+    image : numpy.ndarray, shape (y, x)
+    scale : float
+        Size of the returned plane relative to full resolution (1 for level 0).
+    """
+    path = Path(zarr_path)
+    meta = _multiscale(path)
+    axes = [a["name"] for a in meta["axes"]]
+    n_levels = len(meta["datasets"])
+    full_width = read_ome_zarr_level(path, 0).shape[-1]
+    level = 0
+    while level + 1 < n_levels and max(read_ome_zarr_level(path, level + 1).shape[-2:]) >= max_size:
+        level += 1
+    data = read_ome_zarr_level(path, level)
+    for ax in reversed(range(len(axes) - 2)):  # innermost first, so indices stay valid
+        data = data.max(axis=ax) if axes[ax] == "z" else data[(slice(None),) * ax + (0,)]
+    return np.asarray(data.compute()), data.shape[-1] / full_width
 
 
 def write_png_overview(
@@ -34,19 +58,13 @@ def write_png_overview(
 ) -> Path:
     """Write the mosaic as an 8-bit PNG no larger than ``max_size`` on its long side.
 
-    The first channel is shown in grey (middle z plane for z-stacks), contrast-stretched.
+    The first channel is shown in grey (z max-projected), contrast-stretched.
     """
     from PIL import Image
 
-    zarr_path, png_path = Path(zarr_path), Path(png_path)
-    n_levels = _level_count(zarr_path)
-    level = 0
-    while level + 1 < n_levels and max(read_ome_zarr_level(zarr_path, level).shape[-2:]) > max_size:
-        level += 1
-    data = read_ome_zarr_level(zarr_path, level)
-    while data.ndim > 2:
-        data = data[data.shape[0] // 2] if data.ndim == 3 and data.shape[0] > 4 else data[0]
-    image = Image.fromarray(contrast_stretch(np.asarray(data.compute())))
-    image.thumbnail((max_size, max_size))
-    image.save(png_path)
+    image, _ = screen_image(zarr_path, max_size)
+    picture = Image.fromarray(contrast_stretch(image))
+    picture.thumbnail((max_size, max_size))
+    png_path = Path(png_path)
+    picture.save(png_path)
     return png_path
