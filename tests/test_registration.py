@@ -1,0 +1,259 @@
+"""Registration: real tile sets against their references, synthetic sets against exact truth."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tilefuse.errors import InputError
+from tilefuse.layout import translation_affine
+from tilefuse.readers import read_layout
+from tilefuse.readers.build import Entry, layout_from_entries
+from tilefuse.readers.memory import layout_from_arrays
+from tilefuse.registration import RegistrationReport, register
+from tilefuse.registration.pairwise import ncc_map, overlap_slices
+from tilefuse.registration.solve import solve_positions
+from tilefuse.testing import grid_tileset
+
+DATA = Path(__file__).parent / "data"
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def errors(got: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Distance of each position from the reference after removing one global translation."""
+    diff = np.asarray(got, dtype=float) - np.asarray(expected, dtype=float)
+    diff -= diff.mean(axis=0)
+    return np.linalg.norm(diff, axis=1)
+
+
+def reference(path: Path, x: str, y: str) -> dict[str, np.ndarray]:
+    """``file -> (y, x)`` from a positions.csv."""
+    with open(path, newline="") as f:
+        return {r["file"]: np.array([float(r[y]), float(r[x])]) for r in csv.DictReader(f)}
+
+
+def grid_layout(folder: Path, names_rc: list[tuple[str, int, int]], step: tuple[int, int],
+                origin: str):
+    """Layout of files placed on a nominal grid: ``(name, row, col)`` -> ``(row, col) * step``."""
+    entries = [
+        Entry(name, (str(folder / name),), translation_affine([r * step[0], c * step[1]]))
+        for name, r, c in names_rc
+    ]
+    return layout_from_entries(entries, ndim=2, origin=origin)
+
+
+def synthetic_errors(kind: str, noise: float, seed: int) -> np.ndarray:
+    ts = grid_tileset((4, 4), (192, 192), 0.2, kind=kind, position_error=15, fractional=True,
+                      noise=noise, seed=seed)
+    registered, report = register(ts.stage, max_shift=30)
+    assert report.summary["tiles_by_stage"] == 0
+    return errors(registered.positions, ts.layout.positions)
+
+
+# --------------------------------------------------------------------------------------- real data
+
+
+@pytest.fixture(scope="module")
+def mist():
+    """MIST's 5x5 phase-contrast set from a nominal grid: tile size and 6 % overlap only."""
+    folder = DATA / "mist_phase_5x5"
+    shape = (183, 245)  # (y, x) of every tile
+    step = (round(shape[0] * 0.94), round(shape[1] * 0.94))
+    names = []
+    for k in range(25):  # column-major numbering: p01-p05 are column 0, rows 0-4
+        col, row = divmod(k, 5)
+        names.append((f"tiles/ImageName_t01_p{k + 1:02d}.tif", row, col))
+    layout = grid_layout(folder, names, step, str(folder))
+    registered, report = register(layout)
+    return layout, registered, report, reference(folder / "positions.csv", "gt_x", "gt_y")
+
+
+def test_mist_phase_5x5_from_nominal_grid(mist):
+    layout, registered, report, ref = mist
+    expected = np.array([ref[Path(t.name).name] for t in registered.tiles])
+    err = errors(registered.positions, expected)
+    assert err.max() <= 0.5, err.round(2)
+    # the nominal grid itself is tens of pixels off (the grid is skewed about a degree)
+    assert errors(layout.positions, expected).max() > 10
+    assert report.summary["tiles_by_image"] == 25
+
+
+def test_lscm_speckle_3x4_from_tileconfiguration():
+    folder = DATA / "lscm_speckle_3x4"
+    layout = read_layout(folder / "TileConfiguration.txt")
+    registered, report = register(layout)
+    ref = reference(folder / "positions.csv", "authors_x", "authors_y")
+    expected = np.array([ref[t.name] for t in registered.tiles])
+    err = errors(registered.positions, expected)
+    assert err.max() <= 1.0, err.round(2)
+    assert report.summary["links_accepted"] == report.summary["links_tried"] == 17
+
+
+def test_sem_stitch2d_2x3_jpeg_from_nominal_grid():
+    folder = DATA / "sem_stitch2d_2x3"
+    shape = (442, 512)
+    step = (round(shape[0] * 0.8), round(shape[1] * 0.8))  # an overlap guess of 20 %
+    names = [(f"tiles/stitch2d_ex[Grid@{c} {r}].jpg", r, c) for c in range(2) for r in range(3)]
+    layout = grid_layout(folder, names, step, str(folder))
+    assert layout.dtype == np.uint8
+    registered, _ = register(layout)
+    ref = reference(folder / "positions.csv", "ref_x", "ref_y")
+    expected = np.array([ref[Path(t.name).name] for t in registered.tiles])
+    err = errors(registered.positions, expected)
+    assert err.max() <= 1.0, err.round(2)
+
+
+# ---------------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_cells_subpixel():
+    err = synthetic_errors("cells", noise=0.02, seed=0)
+    assert np.sqrt(np.mean(err**2)) <= 0.1 and err.max() <= 0.3, err.round(3)
+
+
+def test_synthetic_smooth_subpixel():
+    # Low-frequency content only: the correlation maximum drifts along flat ridges, the
+    # same-exposure least-squares estimate does not. Sub-pixel accuracy needs little noise
+    # here: at 1 % noise the Cramer-Rao bound of these overlaps is ~0.6 px per link.
+    err = synthetic_errors("smooth", noise=0.0005, seed=2)
+    assert np.sqrt(np.mean(err**2)) <= 0.1 and err.max() <= 0.3, err.round(3)
+
+
+def test_synthetic_smooth_noisy_has_no_gross_error():
+    # At 1 % noise smooth content carries ~1 px of information per link; what must not
+    # happen is the wrong peak (phase correlation alone is off by ~14 px here).
+    err = synthetic_errors("smooth", noise=0.01, seed=2)
+    assert err.max() <= 4.0, err.round(2)
+
+
+@pytest.mark.parametrize("grid", [(1, 5), (5, 1), (2, 2)])
+def test_strips_and_small_grids(grid):
+    ts = grid_tileset(grid, (128, 128), 0.25, kind="cells", position_error=8, fractional=True,
+                      noise=0.01, seed=4)
+    registered, report = register(ts.stage)
+    err = errors(registered.positions, ts.layout.positions)
+    assert err.max() <= 0.2, err.round(3)
+    assert report.summary["links_accepted"] == report.summary["links_tried"]
+
+
+def test_3d_stacks():
+    ts = grid_tileset((2, 2), (16, 96, 96), 0.25, kind="cells", position_error=6,
+                      fractional=True, noise=0.01, seed=1)
+    registered, report = register(ts.stage)
+    assert registered.ndim == 3
+    err = errors(registered.positions, ts.layout.positions)
+    assert err.max() <= 0.3, err.round(3)
+    assert report.summary["tiles_by_image"] == 4
+
+
+def test_rotated_tiles_refine_translations_only():
+    ts = grid_tileset((2, 3), (128, 128), 0.25, kind="cells", position_error=5, fractional=True,
+                      noise=0.01, rotation_deg=3, seed=1)
+    stage = ts.layout.affines.copy()
+    stage[:, :-1, -1] = ts.stage.positions + ts.layout.positions[0] - ts.stage.positions[0]
+    registered, _ = register(ts.layout.with_affines(stage))
+    assert np.array_equal(registered.affines[:, :-1, :-1], ts.layout.affines[:, :-1, :-1])
+    assert errors(registered.positions, ts.layout.positions).max() <= 0.2
+
+
+# ------------------------------------------------------------------------------- fallbacks, report
+
+
+@pytest.fixture(scope="module")
+def empty_tile():
+    """A 3x3 grid whose centre tile shows only flat background (a constant plus tiny noise)."""
+    ts = grid_tileset((3, 3), (128, 128), 0.25, kind="cells", position_error=6, fractional=True,
+                      noise=0.01, seed=5)
+    tiles = [t.copy() for t in ts.tiles]
+    rng = np.random.default_rng(0)
+    tiles[4] = np.rint(1000 + rng.normal(0, 2, (128, 128))).astype(tiles[0].dtype)
+    stage = layout_from_arrays(tiles, positions=ts.stage.positions)
+    registered, report = register(stage)
+    return ts, stage, registered, report
+
+
+def test_empty_tile_is_placed_by_stage(empty_tile, caplog):
+    ts, stage, registered, report = empty_tile
+    placed = {t.index: t.placed_by for t in report.tiles}
+    assert placed[4] == "stage" and sum(p == "stage" for p in placed.values()) == 1
+    links = [lk for lk in report.links if 4 in lk.tiles]
+    assert len(links) == 4
+    for lk in links:
+        assert not lk.accepted and "below threshold" in lk.reason and "empty" in lk.reason
+    others = np.arange(9) != 4
+    offset = (registered.positions - stage.positions)[others].mean(axis=0)
+    # the stage position, moved with the rest: never collapsed to the origin
+    np.testing.assert_allclose(registered.positions[4], stage.positions[4] + offset, atol=1e-6)
+    assert errors(registered.positions[others], ts.layout.positions[others]).max() <= 0.2
+    with caplog.at_level(logging.WARNING, logger="tilefuse.registration"):
+        register(stage)
+    assert any("stage positions" in r.getMessage() and "tile 4" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_report_json_round_trip(empty_tile, tmp_path):
+    _, stage, _, report = empty_tile
+    path = tmp_path / "registration.json"
+    report.to_json(path)
+    data = json.loads(path.read_text())
+    assert len(data["links"]) == len(report.links) == 12
+    assert len(data["tiles"]) == len(stage.tiles) == 9
+    assert data["summary"]["tiles_by_stage"] == 1
+    back = RegistrationReport.from_json(path)
+    assert back.to_dict() == report.to_dict()
+    assert [lk.tiles for lk in back.links] == [lk.tiles for lk in report.links]
+    assert {t.name for t in back.tiles} == {t.name for t in stage.tiles}
+    lines = report.summary_lines()
+    assert lines and all(isinstance(line, str) and len(line) < 200 for line in lines)
+    assert any("tile 4" in line for line in lines)
+
+
+def test_single_tile_and_bad_arguments():
+    ts = grid_tileset((1, 1), (64, 64), 0.1, seed=0)
+    registered, report = register(ts.stage)
+    np.testing.assert_array_equal(registered.positions, ts.stage.positions)
+    assert report.links == [] and report.tiles[0].placed_by == "stage"
+    with pytest.raises(InputError, match="channel 3"):
+        register(ts.stage, channel=3)
+    with pytest.raises(InputError, match="max_shift"):
+        register(ts.stage, max_shift=-1)
+
+
+# ------------------------------------------------------------------------------- building blocks
+
+
+def test_ncc_map_is_the_pearson_correlation_of_each_overlap():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(20, 30)), rng.normal(size=(17, 25))
+    lo, hi = np.array([-10, -12]), np.array([15, 20])
+    scores = ncc_map(a, b, lo, hi, 6)
+    for shift in [(0, 0), (3, -5), (-9, 17), (14, 19)]:
+        sl_a, sl_b = overlap_slices(a.shape, b.shape, shift)
+        expected = np.corrcoef(a[sl_a].ravel(), b[sl_b].ravel())[0, 1]
+        assert scores[tuple(np.array(shift) - lo)] == pytest.approx(expected, abs=1e-12)
+    assert np.isnan(scores[tuple(np.array([15, 0]) - lo)])  # 5 rows overlap: thinner than 6
+
+
+def test_solve_drops_the_inconsistent_link_and_keeps_islands_at_stage():
+    rng = np.random.default_rng(1)
+    rows, cols = np.divmod(np.arange(9), 3)
+    stage = np.stack([rows * 100.0, cols * 100.0], axis=1)
+    stage = np.vstack([stage, [[500.0, 500.0]]])  # tile 9: an island without links
+    truth = stage + rng.uniform(-5, 5, stage.shape)
+    edges = np.array([(i, i + 1) for i in range(9) if i % 3 < 2] + [(i, i + 3) for i in range(6)])
+    shifts = truth[edges[:, 1]] - truth[edges[:, 0]]
+    shifts[4] += [6.0, -4.0]  # one wrong link
+    weights = np.broadcast_to(np.eye(2) * 100.0, (len(edges), 2, 2))
+    solution = solve_positions(stage, edges, shifts, weights, prior_sigma=20.0)
+    assert list(solution.removed) == [4] and "residual" in solution.removed[4]
+    main = slice(0, 9)
+    np.testing.assert_allclose(errors(solution.positions[main], truth[main]), 0, atol=1e-3)
+    np.testing.assert_allclose(solution.positions[9], stage[9], atol=1e-9)
+    assert solution.component[9] != solution.component[0]
