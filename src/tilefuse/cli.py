@@ -76,6 +76,17 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
                    help="write the registration report (every link and tile) as JSON")
 
 
+def _add_intensity_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("intensity")
+    g.add_argument("--flatfield", default=None, metavar="estimate|FLAT.tif",
+                   help="divide every tile by a flat field: estimated from the tiles, or saved "
+                        "by 'tilefuse flatfield'")
+    g.add_argument("--darkfield", default=None, metavar="estimate|DARK.tif",
+                   help="subtract a dark field first (estimate it, or a TIFF of the tile shape)")
+    g.add_argument("--match-intensity", action="store_true",
+                   help="per-tile gains from the overlaps so neighbours agree")
+
+
 def _add_scheduler_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default="threads", metavar="NAME",
                    help="threads (default), processes, distributed (a local cluster) or the "
@@ -107,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="OME-Zarr version: 0.5 (zarr v3, default) or 0.4 (zarr v2)")
     fuse.add_argument("--levels", type=_positive_int, default=None,
                       help="pyramid levels incl. full resolution (default: until one chunk)")
+    _add_intensity_options(fuse)
     _add_scheduler_options(fuse)
     fuse.add_argument("--resume", action="store_true",
                       help="continue an interrupted run of the same command into OUTPUT")
@@ -132,6 +144,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="registration report: colour links by NCC, mark stage placements")
     prev.add_argument("--max-size", type=_positive_int, default=1024,
                       help="longest side of the picture in pixels (default 1024)")
+
+    flat = sub.add_parser("flatfield", help="estimate a flat field from the tiles and save it")
+    _add_layout_options(flat)
+    flat.add_argument("-o", "--output", required=True, help="TIFF to write (flat, then dark)")
+    flat.add_argument("--darkfield", action="store_true", help="also estimate a dark field")
+    flat.add_argument("--sample", type=_positive_int, default=64,
+                      help="tiles sampled for the estimate (default 64)")
 
     info = sub.add_parser("info", help="describe a layout: tiles, mosaic size, overlaps, memory")
     _add_layout_options(info)
@@ -219,6 +238,51 @@ def _check_output(output: Path, args: argparse.Namespace) -> None:
         raise FileExistsError(f"{output} exists{hint}; pass --overwrite to replace it")
 
 
+def _load_field(path: str, layout) -> np.ndarray:
+    import tifffile
+
+    try:
+        field = tifffile.imread(path).astype(np.float32)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read a field image ({exc})") from None
+    field = field.reshape((-1, *field.shape[-2:]))[: len(layout.channels)]
+    if field.shape[-2:] != layout.tiles[0].shape[-2:]:
+        raise InputError(f"{path}: field of shape {field.shape[-2:]}, tiles are "
+                         f"{layout.tiles[0].shape[-2:]}")
+    return field
+
+
+def _intensity(layout, args: argparse.Namespace):
+    """Apply --flatfield/--darkfield/--match-intensity: the layout whose tiles read corrected."""
+    from tilefuse.intensity import (
+        TileCorrection,
+        corrected_layout,
+        estimate_flatfield,
+        load_flatfield,
+        match_intensity,
+        tile_corrections,
+    )
+
+    flat = dark = None
+    if args.flatfield == "estimate":
+        flat, dark = estimate_flatfield(layout, darkfield=args.darkfield == "estimate")
+    elif args.flatfield:
+        flat, dark = load_flatfield(args.flatfield, layout)
+    if args.darkfield and args.darkfield != "estimate":
+        dark = _load_field(args.darkfield, layout)
+    elif args.darkfield == "estimate" and args.flatfield != "estimate":
+        raise InputError("--darkfield estimate goes with --flatfield estimate")
+    gains = None
+    if args.match_intensity:
+        gains, _ = match_intensity(layout, corrections=TileCorrection(flat=flat, dark=dark))
+    if flat is None and dark is None and gains is None:
+        return layout
+    return corrected_layout(layout, tile_corrections(len(layout.tiles), flat=flat, dark=dark,
+                                                     gains=gains))
+
+
 def run_manifest(layout, plan, args: argparse.Namespace) -> dict:
     """What a fusion run was asked to do: a resume must be asked exactly the same."""
     digest = hashlib.sha256()
@@ -239,6 +303,9 @@ def run_manifest(layout, plan, args: argparse.Namespace) -> dict:
         "levels": args.levels,
         "pixel_size": list(layout.pixel_size),
         "unit": layout.unit,
+        "flatfield": args.flatfield,
+        "darkfield": args.darkfield,
+        "match_intensity": args.match_intensity,
     }
 
 
@@ -254,7 +321,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     layout = _load(args)
     if args.register:
         layout = _register(layout, args)
-    plan = plan_fusion(layout, chunk=_chunk_arg(args), blend=args.blend,
+    fused_layout = _intensity(layout, args)
+    plan = plan_fusion(fused_layout, chunk=_chunk_arg(args), blend=args.blend,
                        blend_width=args.blend_width, dtype=args.dtype, fill=args.fill,
                        cache_bytes=args.cache_mb * 2**20)
     try:
@@ -292,6 +360,18 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flatfield(args: argparse.Namespace) -> int:
+    from tilefuse.intensity import estimate_flatfield, save_flatfield
+
+    layout = _load(args)
+    flat, dark = estimate_flatfield(layout, sample=args.sample, darkfield=args.darkfield)
+    save_flatfield(args.output, flat, dark)
+    print(f"flat field ({flat.shape}, min {flat.min():.3f}, max {flat.max():.3f}) written to "
+          f"{args.output}; use it with 'tilefuse fuse ... --flatfield {args.output}'",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_preview(args: argparse.Namespace) -> int:
     from tilefuse.preview import preview_image
 
@@ -317,7 +397,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"fuse": cmd_fuse, "register": cmd_register, "preview": cmd_preview,
-            "info": cmd_info}
+            "flatfield": cmd_flatfield, "info": cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
