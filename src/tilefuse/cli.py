@@ -203,7 +203,12 @@ def _register(layout, args):
     registered, report = register(layout, max_shift=args.max_shift, channel=args.channel,
                                   workers=args.workers)
     if args.report:
+        from tilefuse.preview import write_preview
+
         report.to_json(args.report)
+        picture = write_preview(registered, Path(args.report).with_suffix(".png"), report=report)
+        if not args.quiet:
+            print(f"report written to {args.report} and {picture}", file=sys.stderr)
     if not args.quiet:
         for line in report.summary_lines():
             print(line, file=sys.stderr)

@@ -37,10 +37,19 @@ class CziSource:
         The CZI file.
     subblocks : tuple of int
         File offsets of the tile's subblock segments, one per channel, in channel order.
+    series : int
+        The tile's index among the file's tiles (``M`` order), as a TileConfiguration with
+        ``multiseries = true`` names it.
     """
 
     path: str
     subblocks: tuple[int, ...]
+    series: int = 0
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The file holding the tile (for writing layouts)."""
+        return (self.path,)
 
     @property
     def key(self) -> tuple:
@@ -249,8 +258,8 @@ def read_czi(
                                      {"flip_x": flip_x, "flip_y": flip_y, "swap_xy": swap_xy})
     tile_list = [
         Tile(f"{Path(path).name} M={m}", first.shape, translation_affine(pos),
-             CziSource(path, tuple(tiles[m][c].offset for c in channels)))
-        for m, first, pos in zip(order, firsts, positions)
+             CziSource(path, tuple(tiles[m][c].offset for c in channels), series))
+        for series, (m, first, pos) in enumerate(zip(order, firsts, positions))
     ]
     pixel = metadata.get("pixel_size_um")
     return Layout(tuple(tile_list), firsts[0].dtype,

@@ -107,7 +107,29 @@ def read_tileconfig(path: str | os.PathLike) -> Layout:
         The layout or a tile file is missing.
     """
     dim, entries = parse_tileconfig(path)
+    if any(e.paths[0].lower().endswith(".czi") for e in entries):
+        return _czi_series(entries, str(path))
     return layout_from_entries(entries, ndim=dim, origin=str(path))
+
+
+def _czi_series(entries: list[Entry], origin: str) -> Layout:
+    """Entries naming the series (tiles) of one CZI file, placed by the TileConfiguration."""
+    from dataclasses import replace
+
+    from tilefuse.readers.czi import read_czi
+
+    files = {e.paths[0] for e in entries}
+    if len(files) != 1:
+        raise InputError(f"{origin}: lists several files with a CZI among them; a layout may "
+                         "place the series of one CZI file")
+    base = read_czi(files.pop())
+    tiles = []
+    for e in entries:
+        if e.series >= len(base.tiles):
+            raise InputError(f"{e.where}: series {e.series}, but the CZI has "
+                             f"{len(base.tiles)} tiles")
+        tiles.append(base.tiles[e.series].with_affine(e.affine))
+    return replace(base, tiles=tuple(tiles), origin=origin)
 
 
 def _relative_name(tile_path: str, folder: Path) -> str:
