@@ -1,0 +1,286 @@
+"""The napari plugin, headless: manifest, reader, and the fusion widget driven from code.
+
+napari's and npe2's pytest plugins (``make_napari_viewer``) are disabled for the suite in
+pyproject.toml (``-p no:napari -p no:npe2``): they would load into every test run. npe2 is
+imported inside the tests, where ``pytestmark`` filters its import-time warnings. Layers are
+added to napari's ``ViewerModel`` (no OpenGL needed); one test docks the widget in a real,
+invisible ``napari.Viewer``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("NAPARI_CONFIG", "")  # no settings file is read or written
+
+from pathlib import Path
+
+import napari
+import numpy as np
+import pytest
+
+from tilefuse.napari_plugin import FuseWidget, get_reader
+from tilefuse.ngff import read_ome_zarr_level
+from tilefuse.readers import read_layout
+from tilefuse.registration import register
+from tilefuse.testing import grid_tileset, write_tileset
+
+pytestmark = [
+    # napari (0.9) asks Qt for the system colour theme when it creates its QApplication and
+    # warns that PyQt5 (the Qt5 binding of the test extra) cannot tell; harmless here.
+    pytest.mark.filterwarnings(
+        "ignore:System theme detection requires a Qt6 backend:UserWarning:napari"
+    ),
+    # npe2 0.10 (napari's plugin engine) declares pydantic fields with extra keywords (min_ver)
+    # and allow_mutation; pydantic 2 deprecates both, warned once when npe2 is first imported.
+    pytest.mark.filterwarnings(
+        "ignore:Using extra keyword arguments on `Field` is deprecated:DeprecationWarning:npe2"
+    ),
+    pytest.mark.filterwarnings("ignore:`allow_mutation` is deprecated:DeprecationWarning:npe2"),
+    # napari 0.9's evented models still set pydantic's json_encoders; deprecated in pydantic 2,
+    # warned when napari first builds those models.
+    pytest.mark.filterwarnings("ignore:`json_encoders` is deprecated:DeprecationWarning"),
+]
+
+MANIFEST = Path(__file__).parents[1] / "src" / "tilefuse" / "napari.yaml"
+WAIT_MS = 30_000
+
+
+@pytest.fixture
+def tileset_file(tmp_path: Path):
+    """A 2 x 3 grid of 2D tiles with their true positions in a TileConfiguration.txt."""
+    ts = grid_tileset(grid=(2, 3), tile_shape=(48, 64), overlap=0.2, seed=1)
+    return ts, write_tileset(ts, tmp_path / "tiles", stage=False)
+
+
+@pytest.fixture
+def model():
+    """napari's viewer model: layers as in a viewer, without the OpenGL canvas.
+
+    A real ``napari.Viewer`` draws every added layer with OpenGL, which Qt's offscreen
+    platform does not provide without an X server; the layer model is what is under test.
+    """
+    from napari.components import ViewerModel
+
+    return ViewerModel()
+
+
+@pytest.fixture
+def widget(qtbot, model):
+    """The fusion widget on a viewer model; worker threads are awaited after the test."""
+    from napari.qt.threading import WorkerBase
+
+    widget = FuseWidget(model)
+    qtbot.addWidget(widget)
+    yield model, widget
+    WorkerBase.await_workers(msecs=WAIT_MS)
+
+
+def run_widget(qtbot, widget: FuseWidget) -> None:
+    """Click Run and wait until the worker's result has been handled in the UI thread."""
+    with qtbot.waitSignal(widget.run_finished, timeout=WAIT_MS):
+        widget.run_button.click()
+
+
+# ------------------------------------------------------------------------------------ manifest
+
+
+def test_manifest_validates_and_is_discovered():
+    import npe2
+
+    manifest = npe2.PluginManifest.from_file(MANIFEST)
+    assert manifest.name == "tilefuse"
+    manifest.validate_imports()
+    installed = npe2.PluginManifest.from_distribution("tilefuse")
+    assert installed.name == "tilefuse"
+    assert [r.command for r in installed.contributions.readers] == ["tilefuse.get_reader"]
+    assert [w.display_name for w in installed.contributions.widgets] == ["Fuse tiles"]
+
+
+def test_napari_docks_the_widget_with_its_viewer(qtbot):
+    viewer = napari.Viewer(show=False, title="tilefuse test")
+    try:
+        _, widget = viewer.window.add_plugin_dock_widget("tilefuse", "Fuse tiles")
+        assert isinstance(widget, FuseWidget)
+        assert widget.viewer.title == "tilefuse test"  # napari passes its viewer (a proxy)
+    finally:
+        viewer.close()
+
+
+def test_import_tilefuse_does_not_import_napari():
+    import subprocess
+    import sys
+
+    code = "import sys, tilefuse; print(any(m in sys.modules for m in ('napari', 'qtpy')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# -------------------------------------------------------------------------------------- reader
+
+
+def test_reader_places_each_tile_at_its_position(tileset_file):
+    ts, path = tileset_file
+    reader = get_reader(str(path))
+    assert reader is not None
+    layers = reader(str(path))
+    assert len(layers) == len(ts.tiles)
+    names = [tile.name for tile in read_layout(path).tiles]
+    assert names == [f"tile_{i:04d}.tif" for i in range(len(ts.tiles))]
+    for (data, meta, kind), tile, pixels, name in zip(layers, ts.layout.tiles, ts.tiles, names):
+        assert kind == "image"
+        assert meta["name"] == name
+        np.testing.assert_array_equal(data, pixels)
+        np.testing.assert_allclose(meta["affine"][:-1, -1], tile.position)
+        assert meta["blending"] in ("additive", "translucent_no_depth")
+
+
+def test_reader_through_npe2_and_napari(model, tileset_file):
+    import npe2
+
+    ts, path = tileset_file
+    assert len(npe2.read([str(path)], stack=False, plugin_name="tilefuse")) == len(ts.tiles)
+    layers = model.open(str(path), plugin="tilefuse")
+    assert len(layers) == len(ts.tiles)
+    for layer, tile, pixels in zip(layers, ts.layout.tiles, ts.tiles):
+        np.testing.assert_array_equal(layer.data, pixels)
+        # napari maps data pixel (0, 0) to the tile's mosaic position, data order (y, x)
+        np.testing.assert_allclose(layer.data_to_world((0, 0)), tile.position)
+        inside = np.array([10, 20])
+        np.testing.assert_allclose(layer.data_to_world(inside), tile.position + inside)
+
+
+def test_reader_3d_tiles(tmp_path):
+    ts = grid_tileset(grid=(1, 2), tile_shape=(5, 32, 40), overlap=0.25, seed=3)
+    path = write_tileset(ts, tmp_path, stage=False)
+    layers = get_reader(str(path))(str(path))
+    assert len(layers) == 2
+    for (data, meta, _), tile, pixels in zip(layers, ts.layout.tiles, ts.tiles):
+        assert meta["affine"].shape == (4, 4)
+        np.testing.assert_allclose(meta["affine"][:-1, -1], tile.position)
+        np.testing.assert_array_equal(data, pixels)
+
+
+def test_reader_declines_what_it_cannot_read(tmp_path, tileset_file):
+    _, path = tileset_file
+    notes = tmp_path / "notes.txt"
+    notes.write_text("shopping list\nmilk\n")
+    table = tmp_path / "table.csv"
+    table.write_text("a,b\n1,2\n")
+    fake = tmp_path / "scan.czi"
+    fake.write_bytes(b"\x00not a czi")
+    for candidate in (notes, table, fake, tmp_path / "missing.txt", tmp_path):
+        assert get_reader(str(candidate)) is None, candidate
+    assert get_reader([str(path), str(path)]) is None
+    assert get_reader([str(path)]) is not None
+
+
+# -------------------------------------------------------------------------------------- widget
+
+
+def test_widget_fuses_and_shows_multiscale_mosaic(qtbot, widget, tileset_file, tmp_path):
+    viewer, w = widget
+    _, path = tileset_file
+    out = tmp_path / "mosaic.ome.zarr"
+    seen = []
+    w.progress_changed.connect(lambda done, total, label: seen.append((done, total, label)))
+    w.layout_path.setText(str(path))
+    w.output_path.setText(str(out))
+    w.blend.setCurrentText("linear")
+    w.chunk.setValue(32)  # several chunks and pyramid levels for a small mosaic
+    run_widget(qtbot, w)
+
+    assert w.status.text() == f"wrote {out}", w.status.text()
+    assert len(viewer.layers) == 1
+    layer = viewer.layers[0]
+    assert layer.name == "mosaic"
+    assert layer.multiscale and len(layer.data) > 1
+    np.testing.assert_array_equal(np.asarray(layer.data[0]), read_ome_zarr_level(out, 0))
+    np.testing.assert_allclose(layer.translate, [0, 0])
+    assert w.summary.text() == ""
+    labels = {label for _, _, label in seen}
+    assert {"reading layout", "fusing", "pyramid level 1"} <= labels
+    done, total, _ = next(s for s in reversed(seen) if s[2] == "fusing")
+    assert done == total > 0
+    assert w.progress.value() == w.progress.maximum()
+    assert w.run_button.isEnabled()
+
+
+def test_widget_registers_and_moves_tile_layers(qtbot, widget, tmp_path):
+    viewer, w = widget
+    ts = grid_tileset(grid=(2, 2), tile_shape=(96, 96), overlap=0.25, position_error=5, seed=2)
+    path = write_tileset(ts, tmp_path / "tiles", stage=True)
+    tiles = viewer.open(str(path), plugin="tilefuse")
+    expected, report = register(read_layout(path))
+    w.layout_path.setText(str(path))
+    w.output_path.setText(str(tmp_path / "registered.ome.zarr"))
+    w.register_first.setChecked(True)
+    run_widget(qtbot, w)
+
+    assert w.status.text().startswith("wrote"), w.status.text()
+    assert w.summary.text() == "\n".join(report.summary_lines())
+    assert w.summary.text().startswith("links:")
+    for layer, tile in zip(tiles, expected.tiles):
+        np.testing.assert_allclose(layer.affine.affine_matrix, tile.affine)
+    moved = [layer.affine.translate for layer in tiles]
+    stage = [tile.position for tile in read_layout(path).tiles]
+    assert not np.allclose(moved, stage)
+    assert viewer.layers[-1].multiscale
+
+
+def test_widget_shows_user_errors_in_its_label(qtbot, widget, tileset_file, tmp_path):
+    viewer, w = widget
+    _, path = tileset_file
+    w.layout_path.setText(str(tmp_path / "nothing.txt"))
+    w.output_path.setText(str(tmp_path / "out.ome.zarr"))
+    run_widget(qtbot, w)
+    assert w.status.text().startswith("Error:")
+    assert "nothing.txt" in w.status.text()
+
+    (tmp_path / "taken.ome.zarr").mkdir()
+    w.layout_path.setText(str(path))
+    w.output_path.setText(str(tmp_path / "taken.ome.zarr"))
+    run_widget(qtbot, w)
+    assert "exists" in w.status.text()
+
+    w.output_path.setText(str(tmp_path / "out.ome.zarr"))
+    w.overlap.setText("ten percent")
+    with qtbot.waitSignal(w.run_finished, timeout=WAIT_MS):
+        w.run_button.click()
+    assert "overlap must be a number" in w.status.text()
+    assert len(viewer.layers) == 0
+    assert not (tmp_path / "out.ome.zarr").exists()
+    assert w.run_button.isEnabled()
+
+
+def test_multichannel_tiles_become_one_layer_per_channel(model, tmp_path):
+    import tifffile
+
+    from tilefuse.napari_plugin import FuseRequest, add_mosaic, run_fusion
+
+    ts = grid_tileset(grid=(1, 2), tile_shape=(40, 48), overlap=0.25, seed=4)
+    lines = ["dim = 2"]
+    for i, (tile, data) in enumerate(zip(ts.layout.tiles, ts.tiles)):
+        both = np.stack([data, data // 2])
+        tifffile.imwrite(tmp_path / f"t{i}.tif", both, imagej=True, metadata={"axes": "CYX"})
+        lines.append(f"t{i}.tif; ; ({tile.position[1]}, {tile.position[0]})")
+    path = tmp_path / "tiles.txt"
+    path.write_text("\n".join(lines) + "\n")
+
+    layers = get_reader(str(path))(str(path))
+    assert [meta["name"] for _, meta, _ in layers] == [
+        "t0.tif [0]", "t0.tif [1]", "t1.tif [0]", "t1.tif [1]"
+    ]
+    np.testing.assert_array_equal(layers[3][0], ts.tiles[1] // 2)
+    assert layers[0][1]["colormap"] != layers[1][1]["colormap"]
+
+    out = tmp_path / "two.ome.zarr"
+    result = run_fusion(FuseRequest(str(path), str(out), chunk=16))
+    assert result.error is None
+    add_mosaic(model, result)
+    assert [layer.name for layer in model.layers] == ["two [0]", "two [1]"]
+    level0 = read_ome_zarr_level(out, 0)
+    for c, layer in enumerate(model.layers):
+        assert layer.multiscale
+        np.testing.assert_array_equal(np.asarray(layer.data[0]), level0[c])
