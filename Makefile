@@ -38,6 +38,7 @@ $(BENCH_VENV)/.installed: pyproject.toml
 
 bench: $(TEST_STAMP) $(BENCH_VENV)/.installed
 	$(BIN)/python benchmarks/bench_fusion.py
+	$(BIN)/python benchmarks/bench_fusion.py --tile-compression zlib
 	$(BIN)/python benchmarks/bench_scale.py --mosaic 50000
 
 clean:
