@@ -5,8 +5,9 @@ chunks). By default glibc serves each with ``mmap`` and gives it back with ``mun
 so every new temporary page-faults its memory in again: measured here, a two-pass interpolation
 step over one 1024² tile took 5.4 ms with that churn and 0.7 ms without it. Raising glibc's mmap
 and trim thresholds makes freed blocks reusable, and one arena lets worker threads reuse them too
-(fusing 64 tiles of 1024² on 2 threads: 0.52 s with per-thread arenas, 0.35 s with one). Peak memory is unchanged (the blocks are reused,
-not added); the process just keeps its high-water mark.
+(fusing 64 tiles of 1024² on 2 threads: 0.52 s with per-thread arenas, 0.35 s with one).
+Peak memory is unchanged (the blocks are reused, not added); the process just keeps its
+high-water mark.
 
 The CLI and the benchmarks call :func:`retain_freed_memory` once; the library never changes the
 allocator on its own. On other C libraries it does nothing.

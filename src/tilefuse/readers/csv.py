@@ -22,7 +22,7 @@ import numpy as np
 from tilefuse.errors import InputError
 from tilefuse.layout import Layout, translation_affine
 from tilefuse.readers.build import Entry, layout_from_entries
-from tilefuse.readers.text import read_text_lines
+from tilefuse.readers.text import finite_number, read_text_lines
 from tilefuse.tileio import resolve
 
 __all__ = ["read_csv_layout", "write_csv_layout", "xy_affine_to_zyx"]
@@ -45,14 +45,7 @@ def xy_affine_to_zyx(values: list[float], where: str) -> np.ndarray:
 
 
 def _number(row: dict, col: str, where: str) -> float:
-    text = (row.get(col) or "").strip()
-    try:
-        value = float(text)
-    except ValueError:
-        raise InputError(f"{where}: column {col!r} must be a number, got {text!r}") from None
-    if not np.isfinite(value):
-        raise InputError(f"{where}: column {col!r} is not finite: {text}")
-    return value
+    return finite_number((row.get(col) or "").strip(), where, f"column {col!r}")
 
 
 def _row_entry(row: dict, cols: set, base: Path, where: str) -> tuple[int, Entry]:

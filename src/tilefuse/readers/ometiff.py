@@ -25,6 +25,7 @@ import numpy as np
 from tilefuse.errors import InputError
 from tilefuse.layout import Layout, translation_affine
 from tilefuse.readers.build import Entry, layout_from_entries
+from tilefuse.readers.text import finite_number
 
 __all__ = ["length_to_um", "ome_pixel_size_um", "read_ome_tiff", "stage_to_pixels"]
 
@@ -102,13 +103,7 @@ def _length(elem: ET.Element | None, attr: str, where: str, unit_attr: str | Non
     """An OME length attribute in µm, or None when absent."""
     if elem is None or elem.get(attr) is None:
         return None
-    text = elem.get(attr)
-    try:
-        value = float(text)
-    except ValueError:
-        raise InputError(f"{where}: {attr}={text!r} is not a number") from None
-    if not np.isfinite(value):
-        raise InputError(f"{where}: {attr}={text!r} is not finite")
+    value = finite_number(elem.get(attr), where, attr)
     unit = elem.get(unit_attr or f"{attr}Unit", "µm")
     if unit.strip() == "reference frame":
         log.warning("%s: %s is in 'reference frame' units; assuming micrometres", where, attr)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from tilefuse.errors import InputError
 
-__all__ = ["read_text_lines"]
+__all__ = ["finite_number", "read_text_lines"]
 
 _MAX_LAYOUT_BYTES = 64 * 2**20
 
@@ -34,3 +36,22 @@ def read_text_lines(path: str) -> list[tuple[int, str]]:
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return list(enumerate(text.splitlines(), start=1))
+
+
+def finite_number(text: str, where: str, what: str) -> float:
+    """``text`` as a finite float, or an InputError naming ``where`` and ``what`` it is.
+
+    Parameters
+    ----------
+    where : str
+        ``file:line`` (or the element) the value comes from.
+    what : str
+        What the value is, e.g. ``"column 'x'"``.
+    """
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: {what} must be a number, got {text!r}") from None
+    if not np.isfinite(value):
+        raise InputError(f"{where}: {what} is not finite: {text}")
+    return value
