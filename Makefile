@@ -36,10 +36,17 @@ $(BENCH_VENV)/.installed: pyproject.toml
 	$(BENCH_VENV)/bin/python -m pip install --quiet -e . multiview-stitcher==0.1.62
 	touch $@
 
-bench: $(TEST_STAMP) $(BENCH_VENV)/.installed
+REG_VENV := benchmarks/.venv-reg
+$(REG_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(REG_VENV)
+	$(REG_VENV)/bin/python -m pip install --quiet -e . ashlar==1.20.0 m2stitch==0.7.2
+	touch $@
+
+bench: $(TEST_STAMP) $(BENCH_VENV)/.installed $(REG_VENV)/.installed
 	$(BIN)/python benchmarks/bench_fusion.py
 	$(BIN)/python benchmarks/bench_fusion.py --tile-compression zlib
 	$(BIN)/python benchmarks/bench_scale.py --mosaic 50000
+	$(BIN)/python benchmarks/bench_registration.py
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) demo build dist .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(REG_VENV) demo build dist .pytest_cache

@@ -93,6 +93,11 @@ class Scene:
             out += weight * np.cos(np.tensordot(f, coords, axes=1) + p)
         inv = np.linalg.inv(lin)
         reach = np.abs(inv).sum(axis=1)
+        if len(centres):  # only the cells whose 4-sigma window reaches this tile
+            centre_idx = (centres - off) @ inv.T
+            margin = 4 * sigmas[:, None] * reach + 2  # a superset: the window test decides
+            near = np.all((centre_idx + margin >= 0) & (centre_idx - margin <= shape), axis=1)
+            centres, sigmas, heights = centres[near], sigmas[near], heights[near]
         for c, s, h in zip(centres, sigmas, heights):
             centre_idx = inv @ (c - off)
             lo = np.maximum(np.floor(centre_idx - 4 * s * reach), 0).astype(int)
