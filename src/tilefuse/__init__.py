@@ -19,6 +19,13 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
 
+def register(*args, **kwargs):
+    """Refine tile positions from the image content; see :func:`tilefuse.registration.register`."""
+    from tilefuse.registration import register as _register
+
+    return _register(*args, **kwargs)
+
+
 def write_ome_zarr(*args, **kwargs):
     """Write a mosaic as multiscale OME-Zarr; see :func:`tilefuse.ngff.write_ome_zarr`."""
     from tilefuse.ngff import write_ome_zarr as _write
@@ -36,6 +43,7 @@ __all__ = [
     "layout_from_arrays",
     "plan_fusion",
     "read_layout",
+    "register",
     "write_csv_layout",
     "write_ome_zarr",
     "write_tileconfig",

@@ -243,51 +243,6 @@ def _check_output(output: Path, args: argparse.Namespace) -> None:
         raise FileExistsError(f"{output} exists{hint}; pass --overwrite to replace it")
 
 
-def _load_field(path: str, layout) -> np.ndarray:
-    import tifffile
-
-    try:
-        field = tifffile.imread(path).astype(np.float32)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise InputError(f"{path}: cannot read a field image ({exc})") from None
-    field = field.reshape((-1, *field.shape[-2:]))[: len(layout.channels)]
-    if field.shape[-2:] != layout.tiles[0].shape[-2:]:
-        raise InputError(f"{path}: field of shape {field.shape[-2:]}, tiles are "
-                         f"{layout.tiles[0].shape[-2:]}")
-    return field
-
-
-def _intensity(layout, args: argparse.Namespace):
-    """Apply --flatfield/--darkfield/--match-intensity: the layout whose tiles read corrected."""
-    from tilefuse.intensity import (
-        TileCorrection,
-        corrected_layout,
-        estimate_flatfield,
-        load_flatfield,
-        match_intensity,
-        tile_corrections,
-    )
-
-    flat = dark = None
-    if args.flatfield == "estimate":
-        flat, dark = estimate_flatfield(layout, darkfield=args.darkfield == "estimate")
-    elif args.flatfield:
-        flat, dark = load_flatfield(args.flatfield, layout)
-    if args.darkfield and args.darkfield != "estimate":
-        dark = _load_field(args.darkfield, layout)
-    elif args.darkfield == "estimate" and args.flatfield != "estimate":
-        raise InputError("--darkfield estimate goes with --flatfield estimate")
-    gains = None
-    if args.match_intensity:
-        gains, _ = match_intensity(layout, corrections=TileCorrection(flat=flat, dark=dark))
-    if flat is None and dark is None and gains is None:
-        return layout
-    return corrected_layout(layout, tile_corrections(len(layout.tiles), flat=flat, dark=dark,
-                                                     gains=gains))
-
-
 def run_manifest(layout, plan, args: argparse.Namespace) -> dict:
     """What a fusion run was asked to do: a resume must be asked exactly the same."""
     digest = hashlib.sha256()
@@ -316,6 +271,7 @@ def run_manifest(layout, plan, args: argparse.Namespace) -> dict:
 
 def cmd_fuse(args: argparse.Namespace) -> int:
     from tilefuse.fuse import fuse, fused_axes, plan_fusion
+    from tilefuse.intensity import prepare_corrections
     from tilefuse.ngff import MANIFEST, write_ome_zarr
     from tilefuse.readers import write_csv_layout, write_tileconfig
     from tilefuse.runner import open_runner
@@ -326,7 +282,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     layout = _load(args)
     if args.register:
         layout = _register(layout, args)
-    fused_layout = _intensity(layout, args)
+    fused_layout = prepare_corrections(layout, flatfield=args.flatfield,
+                                       darkfield=args.darkfield, match=args.match_intensity)
     plan = plan_fusion(fused_layout, chunk=_chunk_arg(args), blend=args.blend,
                        blend_width=args.blend_width, dtype=args.dtype, fill=args.fill,
                        cache_bytes=args.cache_mb * 2**20)

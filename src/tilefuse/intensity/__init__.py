@@ -24,6 +24,7 @@ from tilefuse.intensity.apply import (
 )
 from tilefuse.intensity.flatfield import estimate_flatfield, load_flatfield, save_flatfield
 from tilefuse.intensity.matching import match_intensity
+from tilefuse.intensity.prepare import prepare_corrections
 
 __all__ = [
     "CorrectedSource",
@@ -33,6 +34,7 @@ __all__ = [
     "estimate_flatfield",
     "load_flatfield",
     "match_intensity",
+    "prepare_corrections",
     "save_flatfield",
     "tile_corrections",
 ]
