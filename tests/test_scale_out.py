@@ -119,3 +119,36 @@ def test_worker_killed_mid_run_is_retried_with_identical_output(layout_file, ref
         os.kill(next(iter(pids.values())), signal.SIGKILL)
         result = future.result(timeout=240)
     np.testing.assert_array_equal(result, reference)
+
+
+def test_full_disk_fails_clearly_and_resumes(layout_file, reference, tmp_path, monkeypatch,
+                                             capsys):
+    """ENOSPC while chunks are written: one clear line, exit 2, an unfinished resumable output."""
+    import errno
+
+    import zarr
+
+    from tilefuse.cli import main
+
+    out = tmp_path / "full.ome.zarr"
+    real_setitem = zarr.Array.__setitem__
+    calls = {"n": 0}
+
+    def setitem_until_full(self, key, value):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_setitem(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", setitem_until_full)
+    status = main(["fuse", str(layout_file), "-o", str(out), "--chunk", "48", "-q",
+                   "--scheduler", "sync"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1
+    assert "No space left on device" in err[0] and "--resume" in err[0]
+    with pytest.raises(ValueError, match="unfinished"):
+        read_ome_zarr_level(out)
+    monkeypatch.setattr(zarr.Array, "__setitem__", real_setitem)  # space freed
+    assert main(["fuse", str(layout_file), "-o", str(out), "--chunk", "48", "-q",
+                 "--resume"]) == 0
+    np.testing.assert_array_equal(read_ome_zarr_level(out).compute(), reference)
