@@ -269,3 +269,27 @@ def test_fused_output_validates_and_opens_in_ome_zarr(tile_folder, tmp_path, ngf
     ms = (attrs["ome"] if ngff == "0.5" else attrs)["multiscales"][0]
     scales = [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]]
     assert scales == [[0.25 * 2**k, 0.25 * 2**k] for k in range(len(expected))]
+
+
+def test_memory_limit_chooses_the_chunk_and_warns(tile_folder, tmp_path):
+    from tilefuse.info import choose_chunk, estimate_peak_bytes, parse_bytes
+
+    assert parse_bytes("4GB") == 4 * 10**9 and parse_bytes("512MiB") == 512 * 2**20
+    with pytest.raises(ValueError, match="expected"):
+        parse_bytes("lots")
+    budget = estimate_peak_bytes(256 * 256, 1, 2, 2, 64 * 2**20) + 1
+    assert choose_chunk(2, 1, 2, 2, 64 * 2**20, budget) == 256
+    assert choose_chunk(2, 1, 2, 2, 64 * 2**20, 10**12) == 1024
+    layout_path, _ = tile_folder
+    out = tmp_path / "m.ome.zarr"
+    result = run_cli("-v", "fuse", layout_path, "-o", out, "--memory-limit", str(budget),
+                     "--cache-mb", "64", "--workers", "2", "-q")
+    assert result.returncode == 0, result.stderr
+    assert "chunk 256 chosen" in result.stderr
+    level0 = zarr.open_array(str(out / "0"), mode="r")
+    assert level0.chunks == tuple(min(256, n) for n in level0.shape)
+    result = run_cli("fuse", layout_path, "-o", tmp_path / "w.ome.zarr", "--chunk", "4096",
+                     "--memory-limit", "300MB", "-q")
+    assert result.returncode == 0 and "above the 0.3 GB memory limit" in result.stderr
+    assert run_cli("fuse", layout_path, "-o", tmp_path / "x.ome.zarr", "--memory-limit",
+                   "1MB").returncode == 2

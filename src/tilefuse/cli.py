@@ -124,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="continue an interrupted run of the same command into OUTPUT")
     fuse.add_argument("--cache-mb", type=_positive_int, default=512,
                       help="decoded-tile cache per process in MiB (default 512)")
+    fuse.add_argument("--memory-limit", default="0.5", metavar="BYTES",
+                      help="memory budget: picks the chunk size when --chunk is not given, "
+                           "warns when it is (e.g. 8GB; default 0.5 = half of RAM)")
     fuse.add_argument("--overwrite", action="store_true", help="replace an existing output")
     fuse.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
 
@@ -185,6 +188,27 @@ def _chunk_arg(args) -> int | tuple[int, ...] | None:
     if args.chunk is None:
         return None
     return args.chunk[0] if len(args.chunk) == 1 else tuple(args.chunk)
+
+
+def _budget_chunk(layout, args: argparse.Namespace):
+    """--chunk, checked against --memory-limit; or the largest chunk the budget allows."""
+    from tilefuse.info import choose_chunk, estimate_peak_bytes, parse_bytes
+
+    budget = parse_bytes(args.memory_limit)
+    threads = args.workers or os.cpu_count() or 1
+    cache = args.cache_mb * 2**20
+    n_ch, itemsize = len(layout.channels), layout.dtype.itemsize
+    chunk = _chunk_arg(args)
+    if chunk is None:
+        side = choose_chunk(layout.ndim, n_ch, itemsize, threads, cache, budget)
+        log.info("chunk %d chosen for a %.1f GB memory budget", side, budget / 1e9)
+        return side
+    shape = chunk if isinstance(chunk, tuple) else (chunk,) * layout.ndim
+    need = estimate_peak_bytes(int(np.prod(shape)), n_ch, itemsize, threads, cache)
+    if need > budget:
+        log.warning("--chunk %s needs ~%.1f GB with %d workers, above the %.1f GB memory limit",
+                    chunk, need / 1e9, threads, budget / 1e9)
+    return chunk
 
 
 def _sidecar(output: Path, suffix: str) -> Path:
@@ -284,7 +308,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         layout = _register(layout, args)
     fused_layout = prepare_corrections(layout, flatfield=args.flatfield,
                                        darkfield=args.darkfield, match=args.match_intensity)
-    plan = plan_fusion(fused_layout, chunk=_chunk_arg(args), blend=args.blend,
+    plan = plan_fusion(fused_layout, chunk=_budget_chunk(fused_layout, args), blend=args.blend,
                        blend_width=args.blend_width, dtype=args.dtype, fill=args.fill,
                        cache_bytes=args.cache_mb * 2**20)
     try:

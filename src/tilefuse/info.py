@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
 
+from tilefuse.errors import InputError
 from tilefuse.fuse import DEFAULT_CACHE_BYTES, plan_fusion
 from tilefuse.geometry import neighbour_overlaps
 from tilefuse.layout import Layout
 
-__all__ = ["describe", "estimate_peak_bytes"]
+__all__ = ["choose_chunk", "describe", "estimate_peak_bytes", "parse_bytes", "total_memory"]
 
 _BASELINE_BYTES = 200 * 2**20  # interpreter, numpy, dask, zarr, codecs
 
@@ -22,6 +25,47 @@ def estimate_peak_bytes(
     chunk and its encoded copy; plus the tile cache and a fixed baseline."""
     per_thread = chunk_pixels * (n_channels * 4 * 3 + 4 + 1 + 2 * n_channels * itemsize)
     return int(threads * per_thread + cache_bytes + _BASELINE_BYTES)
+
+
+def total_memory() -> int:
+    """Physical memory of this machine in bytes (8 GiB if it cannot be read)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def parse_bytes(text: str) -> int:
+    """``"4GB"``, ``"512MiB"``, ``"2e9"`` or a fraction of RAM like ``"0.5"`` -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in units:
+        raise InputError(f"memory limit {text!r}: expected e.g. 4GB, 512MiB or a fraction 0.5")
+    value = float(m.group(1))
+    if not m.group(2) and 0 < value <= 1:
+        return int(value * total_memory())
+    return int(value * units[m.group(2).lower()])
+
+
+def choose_chunk(
+    ndim: int, n_channels: int, itemsize: int, threads: int, cache_bytes: int, budget: int
+) -> int:
+    """The largest chunk side (1024 down to 64) whose fusion fits ``budget`` bytes.
+
+    Raises
+    ------
+    InputError
+        Not even 64-pixel chunks fit (the budget is below the tile cache and the baseline).
+    """
+    for side in (1024, 512, 256, 128, 64):
+        pixels = side**2 * (min(side, 64) if ndim == 3 else 1)
+        if estimate_peak_bytes(pixels, n_channels, itemsize, threads, cache_bytes) <= budget:
+            return side
+    need = estimate_peak_bytes(64**2 * (64 if ndim == 3 else 1), n_channels, itemsize,
+                               threads, cache_bytes)
+    raise InputError(f"memory limit {_fmt_bytes(budget)} is below what fusing needs at all "
+                     f"(~{_fmt_bytes(need)}); raise --memory-limit or lower --cache-mb")
 
 
 def _fmt_bytes(n: float) -> str:
