@@ -23,16 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from timed import run_timed
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -214,15 +214,9 @@ def child(variant: str, layout_path: Path, out: Path) -> None:
 
 def measure(variant: str, layout_path: Path, work: Path, python: str) -> dict:
     out = work / f"out-{variant}.zarr"
-    cmd = ["/usr/bin/time", "-v", python, __file__, "--child", variant, "--layout",
-           str(layout_path), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    result = run_timed([python, __file__, "--child", variant, "--layout", str(layout_path),
+                        "--out", str(out)])
     shutil.rmtree(out, ignore_errors=True)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1][:200]}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    result["peak_rss_mb"] = int(rss.group(1)) / 1024 if rss else float("nan")
     return result
 
 

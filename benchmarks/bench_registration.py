@@ -25,13 +25,14 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from timed import run_timed
 
 HERE = Path(__file__).resolve().parent
 REG_PYTHON = HERE / ".venv-reg" / "bin" / "python"
@@ -127,15 +128,7 @@ def measure(tool: str, folder: Path) -> dict:
     python = sys.executable if tool == "tilefuse" else str(REG_PYTHON)
     if tool != "tilefuse" and not REG_PYTHON.exists():
         return {"error": "benchmarks/.venv-reg missing (make bench creates it)"}
-    cmd = ["/usr/bin/time", "-v", python, __file__, "--child", tool, "--folder", str(folder)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "\t" not in ln]
-        return {"error": (lines[-1] if lines else "failed")[:300]}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    result["peak_rss_mb"] = int(rss.group(1)) / 1024 if rss else float("nan")
-    return result
+    return run_timed([python, __file__, "--child", tool, "--folder", str(folder)])
 
 
 def errors(positions: dict, truth: np.ndarray) -> tuple[float, float]:

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from timed import run_timed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -88,16 +88,13 @@ def main() -> int:
     if not args.plan_only:
         work = Path(tempfile.mkdtemp(prefix="tilefuse-scale-"))
         out = work / "big.ome.zarr"
-        cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--child", str(out),
-               "--mosaic", str(args.mosaic), "--tile", str(args.tile), "--chunk", str(args.chunk),
-               "--cache-mb", str(args.cache_mb)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            print(proc.stderr[-2000:])
+        run = run_timed([sys.executable, __file__, "--child", str(out), "--mosaic",
+                         str(args.mosaic), "--tile", str(args.tile), "--chunk", str(args.chunk),
+                         "--cache-mb", str(args.cache_mb)])
+        if "error" in run:
+            print(run["error"])
             return 1
-        run = json.loads(proc.stdout.strip().splitlines()[-1])
-        rss_mb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)",
-                               proc.stderr).group(1)) / 1024
+        rss_mb = run["peak_rss_mb"]
         mosaic_mb = np.prod(run["shape"]) * 2 / 2**20
         disk_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
         run.update(peak_rss_mb=rss_mb, mosaic_mb=mosaic_mb, disk_mb=disk_mb,
