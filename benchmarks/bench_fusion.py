@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from timed import run_timed
+from common import print_table, run_timed
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -271,17 +271,12 @@ def report(rows: dict, grid, args) -> None:
     print(f"\n{grid[0] * grid[1]} tiles of {args.tile}² uint16 TIFF "
           f"({args.tile_compression or 'uncompressed'}), 10% overlap, fractional positions; "
           f"{os.cpu_count()} cores; median of {args.repeats} (naive, mvs: 1 run)\n")
-    print(f"{'variant':<10}{'seconds':>9}{'MPix/s':>9}{'peak RSS MB':>13}{'x floor':>9}")
-    for name, r in rows.items():
-        if "error" in r:
-            print(f"{name:<10}  not run: {r['error']}")
-            continue
-        mpix = np.prod(r["shape"]) / 1e6
-        r["mpix_per_s"] = mpix / r["seconds"]
-        r["ratio_to_floor"] = r["seconds"] / floor if floor else None
-        ratio = f"{r['ratio_to_floor']:.2f}" if floor else "-"
-        print(f"{name:<10}{r['seconds']:>9.2f}{r['mpix_per_s']:>9.1f}{r['peak_rss_mb']:>13.0f}"
-              f"{ratio:>9}")
+    for r in rows.values():
+        if "error" not in r:
+            r["mpix_per_s"] = np.prod(r["shape"]) / 1e6 / r["seconds"]
+            r["ratio_to_floor"] = r["seconds"] / floor if floor else None
+    print_table(rows, [("seconds", "seconds", ".2f"), ("MPix/s", "mpix_per_s", ".1f"),
+                       ("peak RSS MB", "peak_rss_mb", ".0f"), ("x floor", "ratio_to_floor", ".2f")])
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"fusion-{args.tile_compression or 'raw'}.json"
     path.write_text(json.dumps({"grid": grid, "tile": args.tile, "cores": os.cpu_count(),

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from timed import run_timed
+from common import print_table, run_timed
 
 HERE = Path(__file__).resolve().parent
 REG_PYTHON = HERE / ".venv-reg" / "bin" / "python"
@@ -161,14 +161,11 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{grid[0] * grid[1]} tiles of {args.tile}² uint16, cells, ±15 px stage error, "
           f"noise {args.noise:.0%}; error after removing one global translation\n")
-    print(f"{'tool':<12}{'seconds':>9}{'RMS px':>9}{'max px':>9}{'peak RSS MB':>13}")
-    for tool, r in rows.items():
-        if "error" in r:
-            print(f"{tool:<12}  failed: {r['error']}")
-            continue
-        r["rms_px"], r["max_px"] = errors(r["positions"], truth)
-        print(f"{tool:<12}{r['seconds']:>9.2f}{r['rms_px']:>9.3f}{r['max_px']:>9.3f}"
-              f"{r['peak_rss_mb']:>13.0f}")
+    for r in rows.values():
+        if "error" not in r:
+            r["rms_px"], r["max_px"] = errors(r["positions"], truth)
+    print_table(rows, [("seconds", "seconds", ".2f"), ("RMS px", "rms_px", ".3f"),
+                       ("max px", "max_px", ".3f"), ("peak RSS MB", "peak_rss_mb", ".0f")])
     (HERE / "results").mkdir(exist_ok=True)
     path = HERE / "results" / "registration.json"
     path.write_text(json.dumps({"grid": grid, "tile": args.tile, "noise": args.noise,

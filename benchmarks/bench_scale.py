@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from timed import run_timed
+from common import run_timed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

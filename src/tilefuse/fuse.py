@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import dask.array as da
 import numpy as np
@@ -26,6 +27,7 @@ from tilefuse.tileio import read_tile
 __all__ = [
     "DEFAULT_CACHE_BYTES",
     "DEFAULT_CHUNK",
+    "FusionOptions",
     "FusionPlan",
     "fuse",
     "fused_axes",
@@ -109,7 +111,26 @@ def plan_fusion(
 ) -> FusionPlan:
     """Decide the output grid, the chunk -> tiles map and the blend parameters.
 
-    See :func:`fuse` for the parameters.
+    Parameters
+    ----------
+    layout : Layout
+        The tiles and where they go.
+    chunk : int or sequence of int, optional
+        Output chunk shape (default 1024 per axis; z chunks at most 64 for z-stacks).
+    blend : {"linear", "mean", "max", "min", "first", "last"}
+        How overlapping tiles combine; ``linear`` is cosine feathering.
+    blend_width : float or sequence of float, optional
+        Feathering width in pixels per axis (default: the median neighbour overlap).
+    dtype : dtype, optional
+        Output dtype (default: the tiles'). Values are rounded, never truncated.
+    fill : float
+        Value of pixels no tile covers.
+    cache_bytes : int
+        Decoded-tile cache budget per worker process.
+
+    Returns
+    -------
+    FusionPlan
     """
     if blend not in BLENDS:
         raise InputError(f"unknown blend {blend!r}; expected one of {', '.join(BLENDS)}")
@@ -180,44 +201,39 @@ def chunk_job(plan: FusionPlan, block: Sequence[int]) -> ChunkJob:
     )
 
 
-def fuse(
-    layout: Layout | FusionPlan,
-    *,
-    chunk: int | Sequence[int] | None = None,
-    blend: str = "linear",
-    blend_width: float | Sequence[float] | None = None,
-    dtype: np.dtype | str | None = None,
-    fill: float = 0,
-    cache_bytes: int = DEFAULT_CACHE_BYTES,
-) -> da.Array:
+class FusionOptions(TypedDict, total=False):
+    """Keyword options of :func:`plan_fusion`, accepted by :func:`fuse` too."""
+
+    chunk: int | Sequence[int] | None
+    blend: str
+    blend_width: float | Sequence[float] | None
+    dtype: np.dtype | str | None
+    fill: float
+    cache_bytes: int
+
+
+def fuse(layout: Layout | FusionPlan, **options: Unpack[FusionOptions]) -> da.Array:
     """The fused mosaic as a lazy dask array, one task per output chunk.
 
     Parameters
     ----------
     layout : Layout or FusionPlan
-        The tiles and where they go (or a plan made by :func:`plan_fusion`).
-    chunk : int or sequence of int, optional
-        Output chunk shape (default 1024 per axis; z chunks at most 64 for z-stacks).
-    blend : {"linear", "mean", "max", "min", "first", "last"}
-        How overlapping tiles combine; ``linear`` is cosine feathering.
-    blend_width : float or sequence of float, optional
-        Feathering width in pixels per axis (default: the median neighbour overlap).
-    dtype : dtype, optional
-        Output dtype (default: the tiles'). Values are rounded, never truncated.
-    fill : float
-        Value of pixels no tile covers.
-    cache_bytes : int
-        Decoded-tile cache budget per worker process.
+        The tiles and where they go, or a plan made by :func:`plan_fusion`.
+    **options
+        For a Layout: ``chunk``, ``blend``, ``blend_width``, ``dtype``, ``fill``,
+        ``cache_bytes``, as in :func:`plan_fusion`. A plan already holds them.
 
     Returns
     -------
     dask.array.Array
         Shape ``(*spatial)`` for one channel, ``(c, *spatial)`` otherwise; see :func:`fused_axes`.
     """
-    plan = layout if isinstance(layout, FusionPlan) else plan_fusion(
-        layout, chunk=chunk, blend=blend, blend_width=blend_width, dtype=dtype, fill=fill,
-        cache_bytes=cache_bytes,
-    )
+    if isinstance(layout, FusionPlan):
+        if options:
+            raise InputError(f"options {sorted(options)} go to plan_fusion, not with a plan")
+        plan = layout
+    else:
+        plan = plan_fusion(layout, **options)
     name = "tilefuse-" + _token(plan)
     lead = () if plan.n_channels == 1 else (0,)
     dsk = {
