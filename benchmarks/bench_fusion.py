@@ -10,10 +10,15 @@ floor         read every tile once, paste at rounded positions, write with the s
 linear        tilefuse, fractional translations, linear (cosine) blend
 rotate1       tilefuse, the same tiles rotated 1 degree (affine path)
 max           tilefuse, max blend
+linear-numpy, rotate1-numpy
+              the same with the numpy kernel (the default install, without tilefuse[fast])
 naive         the proof of concept's method: per chunk, decode each touching tile whole and
-              ``affine_transform`` it over the whole chunk, maximum blend
+              ``affine_transform`` it (scipy's default cubic spline, as the seed did) over the
+              whole chunk, maximum blend
+naive-linear  the same method with linear interpolation (order 1): a stricter baseline
 mvs           multiview-stitcher's ``fuse(...)`` computed in memory (only if importable in
               benchmarks/.venv, which ``make bench`` installs; never a tilefuse dependency)
+mvs-zarr      multiview-stitcher's ``fuse(..., output_zarr_url=...)``: its own chunked writer
 
 The table (median of ``--repeats`` runs) is printed and saved as JSON in benchmarks/results/.
 """
@@ -21,6 +26,7 @@ The table (median of ``--repeats`` runs) is printed and saved as JSON in benchma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -105,19 +111,23 @@ def run_floor(layout_path: Path, out: Path) -> tuple:
     return shape
 
 
-def run_tilefuse(layout_path: Path, out: Path, blend: str, rotate: float = 0.0) -> tuple:
+def run_tilefuse(layout_path: Path, out: Path, blend: str, rotate: float = 0.0,
+                 backend: str = "auto") -> tuple:
     from tilefuse import fuse, read_layout
     from tilefuse.ngff import write_ome_zarr
 
     layout = read_layout(layout_path)
     if rotate:
         layout = layout.rotated(rotate)
-    mosaic = fuse(layout, chunk=CHUNK, blend=blend)
+    mosaic = fuse(layout, chunk=CHUNK, blend=blend, backend=backend)
     write_ome_zarr(mosaic, out, axes=("y", "x"), levels=1, overwrite=True)
     return mosaic.shape
 
 
-def run_naive(layout_path: Path, out: Path) -> tuple:
+def run_naive(layout_path: Path, out: Path, order: int = 3) -> tuple:
+    """The proof of concept's method. ``order=3`` is what it ran (scipy's default: a cubic
+    spline prefilter of the whole tile for every chunk it touches); ``order=1`` is a kinder,
+    linear version of the same method."""
     import dask.array as da
     import tifffile
     from scipy import ndimage
@@ -133,23 +143,24 @@ def run_naive(layout_path: Path, out: Path) -> tuple:
         info = block_info[None]
         (y0, y1), (x0, x1) = info["array-location"]
         start = np.array([y0, x0]) + origin
-        out_block = np.zeros((y1 - y0, x1 - x0), dtype=np.float32)
+        out_block = np.zeros((y1 - y0, x1 - x0), dtype=layout.dtype)
         for t, a, b in zip(layout.tiles, lo, hi):
             if np.any(b < start) or np.any(a > start + out_block.shape):
                 continue
-            data = tifffile.imread(t.source.paths[0]).astype(np.float32)  # whole tile, each time
-            inv = np.linalg.inv(t.affine)
-            offset = inv[:2, :2] @ start + inv[:2, 2]
-            moved = ndimage.affine_transform(data, inv[:2, :2], offset, out_block.shape, order=1)
-            np.maximum(out_block, moved, out=out_block)
-        return np.rint(out_block).astype(layout.dtype)
+            data = tifffile.imread(t.source.paths[0])  # whole tile, for every chunk
+            to_chunk = t.affine.copy()
+            to_chunk[:2, 2] -= start
+            moved = ndimage.affine_transform(data, np.linalg.inv(to_chunk),
+                                             output_shape=out_block.shape, order=order)
+            out_block = np.max(np.stack([out_block, moved.astype(layout.dtype)]), axis=0)
+        return out_block
 
     arr = da.map_blocks(block, chunks=da.core.normalize_chunks(CHUNK, shape), dtype=layout.dtype)
     da.to_zarr(arr, _zarr_out(out, shape, layout.dtype))
     return shape
 
 
-def run_mvs(layout_path: Path, out: Path) -> tuple:
+def run_mvs(layout_path: Path, out: Path, to_zarr: bool = False) -> tuple:
     import tifffile
     from multiview_stitcher import fusion, msi_utils
     from multiview_stitcher import spatial_image_utils as si_utils
@@ -164,6 +175,10 @@ def run_mvs(layout_path: Path, out: Path) -> tuple:
         sim = si_utils.get_sim_from_array(data, dims=["y", "x"], scale={"y": 1.0, "x": 1.0},
                                           translation={"y": y, "x": x}, transform_key="stage")
         sims.append(msi_utils.get_sim_from_msim(msi_utils.get_msim_from_sim(sim, scale_factors=[])))
+    if to_zarr:  # its own batched writer, straight to the store
+        fused = fusion.fuse(sims, transform_key="stage", output_chunksize=CHUNK,
+                            output_zarr_url=str(out))
+        return fused.data.shape[-2:]
     fused = fusion.fuse(sims, transform_key="stage", output_chunksize=CHUNK)
     result = np.asarray(fused.data.compute())
     _zarr_out(out, result.shape[-2:], result.dtype)[...] = result.reshape(result.shape[-2:])
@@ -175,23 +190,38 @@ VARIANTS = {
     "linear": lambda lp, o: run_tilefuse(lp, o, "linear"),
     "rotate1": lambda lp, o: run_tilefuse(lp, o, "linear", 1.0),
     "max": lambda lp, o: run_tilefuse(lp, o, "max"),
+    "linear-numpy": lambda lp, o: run_tilefuse(lp, o, "linear", backend="numpy"),
+    "rotate1-numpy": lambda lp, o: run_tilefuse(lp, o, "linear", 1.0, backend="numpy"),
     "naive": run_naive,
+    "naive-linear": lambda lp, o: run_naive(lp, o, order=1),
     "mvs": run_mvs,
+    "mvs-zarr": lambda lp, o: run_mvs(lp, o, to_zarr=True),
 }
 
 
 def _import_everything(variant: str) -> None:
     """Import the libraries a variant uses, so the timing covers the work, not the imports."""
     import dask.array  # noqa: F401
-    import scipy.ndimage  # noqa: F401
+    import scipy.ndimage
+    import scipy.spatial  # noqa: F401
     import tifffile  # noqa: F401
     import zarr  # noqa: F401
 
     import tilefuse.ngff
     import tilefuse.readers  # noqa: F401
 
-    if variant == "mvs":
+    with contextlib.suppress(ImportError):  # dask imports it at the first compute if installed
+        import distributed  # noqa: F401
+
+    if variant.startswith("mvs"):
         import multiview_stitcher.fusion  # noqa: F401
+    elif variant in ("linear", "rotate1", "max"):
+        from tilefuse.kernel import resolve_backend
+
+        if resolve_backend() == "numba":  # numba's lazy imports and disk cache: a start-up cost
+            from tilefuse.fastkernel import warm_up
+
+            warm_up()
 
 
 def child(variant: str, layout_path: Path, out: Path) -> None:
@@ -227,7 +257,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tile-compression", default=None,
                         help="TIFF compression of the generated tiles, e.g. zlib (default none)")
-    parser.add_argument("--variants", default="floor,linear,rotate1,max,naive,mvs")
+    parser.add_argument("--variants", default="floor,linear,rotate1,max,linear-numpy,"
+                        "rotate1-numpy,naive,naive-linear,mvs,mvs-zarr")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--layout", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -242,12 +273,12 @@ def main() -> int:
         rows = {}
         for variant in args.variants.split(","):
             python = sys.executable
-            if variant == "mvs":
+            if variant.startswith("mvs"):
                 if not MVS_PYTHON.exists():
                     rows[variant] = {"error": "benchmarks/.venv missing (make bench installs it)"}
                     continue
                 python = str(MVS_PYTHON)
-            repeats = 1 if variant in ("naive", "mvs") else args.repeats
+            repeats = 1 if variant.startswith(("naive", "mvs")) else args.repeats
             runs = [measure(variant, layout_path, work, python) for _ in range(repeats)]
             good = [r for r in runs if "error" not in r]
             if not good:
@@ -266,6 +297,20 @@ def main() -> int:
     return 0
 
 
+def _speedups(rows: dict) -> None:
+    """How many times faster tilefuse (linear blend) is than each baseline, and the targets."""
+    ours = rows.get("linear", {}).get("seconds")
+    if not ours:
+        return
+    print("\ntilefuse linear is faster than:")
+    targets = {"naive": 20, "naive-linear": 20, "mvs": 10, "mvs-zarr": 10}
+    for name, target in targets.items():
+        if rows.get(name, {}).get("seconds"):
+            ratio = rows[name]["seconds"] / ours
+            rows[name]["linear_speedup"] = ratio
+            print(f"  {name:<13} {ratio:6.1f}x   (target >= {target}x)")
+
+
 def report(rows: dict, grid, args) -> None:
     floor = rows.get("floor", {}).get("seconds")
     print(f"\n{grid[0] * grid[1]} tiles of {args.tile}² uint16 TIFF "
@@ -277,6 +322,7 @@ def report(rows: dict, grid, args) -> None:
             r["ratio_to_floor"] = r["seconds"] / floor if floor else None
     print_table(rows, [("seconds", "seconds", ".2f"), ("MPix/s", "mpix_per_s", ".1f"),
                        ("peak RSS MB", "peak_rss_mb", ".0f"), ("x floor", "ratio_to_floor", ".2f")])
+    _speedups(rows)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"fusion-{args.tile_compression or 'raw'}.json"
     path.write_text(json.dumps({"grid": grid, "tile": args.tile, "cores": os.cpu_count(),

@@ -176,16 +176,17 @@ def _layouts(draw):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_layouts(), st.sampled_from(BLENDS), st.integers(5, 70), st.integers(5, 70))
-def test_output_does_not_depend_on_chunk_size(layout_spec, blend, cy, cx):
+@given(_layouts(), st.sampled_from(BLENDS), st.integers(5, 70), st.integers(5, 70),
+       st.sampled_from(["numpy", "auto"]))
+def test_output_does_not_depend_on_chunk_size(layout_spec, blend, cy, cx, backend):
     positions, angle = layout_spec
     rng = np.random.default_rng(len(positions))
     tiles = [rng.integers(0, 4000, (30, 41), dtype=np.uint16) for _ in positions]
     layout = layout_from_arrays(tiles, positions=positions)
     if angle:
         layout = layout.rotated(angle)
-    whole = fuse(layout, chunk=10_000, blend=blend).compute()
-    chunked = fuse(layout, chunk=(cy, cx), blend=blend).compute()
+    whole = fuse(layout, chunk=10_000, blend=blend, backend=backend).compute()
+    chunked = fuse(layout, chunk=(cy, cx), blend=blend, backend=backend).compute()
     np.testing.assert_array_equal(whole, chunked)
 
 

@@ -132,7 +132,7 @@ def test_pattern_errors(tmp_path):
         read_pattern(tmp_path, "tile_{index}.tif")
     with pytest.raises(InputError, match=r"tile_7.tif: index 7 is outside the 2x3 grid"):
         read_pattern(tmp_path, "tile_{index}.tif", grid="2x3")
-    with pytest.raises(InputError, match=r"not supported yet; stack planes"):
+    with pytest.raises(InputError, match=r"no file in .* matches the pattern 'tile_\{index\}_z"):
         read_pattern(tmp_path, "tile_{index}_z{z}.tif", grid="2x3")
     with pytest.raises(InputError, match="ROWSxCOLS"):
         read_pattern(tmp_path, "tile_{index}.tif", grid="six")

@@ -1,7 +1,8 @@
 """tilefuse: fuse overlapping microscope tiles into one seamless, out-of-core OME-Zarr mosaic.
 
 The path data takes: ``read_layout`` (or ``layout_from_arrays``) -> optional ``register`` ->
-``fuse`` (a lazy dask array, one task per output chunk) -> ``write_ome_zarr``.
+``fuse`` (a lazy dask array, one task per output chunk) -> ``write_ome_zarr``. Time series:
+``read_acquisition`` -> :class:`TimeSeries` -> ``fuse_series`` (axes ``t`` first).
 """
 
 from __future__ import annotations
@@ -9,9 +10,16 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from tilefuse.errors import InputError
-from tilefuse.fuse import fuse, fused_axes, plan_fusion
+from tilefuse.fuse import fuse, fuse_series, fused_axes, plan_fusion, plan_series
 from tilefuse.layout import Layout, Tile
-from tilefuse.readers import layout_from_arrays, read_layout, write_csv_layout, write_tileconfig
+from tilefuse.readers import (
+    layout_from_arrays,
+    read_acquisition,
+    read_layout,
+    write_csv_layout,
+    write_tileconfig,
+)
+from tilefuse.timeseries import TimeSeries
 
 try:
     __version__ = version("tilefuse")
@@ -37,11 +45,15 @@ __all__ = [
     "InputError",
     "Layout",
     "Tile",
+    "TimeSeries",
     "__version__",
     "fuse",
+    "fuse_series",
     "fused_axes",
     "layout_from_arrays",
     "plan_fusion",
+    "plan_series",
+    "read_acquisition",
     "read_layout",
     "register",
     "write_csv_layout",

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,9 @@ from tilefuse import __version__
 from tilefuse.allocator import retain_freed_memory
 from tilefuse.blend import BLENDS
 from tilefuse.errors import InputError
+from tilefuse.kernel import BACKENDS, resolve_backend
+from tilefuse.layout import Layout
+from tilefuse.timeseries import TimeSeries
 
 __all__ = ["main"]
 
@@ -45,7 +49,8 @@ def _add_layout_options(p: argparse.ArgumentParser) -> None:
                                   "positions, or a folder of tiles with --pattern")
     g = p.add_argument_group("folders of tiles")
     g.add_argument("--pattern", default=None,
-                   help="file names with {row} {col} {index} {channel}, e.g. 'img_p{index}.tif'")
+                   help="file names with {row} {col} {index} {channel} {z} {t}, e.g. "
+                        "'img_p{index}.tif'")
     g.add_argument("--grid", default=None, metavar="ROWSxCOLS", help="grid for {index}, e.g. 5x5")
     g.add_argument("--order", default=None,
                    choices=("row-major", "column-major", "snake-rows", "snake-cols"),
@@ -54,6 +59,11 @@ def _add_layout_options(p: argparse.ArgumentParser) -> None:
                    help="fraction of a tile shared with a neighbour (default 0.1)")
     g.add_argument("--first-index", type=int, default=None,
                    help="index of the first tile (default: the smallest found)")
+    g.add_argument("--z-step", type=float, default=None, metavar="PX",
+                   help="spacing of z planes in lateral pixels (default: from OME-TIFF, else 1)")
+    p.add_argument("--timepoint", type=int, default=None, metavar="N",
+                   help="time point of a time series (from 0) to register on, preview or "
+                        "describe (default 0)")
     g = p.add_argument_group("stage positions (CZI, OME-TIFF)")
     g.add_argument("--flip-x", action="store_true", help="stage x runs against the camera's")
     g.add_argument("--flip-y", action="store_true", help="stage y runs against the camera's")
@@ -124,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="continue an interrupted run of the same command into OUTPUT")
     fuse.add_argument("--cache-mb", type=_positive_int, default=512,
                       help="decoded-tile cache per process in MiB (default 512)")
+    fuse.add_argument("--backend", choices=BACKENDS, default="auto",
+                      help="chunk kernel: numba (compiled, needs tilefuse[fast]) or numpy; "
+                           "auto (default) takes numba when installed; same mosaic either way")
     fuse.add_argument("--memory-limit", default="0.5", metavar="BYTES",
                       help="memory budget: picks the chunk size when --chunk is not given, "
                            "warns when it is (e.g. 8GB; default 0.5 = half of RAM)")
@@ -162,20 +175,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> Layout:
+    """The layout to work on; of a time series, time point --timepoint (default 0)."""
+    acquisition = _load_acquisition(args)
+    if isinstance(acquisition, TimeSeries):
+        return acquisition.at_time(args.timepoint or 0)
+    return acquisition
+
+
+def _load_acquisition(args: argparse.Namespace) -> Layout | TimeSeries:
+    """The layout, or the time series when the input names time points ({t}, a t column)."""
+    from tilefuse.readers import read_acquisition
+
+    read = read_acquisition(
+        args.layout, pattern=args.pattern, grid=args.grid, order=args.order,
+        overlap=args.overlap, first_index=args.first_index, z_step=args.z_step,
+        flip_x=args.flip_x, flip_y=args.flip_y, swap_xy=args.swap_xy, scene=args.scene,
+    )
+    if not isinstance(read, TimeSeries):
+        if args.timepoint not in (None, 0):
+            raise InputError(f"--timepoint {args.timepoint}: {args.layout} has no time points "
+                             "(name them with {t} in --pattern, or a t column in a CSV layout)")
+        return _adjust(read, args)
+    read.at_time(args.timepoint or 0)  # refuses a time point that does not exist
+    return read.map(lambda layout: _adjust(layout, args))
+
+
+def _adjust(layout: Layout, args: argparse.Namespace) -> Layout:
+    """--pixel-size (z scaled by --z-step when one value is given) and --rotate."""
     from dataclasses import replace
 
-    from tilefuse.readers import read_layout
-
-    layout = read_layout(
-        args.layout, pattern=args.pattern, grid=args.grid, order=args.order,
-        overlap=args.overlap, first_index=args.first_index, flip_x=args.flip_x,
-        flip_y=args.flip_y, swap_xy=args.swap_xy, scene=args.scene,
-    )
     if args.pixel_size is not None:
-        size = args.pixel_size
+        size = list(args.pixel_size)
         if len(size) == 1:
             size = size * layout.ndim
+            if layout.ndim == 3 and args.z_step is not None:
+                size[0] *= args.z_step
         if len(size) != layout.ndim:
             raise InputError(f"--pixel-size takes 1 or {layout.ndim} values, got {len(size)}")
         layout = replace(layout, pixel_size=tuple(size), unit=args.unit)
@@ -200,11 +235,11 @@ def _budget_chunk(layout, args: argparse.Namespace):
     n_ch, itemsize = len(layout.channels), layout.dtype.itemsize
     chunk = _chunk_arg(args)
     if chunk is None:
-        side = choose_chunk(layout.ndim, n_ch, itemsize, threads, cache, budget)
+        side = choose_chunk(layout.ndim, n_ch, itemsize, threads, cache, budget, args.backend)
         log.info("chunk %d chosen for a %.1f GB memory budget", side, budget / 1e9)
         return side
     shape = chunk if isinstance(chunk, tuple) else (chunk,) * layout.ndim
-    need = estimate_peak_bytes(int(np.prod(shape)), n_ch, itemsize, threads, cache)
+    need = estimate_peak_bytes(int(np.prod(shape)), n_ch, itemsize, threads, cache, args.backend)
     if need > budget:
         log.warning("--chunk %s needs ~%.1f GB with %d workers, above the %.1f GB memory limit",
                     chunk, need / 1e9, threads, budget / 1e9)
@@ -222,6 +257,8 @@ def _sidecar(output: Path, suffix: str) -> Path:
 
 def _register(layout, args):
     """Register ``layout``; print the summary, write the report if asked. Returns the layout."""
+    if isinstance(layout, TimeSeries):
+        return _register_series(layout, args)
     from tilefuse.registration import register
 
     registered, report = register(layout, max_shift=args.max_shift, channel=args.channel,
@@ -239,17 +276,77 @@ def _register(layout, args):
     return registered
 
 
+def _register_series(series: TimeSeries, args) -> TimeSeries:
+    """Register a time series on --timepoint (shared positions) or each time point alone;
+    print what was applied where, write the report(s) if asked."""
+    from tilefuse.registration import register_series
+
+    timepoint = args.timepoint or 0
+    registered, reports = register_series(series, timepoint=timepoint, max_shift=args.max_shift,
+                                          channel=args.channel, workers=args.workers)
+    for index, report in reports.items():
+        name = series.names[index]
+        _write_report(registered.at_time(index), report, args,
+                      f".t{name}" if len(reports) > 1 else "")
+        if not args.quiet:
+            head = [f"time point {name}:"] if len(reports) > 1 else []
+            print("\n".join(head + report.summary_lines()), file=sys.stderr)
+    if not args.quiet and series.shared:
+        print(f"registered on time point {series.names[timepoint]} (--timepoint {timepoint}); "
+              f"each tile's correction applied to the same tile at all {len(series)} time "
+              "points (positions shared)", file=sys.stderr)
+    elif not args.quiet:
+        print(f"positions differ between time points: each of the {len(series)} was registered "
+              "on its own" + (" (--timepoint ignored)" if args.timepoint else ""),
+              file=sys.stderr)
+    return registered
+
+
+def _write_report(layout: Layout, report, args, suffix: str) -> None:
+    """The registration report as JSON and its picture, ``suffix`` added to --report's name."""
+    if not args.report:
+        return
+    from tilefuse.preview import write_preview
+
+    path = Path(args.report)
+    path = path.with_name(path.stem + suffix + path.suffix)
+    report.to_json(path)
+    picture = write_preview(layout, path.with_suffix(".png"), report=report)
+    if not args.quiet:
+        print(f"report written to {path} and {picture}", file=sys.stderr)
+
+
 def _registered_name(layout_path: Path) -> Path:
     return layout_path.with_name(layout_path.stem + ".registered.txt")
 
 
-def cmd_register(args: argparse.Namespace) -> int:
-    from tilefuse.readers import write_tileconfig
-
-    layout = _load(args)
-    registered = _register(layout, args)
+def _layout_output(args, layout: Layout | TimeSeries) -> Path:
+    """Where `register` writes: -o, else NAME.registered.txt (a time series: .csv)."""
     out = Path(args.output) if args.output else _registered_name(Path(args.layout))
-    write_tileconfig(registered, out)
+    if not isinstance(layout, TimeSeries):
+        return out
+    if not args.output:
+        return out.with_suffix(".csv")
+    if out.suffix.lower() != ".csv":
+        raise InputError(f"-o {out}: a time series is saved as a CSV layout with a t column; "
+                         "give -o NAME.csv")
+    return out
+
+
+def _save_layout(layout: Layout | TimeSeries, out: Path) -> Path:
+    """A TileConfiguration for one time point; a CSV with a t column for a time series."""
+    from tilefuse.readers import write_csv_layout, write_tileconfig
+
+    if isinstance(layout, TimeSeries):
+        return write_csv_layout(layout, out)
+    return write_tileconfig(layout, out)
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    layout = _load_acquisition(args)
+    out = _layout_output(args, layout)
+    registered = _register(layout, args)
+    _save_layout(registered, out)
     if not args.quiet:
         print(f"registered layout written to {out}", file=sys.stderr)
     return 0
@@ -269,6 +366,8 @@ def _check_output(output: Path, args: argparse.Namespace) -> None:
 
 def run_manifest(layout, plan, args: argparse.Namespace) -> dict:
     """What a fusion run was asked to do: a resume must be asked exactly the same."""
+    if isinstance(layout, TimeSeries):
+        return _series_manifest(layout, plan, args)
     digest = hashlib.sha256()
     for tile in layout.tiles:
         digest.update(repr((tile.name, tile.source.key, tile.shape)).encode())
@@ -293,24 +392,83 @@ def run_manifest(layout, plan, args: argparse.Namespace) -> dict:
     }
 
 
+def _series_manifest(series: TimeSeries, plans: tuple, args: argparse.Namespace) -> dict:
+    """:func:`run_manifest` of a time series: every time point's layout in one hash."""
+    manifest = run_manifest(series.at_time(0), plans[0], args)
+    digest = hashlib.sha256()
+    for layout, plan in zip(series.layouts, plans):
+        digest.update(run_manifest(layout, plan, args)["layout_sha256"].encode())
+    manifest.update(layout_sha256=digest.hexdigest(), tiles=series.n_tiles,
+                    timepoints=list(series.names))
+    return manifest
+
+
+def _per_time(function, layout: Layout | TimeSeries, **options) -> Layout | TimeSeries:
+    """``function(layout, **options)``, on every time point of a time series."""
+    if isinstance(layout, TimeSeries):
+        return layout.map(lambda one: function(one, **options))
+    return function(layout, **options)
+
+
+def _fused(plan):
+    """The lazy mosaic of a plan, or the stacked time series of a tuple of plans."""
+    from tilefuse.fuse import fuse, fuse_series
+
+    return fuse_series(plan) if isinstance(plan, tuple) else fuse(plan)
+
+
+def _save_fused_layout(layout: Layout | TimeSeries, output: Path) -> Path:
+    """The fused layout beside the output: NAME.TileConfiguration.txt and NAME.layout.csv
+    (exact affines); a time series as NAME.layout.csv with a t column. Returns the one named."""
+    from tilefuse.readers import write_csv_layout
+
+    csv_path = write_csv_layout(layout, _sidecar(output, ".layout.csv"))
+    if isinstance(layout, TimeSeries):
+        return csv_path
+    return _save_layout(layout, _sidecar(output, ".TileConfiguration.txt"))
+
+
+def _fuse_summary(layout: Layout | TimeSeries, plan, output: Path, seconds: float,
+                  saved: Path) -> str:
+    """One line: what was fused into what, how fast, where the layout went."""
+    if isinstance(layout, TimeSeries):
+        what = f"{len(layout)} time points of {len(layout.at_time(0).tiles)} tiles"
+        shape = (len(plan), *plan[0].chunks.shape)
+    else:
+        what, shape = f"{len(layout.tiles)} tiles", plan.chunks.shape
+    mpix = np.prod(shape) / 1e6
+    return (f"fused {what} -> {output} ({' x '.join(map(str, shape))}, {mpix:.1f} MPix) in "
+            f"{seconds:.1f} s ({mpix / seconds:.1f} MPix/s); layout saved as {saved}")
+
+
+def _warm_up_kernel(backend: str) -> None:
+    """Load the compiled kernel in the background while the layout is read (~0.5 s saved)."""
+    if resolve_backend(backend) != "numba":
+        return
+    from tilefuse.fastkernel import warm_up
+
+    threading.Thread(target=warm_up, name="tilefuse-warm-up", daemon=True).start()
+
+
 def cmd_fuse(args: argparse.Namespace) -> int:
-    from tilefuse.fuse import fuse, fused_axes, plan_fusion
+    from tilefuse.fuse import fused_axes, plan_fusion, plan_series
     from tilefuse.intensity import prepare_corrections
     from tilefuse.ngff import MANIFEST, write_ome_zarr
-    from tilefuse.readers import write_csv_layout, write_tileconfig
     from tilefuse.runner import open_runner
 
     started = time.perf_counter()
     output = Path(args.output)
     _check_output(output, args)
-    layout = _load(args)
+    _warm_up_kernel(args.backend)
+    layout = _load_acquisition(args)
     if args.register:
         layout = _register(layout, args)
-    fused_layout = prepare_corrections(layout, flatfield=args.flatfield,
-                                       darkfield=args.darkfield, match=args.match_intensity)
-    plan = plan_fusion(fused_layout, chunk=_budget_chunk(fused_layout, args), blend=args.blend,
-                       blend_width=args.blend_width, dtype=args.dtype, fill=args.fill,
-                       cache_bytes=args.cache_mb * 2**20)
+    fused_layout = _per_time(prepare_corrections, layout, flatfield=args.flatfield,
+                             darkfield=args.darkfield, match=args.match_intensity)
+    planner = plan_series if isinstance(fused_layout, TimeSeries) else plan_fusion
+    plan = planner(fused_layout, chunk=_budget_chunk(fused_layout, args), blend=args.blend,
+                   blend_width=args.blend_width, dtype=args.dtype, fill=args.fill,
+                   cache_bytes=args.cache_mb * 2**20, backend=args.backend)
     try:
         with open_runner(args.scheduler, workers=args.workers, progress=not args.quiet) as (
             compute, dashboard,
@@ -318,7 +476,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
             if dashboard and not args.quiet:
                 print(f"dask dashboard: {dashboard}", file=sys.stderr)
             write_ome_zarr(
-                fuse(plan), output, axes=fused_axes(layout), pixel_size=layout.pixel_size,
+                _fused(plan), output, axes=fused_axes(layout), pixel_size=layout.pixel_size,
                 unit=layout.unit, ngff_version=args.ngff, levels=args.levels,
                 channel_names=layout.channels, overwrite=args.overwrite, compute=compute,
                 manifest=run_manifest(layout, plan, args), resume=args.resume,
@@ -332,17 +490,10 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         if isinstance(exc, USER_ERRORS):
             raise type(exc)(f"{exc}{note}") from exc
         raise InputError(f"cannot write {output}: {exc.strerror or exc}{note}") from exc
-    tc = write_tileconfig(layout, _sidecar(output, ".TileConfiguration.txt"))
-    write_csv_layout(layout, _sidecar(output, ".layout.csv"))
+    saved = _save_fused_layout(layout, output)
     if not args.quiet:
         seconds = time.perf_counter() - started
-        mpix = np.prod(plan.chunks.shape) / 1e6
-        print(
-            f"fused {len(layout.tiles)} tiles -> {output} "
-            f"({' x '.join(map(str, plan.chunks.shape))}, {mpix:.1f} MPix) in {seconds:.1f} s "
-            f"({mpix / seconds:.1f} MPix/s); layout saved as {tc}",
-            file=sys.stderr,
-        )
+        print(_fuse_summary(layout, plan, output, seconds, saved), file=sys.stderr)
     return 0
 
 
@@ -372,12 +523,14 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from tilefuse.info import describe
+    from tilefuse.info import describe, describe_series
 
-    layout = _load(args)
+    layout = _load_acquisition(args)
     threads = args.workers or os.cpu_count() or 1
-    for line in describe(layout, chunk=_chunk_arg(args), threads=threads,
-                         cache_bytes=args.cache_mb * 2**20):
+    options = {"chunk": _chunk_arg(args), "threads": threads, "cache_bytes": args.cache_mb * 2**20}
+    lines = (describe_series(layout, timepoint=args.timepoint or 0, **options)
+             if isinstance(layout, TimeSeries) else describe(layout, **options))
+    for line in lines:
         print(line)
     return 0
 

@@ -18,11 +18,12 @@ from dask.highlevelgraph import HighLevelGraph
 
 from tilefuse.blend import BLENDS
 from tilefuse.errors import InputError
-from tilefuse.geometry import ChunkPlan, neighbour_overlaps, plan_chunks
-from tilefuse.kernel import ChunkTile, fuse_chunk
+from tilefuse.geometry import ChunkPlan, neighbour_overlaps, plan_chunks, union_box
+from tilefuse.kernel import ChunkTile, fuse_chunk, resolve_backend
 from tilefuse.layout import Layout
 from tilefuse.resample import classify
 from tilefuse.tileio import read_tile
+from tilefuse.timeseries import TimeSeries
 
 __all__ = [
     "DEFAULT_CACHE_BYTES",
@@ -31,7 +32,9 @@ __all__ = [
     "FusionPlan",
     "fuse",
     "fused_axes",
+    "fuse_series",
     "plan_fusion",
+    "plan_series",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,8 @@ class FusionPlan:
         Resampling path per tile ("slice", "shift" or "affine").
     cache_bytes : int
         Tile cache budget per worker process.
+    backend : {"numpy", "numba"}
+        Chunk kernel (see :func:`tilefuse.kernel.resolve_backend`).
     """
 
     layout: Layout
@@ -68,14 +73,18 @@ class FusionPlan:
     fill: float
     paths: tuple[str, ...]
     cache_bytes: int
+    backend: str = "numpy"
 
     @property
     def n_channels(self) -> int:
         return len(self.layout.channels)
 
 
-def fused_axes(layout: Layout) -> tuple[str, ...]:
-    """Axis names of :func:`fuse`'s output: ``(y, x)``, ``(z, y, x)``, with ``c`` first if any."""
+def fused_axes(layout: Layout | TimeSeries) -> tuple[str, ...]:
+    """Axis names of :func:`fuse`'s output: ``(y, x)``, ``(z, y, x)``, with ``c`` first if any;
+    of :func:`fuse_series`'s: ``t`` first."""
+    if isinstance(layout, TimeSeries):
+        return ("t", *fused_axes(layout.at_time(0)))
     spatial = ("z", "y", "x")[-layout.ndim :]
     return ("c", *spatial) if len(layout.channels) > 1 else spatial
 
@@ -108,6 +117,8 @@ def plan_fusion(
     dtype: np.dtype | str | None = None,
     fill: float = 0,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    backend: str = "auto",
+    box: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> FusionPlan:
     """Decide the output grid, the chunk -> tiles map and the blend parameters.
 
@@ -127,14 +138,24 @@ def plan_fusion(
         Value of pixels no tile covers.
     cache_bytes : int
         Decoded-tile cache budget per worker process.
+    backend : {"auto", "numpy", "numba"}
+        Chunk kernel: ``numba`` (compiled; ``pip install "tilefuse[fast]"``) or ``numpy``;
+        ``auto`` takes numba when installed. The mosaic is the same either way.
+    box : (origin, shape), optional
+        Explicit output grid: mosaic pixel index (integers) of its first pixel, shape (ndim,),
+        and its spatial shape; default the smallest grid holding every tile. A time series
+        fuses every time point on one box (:func:`plan_series`).
 
     Returns
     -------
     FusionPlan
     """
+    if isinstance(layout, TimeSeries):
+        raise InputError("plan_fusion and fuse take one Layout; give a TimeSeries to plan_series "
+                         "or fuse_series")
     if blend not in BLENDS:
         raise InputError(f"unknown blend {blend!r}; expected one of {', '.join(BLENDS)}")
-    chunks = plan_chunks(layout, _chunk_shape(chunk, layout.ndim))
+    chunks = plan_chunks(layout, _chunk_shape(chunk, layout.ndim), box=box)
     if blend_width is None:
         widths = default_widths(layout) if blend == "linear" else (1.0,) * layout.ndim
     elif np.ndim(blend_width) == 0:
@@ -143,12 +164,14 @@ def plan_fusion(
         widths = tuple(float(w) for w in blend_width)
     out_dtype = np.dtype(dtype) if dtype is not None else layout.dtype
     paths = tuple(classify(t.affine) for t in layout.tiles)
+    backend = resolve_backend(backend)
     log.info(
-        "plan: %d tiles -> mosaic %s in %d chunks of %s; blend %s; paths %s",
+        "plan: %d tiles -> mosaic %s in %d chunks of %s; blend %s; paths %s; %s kernel",
         len(layout.tiles), chunks.shape, chunks.n_chunks, chunks.chunk_shape, blend,
-        {p: paths.count(p) for p in set(paths)},
+        {p: paths.count(p) for p in set(paths)}, backend,
     )
-    return FusionPlan(layout, chunks, blend, widths, out_dtype, fill, paths, int(cache_bytes))
+    return FusionPlan(layout, chunks, blend, widths, out_dtype, fill, paths, int(cache_bytes),
+                      backend)
 
 
 @dataclass(frozen=True)
@@ -165,6 +188,7 @@ class ChunkJob:
     fill: float
     cache_bytes: int
     squeeze_channel: bool
+    backend: str = "numpy"
 
     def run(self) -> np.ndarray:
         """Fuse this chunk; shape ``(c, *shape)``, or ``shape`` for single-channel output."""
@@ -174,7 +198,7 @@ class ChunkJob:
         ]
         out = fuse_chunk(
             self.origin, self.shape, tiles, n_channels=self.n_channels, dtype=self.dtype,
-            blend=self.blend, widths=self.widths, fill=self.fill,
+            blend=self.blend, widths=self.widths, fill=self.fill, backend=self.backend,
         )
         return out[0] if self.squeeze_channel else out
 
@@ -198,6 +222,7 @@ def chunk_job(plan: FusionPlan, block: Sequence[int]) -> ChunkJob:
     return ChunkJob(
         origin, tuple(int(s) for s in shape), tiles, plan.n_channels, plan.dtype, plan.blend,
         plan.widths, plan.fill, plan.cache_bytes, squeeze_channel=plan.n_channels == 1,
+        backend=plan.backend,
     )
 
 
@@ -210,6 +235,8 @@ class FusionOptions(TypedDict, total=False):
     dtype: np.dtype | str | None
     fill: float
     cache_bytes: int
+    backend: str
+    box: tuple[Sequence[int], Sequence[int]] | None
 
 
 def fuse(layout: Layout | FusionPlan, **options: Unpack[FusionOptions]) -> da.Array:
@@ -221,7 +248,7 @@ def fuse(layout: Layout | FusionPlan, **options: Unpack[FusionOptions]) -> da.Ar
         The tiles and where they go, or a plan made by :func:`plan_fusion`.
     **options
         For a Layout: ``chunk``, ``blend``, ``blend_width``, ``dtype``, ``fill``,
-        ``cache_bytes``, as in :func:`plan_fusion`. A plan already holds them.
+        ``cache_bytes``, ``backend``, as in :func:`plan_fusion`. A plan already holds them.
 
     Returns
     -------
@@ -251,5 +278,55 @@ def _token(plan: FusionPlan) -> str:
 
     return tokenize(
         plan.layout.affines, [t.source.key for t in plan.layout.tiles], plan.chunks.chunk_shape,
-        plan.blend, plan.widths, str(plan.dtype), plan.fill,
+        plan.chunks.origin, plan.chunks.shape, plan.blend, plan.widths, str(plan.dtype),
+        plan.fill, plan.backend,
     )
+
+
+def plan_series(series: TimeSeries, **options: Unpack[FusionOptions]) -> tuple[FusionPlan, ...]:
+    """One plan per time point, all on the union of their output boxes.
+
+    Parameters
+    ----------
+    series : TimeSeries
+    **options
+        As in :func:`plan_fusion`; ``box`` defaults to the union of every time point's box.
+
+    Returns
+    -------
+    tuple of FusionPlan
+        In time order, with equal output grids and chunk shapes.
+    """
+    options.setdefault("box", union_box(series.layouts))
+    return tuple(plan_fusion(layout, **options) for layout in series.layouts)
+
+
+def fuse_series(
+    series: TimeSeries | Sequence[FusionPlan], **options: Unpack[FusionOptions]
+) -> da.Array:
+    """A fused time series as one lazy dask array, one task per (time point, output chunk).
+
+    Parameters
+    ----------
+    series : TimeSeries or sequence of FusionPlan
+        The time points, or plans made by :func:`plan_series`.
+    **options
+        For a TimeSeries, as in :func:`plan_fusion`; plans already hold them.
+
+    Returns
+    -------
+    dask.array.Array
+        Shape ``(t, *fuse_shape)``: each time point as :func:`fuse` makes it, stacked, with
+        chunk 1 along t; see :func:`fused_axes`.
+    """
+    if isinstance(series, TimeSeries):
+        plans = plan_series(series, **options)
+    elif options:
+        raise InputError(f"options {sorted(options)} go to plan_series, not with plans")
+    else:
+        plans = tuple(series)
+    grids = {(tuple(p.chunks.origin), p.chunks.shape, p.chunks.chunk_shape) for p in plans}
+    if len(grids) != 1:
+        raise InputError(f"time points planned on different output grids {sorted(grids)}; "
+                         "plan them together with plan_series")
+    return da.stack([fuse(plan) for plan in plans])

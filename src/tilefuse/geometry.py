@@ -20,6 +20,7 @@ __all__ = [
     "neighbour_overlaps",
     "output_box",
     "plan_chunks",
+    "union_box",
     "tile_bounds",
 ]
 
@@ -83,6 +84,35 @@ def output_box(layout: Layout) -> tuple[np.ndarray, tuple[int, ...]]:
     return origin, shape
 
 
+def union_box(layouts: Sequence[Layout]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Origin and shape of the smallest pixel grid holding every tile of every layout.
+
+    Each layout's box is :func:`output_box`; the union is their bounding box, so a time series
+    fused on it gives every time point the same grid.
+
+    Returns
+    -------
+    origin : numpy.ndarray, shape (ndim,), int64
+    shape : tuple of int
+    """
+    boxes = [output_box(layout) for layout in layouts]
+    origin = np.min([o for o, _ in boxes], axis=0).astype(np.int64)
+    end = np.max([o + np.asarray(s) for o, s in boxes], axis=0)
+    return origin, tuple(int(v) for v in end - origin)
+
+
+def _check_box(box, ndim: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """An explicit output box as (int64 origin, shape), refusing a malformed one."""
+    origin, shape = box
+    origin = np.asarray(origin)
+    if origin.shape != (ndim,) or len(shape) != ndim or any(int(n) < 1 for n in shape):
+        raise InputError(f"output box {tuple(origin)}, {tuple(shape)} must give {ndim} "
+                         f"integer origins and {ndim} positive sizes")
+    if not np.array_equal(origin, np.round(origin)):
+        raise InputError(f"output box origin {tuple(origin)} must be integer pixel indices")
+    return origin.astype(np.int64), tuple(int(n) for n in shape)
+
+
 @dataclass(frozen=True)
 class ChunkPlan:
     """The output grid and, for each output chunk, the tiles that touch it.
@@ -134,7 +164,13 @@ class ChunkPlan:
         return self.indices[self.indptr[k] : self.indptr[k + 1]]
 
 
-def plan_chunks(layout: Layout, chunk_shape: Sequence[int], margin: float = 1.0) -> ChunkPlan:
+def plan_chunks(
+    layout: Layout,
+    chunk_shape: Sequence[int],
+    margin: float = 1.0,
+    *,
+    box: tuple[Sequence[int], Sequence[int]] | None = None,
+) -> ChunkPlan:
     """Plan the output grid and the chunk -> tiles map.
 
     Parameters
@@ -145,13 +181,16 @@ def plan_chunks(layout: Layout, chunk_shape: Sequence[int], margin: float = 1.0)
     margin : float
         Pixels added around each tile's footprint (interpolation reach); a superset is harmless,
         the kernel computes exact coverage.
+    box : (origin, shape), optional
+        Explicit output grid: mosaic pixel index of its first pixel, shape (ndim,), integers,
+        and its shape; default :func:`output_box`. Tiles outside it are clipped.
 
     Returns
     -------
     ChunkPlan
     """
-    origin, shape = output_box(layout)
     ndim = layout.ndim
+    origin, shape = output_box(layout) if box is None else _check_box(box, ndim)
     chunk = np.array([min(int(c), n) for c, n in zip(chunk_shape, shape)], dtype=np.int64)
     if len(chunk_shape) != ndim or np.any(chunk < 1):
         raise InputError(f"chunk shape {tuple(chunk_shape)} must be {ndim} positive integers")
@@ -159,9 +198,10 @@ def plan_chunks(layout: Layout, chunk_shape: Sequence[int], margin: float = 1.0)
     lo, hi = tile_bounds(*_layout_arrays(layout))
     first = np.floor(lo - origin - margin).astype(np.int64) // chunk
     last = np.floor(hi - origin + margin).astype(np.int64) // chunk
+    outside = np.any((last < 0) | (first > np.asarray(grid) - 1), axis=1)  # explicit box only
     first = np.clip(first, 0, np.asarray(grid) - 1)
     last = np.clip(last, 0, np.asarray(grid) - 1)
-    counts = np.prod(last - first + 1, axis=1)
+    counts = np.where(outside, 0, np.prod(last - first + 1, axis=1))
     tile_ids = np.repeat(np.arange(len(layout.tiles)), counts)
     # position of each pair inside its tile's chunk range, decoded per axis (C order)
     local = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)

@@ -10,21 +10,30 @@ import numpy as np
 
 from tilefuse.errors import InputError
 from tilefuse.fuse import DEFAULT_CACHE_BYTES, plan_fusion
-from tilefuse.geometry import neighbour_overlaps
+from tilefuse.geometry import neighbour_overlaps, union_box
+from tilefuse.kernel import resolve_backend
 from tilefuse.layout import Layout
+from tilefuse.timeseries import TimeSeries
 
-__all__ = ["choose_chunk", "describe", "estimate_peak_bytes", "parse_bytes", "total_memory"]
+__all__ = ["choose_chunk", "describe", "describe_series", "estimate_peak_bytes", "parse_bytes",
+           "total_memory"]
 
 _BASELINE_BYTES = 200 * 2**20  # interpreter, numpy, dask, zarr, codecs
+_COMPILED_KERNEL_BYTES = 160 * 2**20  # numba and LLVM, loaded once per process
 
 
 def estimate_peak_bytes(
-    chunk_pixels: int, n_channels: int, itemsize: int, threads: int, cache_bytes: int
+    chunk_pixels: int, n_channels: int, itemsize: int, threads: int, cache_bytes: int,
+    backend: str = "auto",
 ) -> int:
     """Peak memory of a fusion: per thread, the float32 accumulators plus temporaries of one
-    chunk and its encoded copy; plus the tile cache and a fixed baseline."""
+    chunk and its encoded copy; plus the tile cache and a fixed baseline (larger with the
+    compiled kernel, which loads numba and LLVM)."""
     per_thread = chunk_pixels * (n_channels * 4 * 3 + 4 + 1 + 2 * n_channels * itemsize)
-    return int(threads * per_thread + cache_bytes + _BASELINE_BYTES)
+    baseline = _BASELINE_BYTES
+    if resolve_backend(backend) == "numba":
+        baseline += _COMPILED_KERNEL_BYTES
+    return int(threads * per_thread + cache_bytes + baseline)
 
 
 def total_memory() -> int:
@@ -49,7 +58,8 @@ def parse_bytes(text: str) -> int:
 
 
 def choose_chunk(
-    ndim: int, n_channels: int, itemsize: int, threads: int, cache_bytes: int, budget: int
+    ndim: int, n_channels: int, itemsize: int, threads: int, cache_bytes: int, budget: int,
+    backend: str = "auto",
 ) -> int:
     """The largest chunk side (1024 down to 64) whose fusion fits ``budget`` bytes.
 
@@ -60,10 +70,9 @@ def choose_chunk(
     """
     for side in (1024, 512, 256, 128, 64):
         pixels = side**2 * (min(side, 64) if ndim == 3 else 1)
-        if estimate_peak_bytes(pixels, n_channels, itemsize, threads, cache_bytes) <= budget:
+        need = estimate_peak_bytes(pixels, n_channels, itemsize, threads, cache_bytes, backend)
+        if need <= budget:
             return side
-    need = estimate_peak_bytes(64**2 * (64 if ndim == 3 else 1), n_channels, itemsize,
-                               threads, cache_bytes)
     raise InputError(f"memory limit {_fmt_bytes(budget)} is below what fusing needs at all "
                      f"(~{_fmt_bytes(need)}); raise --memory-limit or lower --cache-mb")
 
@@ -101,7 +110,8 @@ def describe(
         f"pixel size:   {' x '.join(f'{s:g}' for s in layout.pixel_size)} {layout.unit} ({axes})",
         f"mosaic:       {' x '.join(map(str, out_shape))} ({axes}), {n_px / 1e6:.1f} MPix, "
         f"{_fmt_bytes(size)} uncompressed",
-        "placement:    " + ", ".join(f"{plan.paths.count(p)} {p}" for p in sorted(set(plan.paths))),
+        "placement:    " + ", ".join(f"{plan.paths.count(p)} {p}" for p in sorted(set(plan.paths)))
+        + f"; {plan.backend} kernel",
     ]
     if len(overlaps.pairs):
         frac = overlaps.extent[np.arange(len(overlaps.axis)), overlaps.axis]
@@ -113,7 +123,7 @@ def describe(
         lines.append("overlaps:     none (tiles do not touch)")
     chunk_px = int(np.prod(plan.chunks.chunk_shape))
     peak = estimate_peak_bytes(chunk_px, len(layout.channels), layout.dtype.itemsize, threads,
-                               cache_bytes)
+                               cache_bytes, plan.backend)
     per_chunk = np.diff(plan.chunks.indptr)
     lines += [
         f"chunks:       {plan.chunks.n_chunks} of {' x '.join(map(str, plan.chunks.chunk_shape))}"
@@ -122,6 +132,32 @@ def describe(
         f"{_fmt_bytes(cache_bytes)} tile cache",
     ]
     return lines + _position_lines(layout)
+
+
+def describe_series(
+    series: TimeSeries,
+    *,
+    timepoint: int = 0,
+    chunk: int | Sequence[int] | None = None,
+    threads: int = 1,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> list[str]:
+    """Lines describing a time series: its time points and shared output grid, then
+    :func:`describe` of time point ``timepoint``."""
+    layout = series.at_time(timepoint)
+    _, shape = union_box(series.layouts)
+    axes = "zyx"[-series.ndim :]
+    names = ", ".join(series.names[:8]) + (", ..." if len(series) > 8 else "")
+    how = "positions shared (one grid)" if series.shared else "positions per time point"
+    size = int(np.prod(shape, dtype=np.int64)) * len(series) * len(series.channels) * (
+        series.dtype.itemsize)
+    return [
+        f"time points:  {len(series)} ({names}); {how}; {series.n_tiles} tiles in all",
+        f"output:       {len(series)} x {' x '.join(map(str, shape))} (t{axes}), "
+        f"{_fmt_bytes(size)} uncompressed; every time point on one grid",
+        f"time point {series.names[timepoint]} (--timepoint {timepoint}):",
+        *describe(layout, chunk=chunk, threads=threads, cache_bytes=cache_bytes),
+    ]
 
 
 def _position_lines(layout: Layout, limit: int = 8) -> list[str]:

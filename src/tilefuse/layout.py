@@ -9,6 +9,9 @@ Conventions
 - Spatial axes are ``(y, x)`` or ``(z, y, x)``; files speak ``x, y(, z)`` and readers reverse them.
 - Positions are the mosaic pixel index of the tile's first pixel (its top-left corner).
 - Tile pixels are always read as ``(c, *spatial)``; single-channel layouts have ``c == 1``.
+
+Time points are not part of a layout: a :class:`~tilefuse.timeseries.TimeSeries` holds one layout
+per time point.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from tilefuse.errors import InputError
 __all__ = [
     "ArraySource",
     "FileSource",
+    "PlaneStackSource",
     "cache_stats",
     "clear_cache",
     "TileHeader",
@@ -233,6 +234,74 @@ class FileSource:
             raise
         except Exception as exc:
             raise InputError(f"{path}: cannot decode image ({exc})") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class PlaneStackSource:
+    """A z-stack stored one file per plane (``{z}`` in a pattern), read as one 3D tile.
+
+    Attributes
+    ----------
+    planes : tuple of tuple of str
+        ``planes[k]`` holds the file(s) of plane ``k`` in z order: one file, or one per channel.
+    channels : tuple of int or None
+        Which stored channels to keep, as in :class:`FileSource`.
+    same_channels : bool
+        Grey stored as RGB, as in :class:`FileSource`.
+    templates : tuple of str
+        The plane files' path with ``{z}`` where the plane number goes (one per channel file);
+        what a layout file writes for this tile, read back by globbing the planes.
+    """
+
+    planes: tuple[tuple[str, ...], ...]
+    channels: tuple[int, ...] | None = None
+    same_channels: bool = False
+    templates: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> tuple:
+        return ("planes", self.planes, self.channels)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """What a layout file names for this tile: the ``{z}`` templates, else plane 0's files."""
+        return self.templates or self.planes[0]
+
+    def read(self) -> np.ndarray:
+        """Decode and stack the planes, shape ``(c, z, y, x)``.
+
+        Raises
+        ------
+        InputError
+            A plane file holds a z-stack, or differs in shape or dtype from plane 0 (named).
+        """
+        first = self._plane(0)
+        out = np.empty((first.shape[0], len(self.planes), *first.shape[1:]), dtype=first.dtype)
+        out[:, 0] = first
+        for k in range(1, len(self.planes)):
+            plane = self._plane(k)
+            if plane.shape != first.shape or plane.dtype != first.dtype:
+                raise InputError(
+                    f"{self.planes[k][0]}: plane {k} is {_describe(plane)}, but plane 0 "
+                    f"({self.planes[0][0]}) is {_describe(first)}; every plane of a tile needs "
+                    "the same shape and dtype"
+                )
+            out[:, k] = plane
+        return out
+
+    def _plane(self, k: int) -> np.ndarray:
+        data = FileSource(self.planes[k], 0, self.channels, self.same_channels).read()
+        if data.ndim != 3:
+            raise InputError(
+                f"{self.planes[k][0]}: holds a z-stack {data.shape[1:]}; with {{z}} each file "
+                "must hold one plane (drop {z} from the pattern to read stacks)"
+            )
+        return data
+
+
+def _describe(data: np.ndarray) -> str:
+    """``"64 x 80 uint16"`` for a ``(c, y, x)`` plane."""
+    return " x ".join(map(str, data.shape[1:])) + f" {data.dtype}"
 
 
 @dataclass(frozen=True, slots=True, eq=False)

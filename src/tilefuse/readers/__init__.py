@@ -1,4 +1,9 @@
-"""Readers: each turns a path into a :class:`~tilefuse.layout.Layout`."""
+"""Readers: each turns a path into a :class:`~tilefuse.layout.Layout`.
+
+Inputs that name time points (``{t}`` in a pattern, a ``t`` column in a CSV) read as a
+:class:`~tilefuse.timeseries.TimeSeries` through :func:`read_acquisition`; :func:`read_layout`
+then returns one time point (``timepoint``).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,11 @@ from tilefuse.layout import Layout
 from tilefuse.readers.csv import read_csv_layout, write_csv_layout
 from tilefuse.readers.memory import layout_from_arrays
 from tilefuse.readers.tileconfig import read_tileconfig, write_tileconfig
+from tilefuse.timeseries import TimeSeries
 
 __all__ = [
     "layout_from_arrays",
+    "read_acquisition",
     "read_czi",
     "read_csv_layout",
     "read_layout",
@@ -27,7 +34,7 @@ ACCEPTED = (
     "a TileConfiguration (.txt), a CSV layout (.csv), an OME-TIFF with stage positions "
     "(.ome.tif), a Zeiss CZI (.czi), or a folder of tiles with a pattern (--pattern)"
 )
-_PATTERN_OPTIONS = ("pattern", "grid", "order", "overlap", "first_index")
+_PATTERN_OPTIONS = ("pattern", "grid", "order", "overlap", "first_index", "z_step")
 _STAGE_OPTIONS = ("flip_x", "flip_y", "swap_xy")
 _OPTIONS = {
     "pattern": _PATTERN_OPTIONS,
@@ -57,7 +64,7 @@ def read_ome_tiff(*args, **kwargs) -> Layout:
     return _read(*args, **kwargs)
 
 
-def read_pattern(*args, **kwargs) -> Layout:
+def read_pattern(*args, **kwargs) -> Layout | TimeSeries:
     """Read tiles named by a pattern on a grid; see :mod:`tilefuse.readers.pattern`."""
     from tilefuse.readers.pattern import read_pattern as _read
 
@@ -108,7 +115,7 @@ def _check_options(path: Path, kind: str, options: dict) -> dict:
     return given
 
 
-def read_layout(path: str | os.PathLike, **options) -> Layout:
+def read_layout(path: str | os.PathLike, *, timepoint: int | None = None, **options) -> Layout:
     """Read a layout: a layout file, a CZI or OME-TIFF acquisition, or a folder with a pattern.
 
     Parameters
@@ -116,11 +123,14 @@ def read_layout(path: str | os.PathLike, **options) -> Layout:
     path : str or path-like
         A ``.csv`` layout, a Fiji ``TileConfiguration`` (any other text file), a ``.czi``, an
         OME-TIFF with stage positions, or a folder of tiles (with ``pattern``).
+    timepoint : int, optional
+        Which time point of a time series to return (counted from 0, in time order); required
+        for a time series, 0 or None for anything else.
     **options
-        For a folder: ``pattern`` (required), ``grid``, ``order``, ``overlap``, ``first_index``
-        (see :func:`~tilefuse.readers.pattern.read_pattern`). For CZI and OME-TIFF: ``flip_x``,
-        ``flip_y``, ``swap_xy``; for CZI also ``scene``. Options set to None or False count as
-        not given.
+        For a folder: ``pattern`` (required), ``grid``, ``order``, ``overlap``, ``first_index``,
+        ``z_step`` (see :func:`~tilefuse.readers.pattern.read_pattern`). For CZI and OME-TIFF:
+        ``flip_x``, ``flip_y``, ``swap_xy``; for CZI also ``scene``. Options set to None or
+        False count as not given.
 
     Raises
     ------
@@ -128,7 +138,31 @@ def read_layout(path: str | os.PathLike, **options) -> Layout:
         The layout or one of its tiles does not exist.
     InputError
         The layout is malformed, its tiles are inconsistent, the file type is not one tilefuse
-        reads, or an option does not apply; the message names the file (and line).
+        reads, or an option does not apply; the message names the file (and line). A time
+        series without ``timepoint``.
+    """
+    read = read_acquisition(path, **options)
+    if isinstance(read, TimeSeries):
+        if timepoint is None:
+            raise InputError(
+                f"{path}: holds {len(read)} time points; pick one (timepoint=N, --timepoint N) "
+                "or read them all with read_acquisition"
+            )
+        return read.at_time(timepoint)
+    if timepoint not in (None, 0):
+        raise InputError(f"{path}: has no time points; time point {timepoint} does not exist")
+    return read
+
+
+def read_acquisition(path: str | os.PathLike, **options) -> Layout | TimeSeries:
+    """Read a layout, or a time series when the input names time points.
+
+    Parameters are those of :func:`read_layout` (without ``timepoint``).
+
+    Returns
+    -------
+    Layout or TimeSeries
+        A TimeSeries for a pattern with ``{t}`` or a CSV with a ``t`` column, else a Layout.
     """
     path = Path(path)
     if path.is_dir():

@@ -7,7 +7,14 @@ Columns (names are case-insensitive):
 - ``affine``: 6 numbers (2D) or 12 numbers (3D), row-major, mapping tile pixel ``(x, y[, z], 1)``
   to mosaic pixel ``(x, y[, z])``, for rotated, scaled or sheared tiles; separated by spaces or
   semicolons (or commas inside a quoted cell);
-- ``series`` (optional): series index in a multi-series file.
+- ``series`` (optional): series index in a multi-series file;
+- ``t`` (optional): the time point of the row. A CSV with a ``t`` column reads as a
+  :class:`~tilefuse.timeseries.TimeSeries`, time points in numeric order (else first appearance);
+  its positions are *shared* when every time point lists its tiles at the same affines in the
+  same order, otherwise each time point keeps its own.
+
+A file name may hold ``{z}``: the tile is the z-stack of the files with a number in its place
+(one file per plane, stacked in plane order), as tilefuse writes layouts of ``{z}`` patterns.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from tilefuse.layout import Layout, translation_affine
 from tilefuse.readers.build import Entry, layout_from_entries
 from tilefuse.readers.text import finite_number, read_text_lines
 from tilefuse.tileio import resolve
+from tilefuse.timeseries import TimeSeries
 
 __all__ = ["read_csv_layout", "write_csv_layout", "xy_affine_to_zyx"]
 
@@ -69,13 +77,18 @@ def _row_entry(row: dict, cols: set, base: Path, where: str) -> tuple[int, Entry
     return ndim, Entry(name, (resolve(name, base),), affine, int(series_text), where)
 
 
-def read_csv_layout(path: str | os.PathLike) -> Layout:
+def read_csv_layout(path: str | os.PathLike) -> Layout | TimeSeries:
     """Read a CSV layout (see module docstring) into a :class:`Layout`.
+
+    Returns
+    -------
+    Layout or TimeSeries
+        A TimeSeries when the CSV has a ``t`` column.
 
     Raises
     ------
     InputError
-        Missing columns, a malformed value (``file:line``), inconsistent tiles.
+        Missing columns, a malformed value (``file:line``), inconsistent tiles or time points.
     """
     path = str(path)
     lines = read_text_lines(path)
@@ -90,7 +103,7 @@ def read_csv_layout(path: str | os.PathLike) -> Layout:
             f"{path}:1: header {','.join(header)!r} needs 'file' and 'x,y[,z]' or 'affine'"
         )
     line_numbers = [n for n, text in lines if text.strip()][1:]
-    entries, ndims = [], set()
+    entries, ndims, times = [], set(), []
     base = Path(path).parent
     for lineno, row in zip(line_numbers, rows):
         if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
@@ -98,26 +111,70 @@ def read_csv_layout(path: str | os.PathLike) -> Layout:
         ndim, entry = _row_entry(row, cols, base, f"{path}:{lineno}")
         ndims.add(ndim)
         entries.append(entry)
+        times.append(_time_value(row, cols, f"{path}:{lineno}"))
     if len(ndims) > 1:
         raise InputError(f"{path}: rows mix 2D and 3D positions/affines")
-    return layout_from_entries(entries, ndim=ndims.pop() if ndims else 2, origin=path)
+    ndim = ndims.pop() if ndims else 2
+    if "t" not in cols:
+        return layout_from_entries(entries, ndim=ndim, origin=path)
+    return _time_series(path, entries, times, ndim)
 
 
-def write_csv_layout(layout: Layout, path: str | os.PathLike) -> Path:
+def _time_value(row: dict, cols: set, where: str) -> str | None:
+    if "t" not in cols:
+        return None
+    value = (row.get("t") or "").strip()
+    if not value:
+        raise InputError(f"{where}: empty 't' value; give every row its time point (0, 1, ...)")
+    return value
+
+
+def _time_series(path: str, entries: list[Entry], times: list[str], ndim: int) -> TimeSeries:
+    """One layout per ``t`` value; positions shared when every time point places its tiles
+    identically."""
+    names = list(dict.fromkeys(times))
+    if all(n.lstrip("-").isdigit() for n in names):
+        names.sort(key=int)
+    layouts = tuple(
+        layout_from_entries([e for e, t in zip(entries, times) if t == name], ndim=ndim,
+                            origin=path)
+        for name in names
+    )
+    first = layouts[0].affines
+    shared = all(len(lt.tiles) == len(first) and np.array_equal(lt.affines, first)
+                 for lt in layouts)
+    return TimeSeries(layouts, tuple(names), shared=shared)
+
+
+def write_csv_layout(layout: Layout | TimeSeries, path: str | os.PathLike) -> Path:
     """Write a CSV layout with an ``affine`` column: an exact round trip of every tile's affine.
 
-    Tile paths are written relative to the CSV's folder.
+    Tile paths are written relative to the CSV's folder. A TimeSeries is written with a ``t``
+    column (each time point's name), which :func:`read_csv_layout` reads back as the same series.
     """
     path = Path(path)
     folder = path.parent.resolve()
-    flip = np.eye(layout.ndim + 1)[[*range(layout.ndim - 1, -1, -1), layout.ndim]]
+    series = layout if isinstance(layout, TimeSeries) else None
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["file", "series", "affine"])
-        for tile in layout.tiles:
-            paths = getattr(tile.source, "paths", None)
-            name = os.path.relpath(paths[0], folder) if paths else tile.name
-            xy = (flip @ tile.affine @ flip)[:-1].ravel()
-            writer.writerow([name, getattr(tile.source, "series", 0),
-                             " ".join(repr(float(v)) for v in xy)])
+        if series is None:
+            writer.writerow(["file", "series", "affine"])
+            writer.writerows(_rows(layout, folder))
+            return path
+        writer.writerow(["t", "file", "series", "affine"])
+        for name, one in zip(series.names, series.layouts):
+            writer.writerows([name, *row] for row in _rows(one, folder))
     return path
+
+
+def _rows(layout: Layout, folder: Path) -> list[list]:
+    """(file, series, affine) per tile, the affine as 6 or 12 row-major x, y(, z) numbers."""
+    flip = np.eye(layout.ndim + 1)[[*range(layout.ndim - 1, -1, -1), layout.ndim]]
+    rows = []
+    for tile in layout.tiles:
+        paths = getattr(tile.source, "paths", None)
+        name = os.path.relpath(paths[0], folder) if paths else tile.name
+        xy = (flip @ tile.affine @ flip)[:-1].ravel()
+        rows.append([name, getattr(tile.source, "series", 0),
+                     " ".join(repr(float(v)) for v in xy)])
+    return rows

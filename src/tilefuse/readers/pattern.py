@@ -9,7 +9,15 @@ A pattern is a path relative to a folder, with fields in braces::
 Fields: ``{row}``, ``{col}``, ``{index}`` (digits, zero padding allowed) and ``{channel}`` (any
 text without ``/``; the shortest that makes the whole name match). A field may repeat (the values
 must then agree). ``*`` and ``?`` are wildcards within one folder level, ``**/`` any sub-folders.
-``{z}`` and ``{t}`` are recognised but refused: planes must be stacked into one file per tile.
+
+``{z}`` (digits): one file per z plane; the planes of a tile (same grid position and channel) are
+stacked in z order into one 3D tile (:class:`~tilefuse.tileio.PlaneStackSource`), and every tile
+needs the same number of planes. Their spacing is ``z_step`` lateral pixels (``--z-step``),
+else PhysicalSizeZ of OME-TIFF planes, else 1.
+
+``{t}`` (digits): one tile set per time point, all on the same grid (positions shared), returned
+as a :class:`~tilefuse.timeseries.TimeSeries` in time order; every time point needs every tile
+and the same channels.
 
 Nominal positions: ``(row, col) * step`` with ``step = round(tile_shape * (1 - overlap))`` pixels
 per axis (integer steps, as in :func:`tilefuse.testing.grid_positions`), the tile shape taken from
@@ -21,7 +29,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,12 +38,15 @@ from tilefuse.errors import InputError
 from tilefuse.layout import Layout, translation_affine
 from tilefuse.readers.build import Entry, layout_from_entries
 from tilefuse.tileio import probe_tile
+from tilefuse.timeseries import TimeSeries
 
 __all__ = ["ORDERS", "grid_index_to_rc", "read_pattern"]
 
 ORDERS = ("row-major", "column-major", "snake-rows", "snake-cols")
 _FIELDS = ("row", "col", "index", "channel", "z", "t")
 _TOKEN = re.compile(r"\{([^{}]*)\}|\*\*/|\*|\?")
+_VENDOR = (".czi", ".nd2", ".lif", ".lsm", ".ims", ".vsi", ".oib", ".oir", ".svs", ".ndpi",
+           ".scn", ".dv", ".h5", ".hdf5", ".zarr")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +56,12 @@ class _Match:
     path: str
     rel: str
     fields: dict
+    z_span: tuple[int, int] | None = None
+
+    def z_template(self) -> str:
+        """The name relative to the folder with ``{z}`` in place of the plane number."""
+        start, end = self.z_span
+        return self.rel[:start] + "{z}" + self.rel[end:]
 
 
 def _compile(pattern: str) -> tuple[re.Pattern, str, set[str]]:
@@ -70,12 +86,7 @@ def _compile(pattern: str) -> tuple[re.Pattern, str, set[str]]:
         if name not in _FIELDS:
             raise InputError(
                 f"pattern {pattern!r}: unknown field {{{m.group(1)}}}; use "
-                + ", ".join(f"{{{f}}}" for f in _FIELDS[:4])
-            )
-        if name in ("z", "t"):
-            raise InputError(
-                f"pattern {pattern!r}: {{{name}}} (one file per plane) is not supported yet; "
-                "stack planes into one TIFF per tile"
+                + ", ".join(f"{{{f}}}" for f in _FIELDS)
             )
         value = r"[^/]+?" if name == "channel" else r"\d+"
         regex.append(f"(?P={name})" if name in seen else f"(?P<{name}>{value})")
@@ -99,11 +110,12 @@ def _find(folder: Path, pattern: str) -> tuple[list[_Match], set[str]]:
         m = regex.fullmatch(rel)
         if m is None or rel in found or not path.is_file():
             continue
-        found[rel] = _Match(str(path), rel, m.groupdict())
+        z_span = m.span("z") if "z" in fields else None
+        found[rel] = _Match(str(path), rel, m.groupdict(), z_span)
     if not found:
         raise InputError(
             f"no file in {folder} matches the pattern {pattern!r}; check the folder and the "
-            "pattern (fields {row} {col} {index} {channel}, wildcards * and **/)"
+            "pattern (fields {row} {col} {index} {channel} {z} {t}, wildcards * and **/)"
         )
     return [found[k] for k in sorted(found)], fields
 
@@ -205,24 +217,29 @@ def _channel_key(value: str) -> tuple:
     return (0, int(value), value) if value.isdigit() else (1, 0, value)
 
 
+Cells = dict[tuple[int, int], dict[tuple[str, int], _Match]]
+
+
 def _group(
-    matches: list[_Match], rcs: list[tuple[int, int]], with_channels: bool
-) -> tuple[dict[tuple[int, int], dict[str, _Match]], list[str]]:
-    """Files per grid position (and per channel), refusing duplicates and missing channels."""
-    cells: dict[tuple[int, int], dict[str, _Match]] = {}
+    matches: list[_Match], rcs: list[tuple[int, int]], fields: set[str]
+) -> tuple[Cells, list[str]]:
+    """Files per grid position, keyed by (channel, plane); refuses duplicates, missing channels."""
+    cells: Cells = {}
     for m, rc in zip(matches, rcs):
-        channel = m.fields["channel"] if with_channels else ""
+        key = (m.fields.get("channel", ""), int(m.fields.get("z", -1)))
         cell = cells.setdefault(rc, {})
-        if channel in cell:
-            what = f" channel {channel!r}" if with_channels else ""
+        if key in cell:
+            what = (f" channel {key[0]!r}" if "channel" in fields else "") + (
+                f" plane z={key[1]}" if "z" in fields else "")
             raise InputError(
                 f"{m.path}: grid row {rc[0]}, column {rc[1]}{what} is already taken by "
-                f"{cell[channel].path}; each grid position needs one file per channel"
+                f"{cell[key].path}; each grid position needs one file per channel"
+                + (" and plane" if "z" in fields else "")
             )
-        cell[channel] = m
-    channels = sorted({c for cell in cells.values() for c in cell}, key=_channel_key)
+        cell[key] = m
+    channels = sorted({c for cell in cells.values() for c, _ in cell}, key=_channel_key)
     for rc, cell in sorted(cells.items()):
-        missing = [c for c in channels if c not in cell]
+        missing = [c for c in channels if c not in {c for c, _ in cell}]
         if missing:
             have = ", ".join(m.path for m in cell.values())
             raise InputError(
@@ -232,32 +249,125 @@ def _group(
     return cells, channels
 
 
+def _by_time(
+    matches: list[_Match], rcs: list[tuple[int, int]], with_t: bool
+) -> list[tuple[str, list[_Match], list[tuple[int, int]]]]:
+    """Matches split by time point, in time order: (name as written, matches, grid positions)."""
+    if not with_t:
+        return [("", matches, rcs)]
+    times: dict[int, tuple[str, list, list]] = {}
+    for m, rc in zip(matches, rcs):
+        _, ms, rs = times.setdefault(int(m.fields["t"]), (m.fields["t"], [], []))
+        ms.append(m)
+        rs.append(rc)
+    return [times[t] for t in sorted(times)]
+
+
+def _check_times(grouped: list[tuple[str, Cells, list[str]]], keys: list[tuple[int, int]]) -> None:
+    """Every time point needs the same channels and a file for every grid position."""
+    name0, _, channels0 = grouped[0]
+    for name, cells, channels in grouped:
+        if channels != channels0:
+            raise InputError(
+                f"time point {name} has channel(s) {', '.join(map(repr, channels))}, time point "
+                f"{name0} has {', '.join(map(repr, channels0))}; every time point needs the same "
+                "channels"
+            )
+        for rc in keys:
+            if rc not in cells:
+                other_name, other = next((n, c) for n, c, _ in grouped if rc in c)
+                example = next(iter(other[rc].values())).path
+                raise InputError(
+                    f"grid row {rc[0]}, column {rc[1]} has no file at time point {name} (time "
+                    f"point {other_name} has {example}); with {{t}} every time point needs "
+                    "every tile"
+                )
+
+
+Stack = tuple[tuple[_Match, ...], ...]  # stack[k] = plane k's files, one per channel
+
+
+def _stack(rc: tuple[int, int], cell: dict, channels: list[str]) -> Stack:
+    """A tile's files as planes (z order) of channel files; every channel needs every plane."""
+    zs = sorted({z for _, z in cell})
+    for c in channels:
+        missing = [z for z in zs if (c, z) not in cell]
+        if missing:
+            raise InputError(
+                f"grid row {rc[0]}, column {rc[1]}, channel {c!r} has no file for plane(s) "
+                f"z={', '.join(map(str, missing))}; every channel of a tile needs every plane"
+            )
+    return tuple(tuple(cell[(c, z)] for c in channels) for z in zs)
+
+
+def _tile_label(stack: Stack, time: str) -> str:
+    m = stack[0][0]
+    name = m.z_template() if m.z_span else m.rel
+    return name + (f" (time point {time})" if time else "")
+
+
+def _check_planes(stacks: list[tuple[str, list[Stack]]]) -> None:
+    """Every tile, at every time point, needs as many planes as the first."""
+    first_time, first_stacks = stacks[0]
+    n0 = len(first_stacks[0])
+    for time, per_tile in stacks:
+        for stack in per_tile:
+            if len(stack) != n0:
+                raise InputError(
+                    f"tile {_tile_label(stack, time)} has {len(stack)} z planes, tile "
+                    f"{_tile_label(first_stacks[0], first_time)} has {n0}; every tile needs the "
+                    "same number of planes"
+                )
+
+
 def _steps(first_path: str, overlap: float) -> tuple[tuple[int, ...], tuple[int, int]]:
     """Spatial shape of the first tile and the integer grid step (y, x) in pixels."""
     shape = probe_tile(first_path).shape
     return shape, (round(shape[-2] * (1 - overlap)), round(shape[-1] * (1 - overlap)))
 
 
-def _check_options(order: str, overlap: float) -> None:
+def _check_options(order: str, overlap: float, z_step: float | None) -> None:
     if order not in ORDERS:
         raise InputError(f"order {order!r} is not one of {', '.join(ORDERS)}")
     if not (np.isfinite(overlap) and 0 <= overlap < 1):
         raise InputError(f"overlap {overlap} must be a fraction in [0, 1), e.g. 0.1 for 10%")
+    if z_step is not None and not (np.isfinite(z_step) and z_step > 0):
+        raise InputError(f"z step {z_step} must be a positive number of pixels, e.g. 2.5")
 
 
-def _entries(
-    cells: dict[tuple[int, int], dict[str, _Match]], keys: Iterable[tuple[int, int]],
-    channels: list[str], steps: tuple[int, int], ndim: int,
-) -> list[Entry]:
-    entries = []
-    for rc in keys:
-        cell = cells[rc]
-        files = [cell[c] for c in channels]
-        pos = [0.0] * (ndim - 2) + [rc[0] * steps[0], rc[1] * steps[1]]
-        where = f"{files[0].path} (grid row {rc[0]}, column {rc[1]})"
-        entries.append(Entry(files[0].rel, tuple(f.path for f in files),
-                             translation_affine(pos), 0, where))
-    return entries
+def _refuse_vendor_files(matches: list[_Match], fields: set[str], pattern: str) -> None:
+    """Vendor files hold their own tiles, positions and time points: not a pattern's job."""
+    for m in matches:
+        suffix = Path(m.rel).suffix.lower()
+        if suffix in _VENDOR:
+            what = "{t} reads one image file per tile and time point" if "t" in fields else (
+                "a pattern reads one image file per tile")
+            raise InputError(
+                f"{m.path}: pattern {pattern!r} matches a {suffix} file, but {what}; give a "
+                f"{suffix} file itself as the layout, or export TIFF tiles (time series: "
+                "TIFFs named with {t}, or a CSV layout with a t column)"
+            )
+
+
+def _entry(stack: Stack, rc: tuple[int, int], steps: tuple[int, int], ndim: int,
+           folder: Path) -> Entry:
+    """One tile's entry: its files (or, for z planes, the planes and their {z} templates)."""
+    files = stack[0]
+    pos = [0.0] * (ndim - 2) + [rc[0] * steps[0], rc[1] * steps[1]]
+    where = f"{files[0].path} (grid row {rc[0]}, column {rc[1]})"
+    if files[0].z_span is None:
+        return Entry(files[0].rel, tuple(f.path for f in files), translation_affine(pos), 0, where)
+    templates = tuple(str(folder / f.z_template()) for f in files)
+    planes = tuple(tuple(f.path for f in plane) for plane in stack)
+    return Entry(files[0].z_template(), templates, translation_affine(pos), 0, where, planes)
+
+
+def _tile_order(matches: list[_Match], rcs: list[tuple[int, int]], fields: set[str]) -> list:
+    """Grid positions in layout order: acquisition order with {index}, else row by row."""
+    if "index" in fields:
+        indices = [int(m.fields["index"]) for m in matches]
+        return list(dict.fromkeys(rc for _, rc in sorted(zip(indices, rcs))))
+    return sorted(set(rcs))
 
 
 def read_pattern(
@@ -268,7 +378,8 @@ def read_pattern(
     order: str = "row-major",
     overlap: float = 0.1,
     first_index: int | None = None,
-) -> Layout:
+    z_step: float | None = None,
+) -> Layout | TimeSeries:
     """Read tiles named by a pattern and place them on a regular grid.
 
     Parameters
@@ -276,8 +387,8 @@ def read_pattern(
     folder : str or path-like
         Where the tiles are; ``pattern`` is matched against paths relative to it.
     pattern : str
-        File name pattern with ``{row}``/``{col}`` or ``{index}``, optionally ``{channel}``
-        (see the module docstring).
+        File name pattern with ``{row}``/``{col}`` or ``{index}``, optionally ``{channel}``,
+        ``{z}`` and ``{t}`` (see the module docstring).
     grid : str or (int, int), optional
         ``"ROWSxCOLS"``; required with ``{index}``, checked against ``{row}``/``{col}`` otherwise.
     order : {"row-major", "column-major", "snake-rows", "snake-cols"}
@@ -286,47 +397,83 @@ def read_pattern(
         Nominal overlap of neighbours as a fraction of the tile size, in [0, 1).
     first_index : int, optional
         Index of the grid's first tile (default: the smallest index found).
+    z_step : float, optional
+        Spacing of z planes in lateral pixels: the z pixel size is ``z_step`` times the y pixel
+        size (default: PhysicalSizeZ of OME-TIFF planes, else 1). Planes are not resampled.
 
     Returns
     -------
-    Layout
-        One tile per grid position, reading ``(n_channels, *tile_shape)``; with ``{channel}`` one
-        file per channel, sorted by channel value, named by the values. ``metadata`` records
-        the pattern, grid, order, overlap, step and each tile's grid (row, col).
+    Layout or TimeSeries
+        One tile per grid position, reading ``(n_channels, *tile_shape)``, ``tile_shape`` 3D
+        ``(z, y, x)`` with ``{z}``; with ``{channel}`` one file per channel, sorted by channel
+        value, named by the values. ``metadata`` records the pattern, grid, order, overlap,
+        step and each tile's grid (row, col). With ``{t}``, a TimeSeries of such layouts, one per
+        time point in time order, sharing positions.
 
     Raises
     ------
     InputError
-        No file matches, a grid position is taken twice, a channel file is missing, an index is
-        outside the grid, ``{index}`` without a grid, ``{z}``/``{t}`` fields, bad options.
+        No file matches, a grid position is taken twice, a channel or plane file is missing,
+        tiles with different plane counts, time points with different tiles or channels, an
+        index outside the grid, ``{index}`` without a grid, vendor files, bad options.
     """
-    _check_options(order, overlap)
+    _check_options(order, overlap, z_step)
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"tile folder not found: {folder}")
     grid_rc = _parse_grid(grid)
     matches, fields = _find(folder, pattern)
+    _refuse_vendor_files(matches, fields, pattern)
     rcs = _grid_rc(matches, fields, grid_rc, order, first_index, pattern)
-    cells, channels = _group(matches, rcs, "channel" in fields)
-    if "index" in fields:  # acquisition order
-        keys = list(dict.fromkeys(rc for _, rc in sorted(
-            zip([int(m.fields["index"]) for m in matches], rcs))))
-    else:
-        keys = sorted(cells)
-    first = cells[keys[0]][channels[0]].path
+    keys = _tile_order(matches, rcs, fields)
+    grouped = [(name, *_group(ms, rs, fields)) for name, ms, rs in _by_time(matches, rcs,
+                                                                           "t" in fields)]
+    _check_times(grouped, keys)
+    channels = grouped[0][2]
+    stacks = [(name, [_stack(rc, cells[rc], channels) for rc in keys])
+              for name, cells, _ in grouped]
+    _check_planes(stacks)
+    first = stacks[0][1][0][0][0].path
     shape, steps = _steps(first, overlap)
-    entries = _entries(cells, keys, channels, steps, len(shape))
-    layout = layout_from_entries(
-        entries, ndim=len(shape), origin=str(folder),
-        channel_names=channels if "channel" in fields else None,
-        pixel_size=_ome_pixel_size(first, len(shape)),
-    )
+    if "z" in fields and len(shape) != 2:
+        raise InputError(f"{first}: holds a z-stack {shape}; with {{z}} each file must hold one "
+                         "plane (drop {z} from the pattern to read stacks)")
+    ndim = len(shape) + ("z" in fields)
     metadata = {
         "reader": "pattern", "pattern": pattern, "grid": grid_rc, "order": order,
         "overlap": float(overlap), "step_px": list(steps),
         "grid_positions": [list(rc) for rc in keys],
     }
-    return replace(layout, metadata=metadata)
+    layouts = []
+    for _, per_tile in stacks:
+        entries = [_entry(stack, rc, steps, ndim, folder) for stack, rc in zip(per_tile, keys)]
+        layout = layout_from_entries(
+            entries, ndim=ndim, origin=str(folder),
+            channel_names=channels if "channel" in fields else None,
+            pixel_size=_pixel_size(first, ndim, "z" in fields, z_step),
+        )
+        layouts.append(replace(layout, metadata=metadata))
+    if "t" not in fields:
+        return layouts[0]
+    return TimeSeries(tuple(layouts), tuple(name for name, _ in stacks), shared=True)
+
+
+def _pixel_size(
+    path: str, ndim: int, planes: bool, z_step: float | None
+) -> tuple[float, ...] | None:
+    """Pixel size (zyx): from OME-TIFF tiles, z from ``z_step`` lateral pixels when given."""
+    if ndim == 2:
+        if z_step is not None:
+            raise InputError(
+                "z step (--z-step) sets the spacing of z planes, but these tiles are 2D; add {z} "
+                "to the pattern to stack one file per plane"
+            )
+        return _ome_pixel_size(path, 2)
+    full = _ome_pixel_size(path, 3)
+    if z_step is None and (full is not None or not planes):
+        return full
+    y, x = _ome_pixel_size(path, 2) or (1.0, 1.0)
+    return (float(1.0 if z_step is None else z_step) * y, y, x)
 
 
 def _ome_pixel_size(path: str, ndim: int) -> tuple[float, ...] | None:

@@ -7,7 +7,8 @@ Format::
     multiseries = true           # optional: the second field is a series index
     tile_01.tif; ; (0.0, 0.0)    # file; series; (x, y[, z]) in pixels, top-left corner
 
-Spacing is lenient (``tile.tif;;(0,0)``). Paths are relative to the layout file's folder.
+Spacing is lenient (``tile.tif;;(0,0)``). Paths are relative to the layout file's folder. A file
+name with ``{z}`` is a z-stack stored one file per plane (as tilefuse writes ``{z}`` patterns).
 """
 
 from __future__ import annotations

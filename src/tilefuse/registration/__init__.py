@@ -23,6 +23,7 @@ import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 
@@ -32,8 +33,9 @@ from tilefuse.registration.pairwise import Measurement, Pair, find_pairs, make_p
 from tilefuse.registration.report import LinkRecord, RegistrationReport, TileRecord
 from tilefuse.registration.solve import Solution, link_weights, solve_positions
 from tilefuse.tileio import read_tile
+from tilefuse.timeseries import TimeSeries
 
-__all__ = ["LinkRecord", "RegistrationReport", "TileRecord", "register"]
+__all__ = ["LinkRecord", "RegistrationReport", "TileRecord", "register", "register_series"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,46 @@ def register(
     report = _report(layout, pairs, found, reasons, solution, threshold, radius, len(null))
     _log_fallbacks(report)
     return layout.with_positions(solution.positions), report
+
+
+def register_series(
+    series: TimeSeries, *, timepoint: int = 0, **options
+) -> tuple[TimeSeries, dict[int, RegistrationReport]]:
+    """Register a time series: on one time point when positions are shared, else each alone.
+
+    Parameters
+    ----------
+    series : TimeSeries
+    timepoint : int
+        With shared positions, the time point (counted from 0) whose pixels are registered; each
+        tile's correction then moves the same tile at every time point.
+    **options
+        As in :func:`register` (``max_shift``, ``channel``, ``min_overlap_px``, ``workers``).
+
+    Returns
+    -------
+    registered : TimeSeries
+    reports : dict of int to RegistrationReport
+        By time point index: ``{timepoint: report}`` with shared positions, one per time point
+        otherwise.
+
+    Examples
+    --------
+    >>> from tilefuse.testing import grid_tileset
+    >>> ts = grid_tileset(grid=(1, 2), tile_shape=(96, 96), overlap=0.25, position_error=3)
+    >>> series = TimeSeries((ts.stage, ts.stage), ("0", "1"), shared=True)
+    >>> registered, reports = register_series(series, workers=1)
+    >>> sorted(reports), registered.at_time(1).positions.tolist() == (
+    ...     registered.at_time(0).positions.tolist())
+    ([0], True)
+    """
+    if series.shared:
+        before = series.at_time(timepoint)
+        after, report = register(before, **options)
+        return series.shifted_like(before, after), {int(timepoint): report}
+    results = [register(layout, **options) for layout in series.layouts]
+    registered = replace(series, layouts=tuple(layout for layout, _ in results))
+    return registered, {i: report for i, (_, report) in enumerate(results)}
 
 
 def _check(layout, max_shift, channel, min_overlap_px, workers) -> None:
