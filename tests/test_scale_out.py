@@ -126,21 +126,20 @@ def test_full_disk_fails_clearly_and_resumes(layout_file, reference, tmp_path, m
     """ENOSPC while chunks are written: one clear line, exit 2, an unfinished resumable output."""
     import errno
 
-    import zarr
-
+    from tilefuse import chunkstore
     from tilefuse.cli import main
 
     out = tmp_path / "full.ome.zarr"
-    real_setitem = zarr.Array.__setitem__
+    real_write = chunkstore._write_atomic
     calls = {"n": 0}
 
-    def setitem_until_full(self, key, value):
+    def write_until_full(path, payload):
         calls["n"] += 1
         if calls["n"] > 5:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_setitem(self, key, value)
+        return real_write(path, payload)
 
-    monkeypatch.setattr(zarr.Array, "__setitem__", setitem_until_full)
+    monkeypatch.setattr(chunkstore, "_write_atomic", write_until_full)
     status = main(["fuse", str(layout_file), "-o", str(out), "--chunk", "48", "-q",
                    "--scheduler", "sync"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -148,7 +147,7 @@ def test_full_disk_fails_clearly_and_resumes(layout_file, reference, tmp_path, m
     assert "No space left on device" in err[0] and "--resume" in err[0]
     with pytest.raises(ValueError, match="unfinished"):
         read_ome_zarr_level(out)
-    monkeypatch.setattr(zarr.Array, "__setitem__", real_setitem)  # space freed
+    monkeypatch.setattr(chunkstore, "_write_atomic", real_write)  # space freed
     assert main(["fuse", str(layout_file), "-o", str(out), "--chunk", "48", "-q",
                  "--resume"]) == 0
     np.testing.assert_array_equal(read_ome_zarr_level(out).compute(), reference)

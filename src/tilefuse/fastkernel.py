@@ -8,8 +8,10 @@ normalise, round, clip, cast):
   order as :func:`tilefuse.resample._shift_linear` and :mod:`tilefuse.blend`, so the mosaic is
   *bit-identical* to the numpy backend's;
 - general affines interpolate linearly in float64 from the same float64 tile coordinates, as
-  ``scipy.ndimage.map_coordinates(order=1, mode="nearest")`` does; results agree with the numpy
-  backend to float rounding (at most 1 in the last place of the output dtype, rarely).
+  ``scipy.ndimage.map_coordinates(order=1, mode="nearest")`` does, and take the feathering
+  weight from a table (within 4e-8 of the cosine) instead of a cosine per pixel; results agree
+  with the numpy backend to rounding: about 1 pixel in 10,000 of a rotated mosaic differs, by 1
+  in the last place of the output dtype.
 
 Tiles are handled as ``(c, z, y, x)``; a 2D tile is a z-stack of one plane at integer position.
 Every function releases the GIL, so dask threads fuse chunks in parallel.
@@ -99,15 +101,20 @@ def _reduce_row(acc, cov, vals, w_zy, rx, mode):
 
 
 @_jit
-def _add_shifted(acc, wsum, covered, data, box0, nbox, src0, wlo, whi, frac, rz, ry, rx, mode):
+def _add_shifted(acc, wsum, covered, data, tshape, cshape, box0, nbox, src0, wlo, whi, frac,
+                 rz, ry, rx, mode):
     """Add one translated tile to the chunk state.
+
+    Every array is flat and C-contiguous, so the row loops compile to vector instructions.
 
     Parameters
     ----------
-    acc : float32 (c, Z, Y, X); wsum : float32 (Z, Y, X); covered : bool (Z, Y, X)
-        Chunk state, updated in place.
-    data : (c, z, y, x)
-        The tile's pixels, any real dtype.
+    acc : float32 (c * Z * Y * X,); wsum : float32 (Z * Y * X,); covered : bool (Z * Y * X,)
+        Chunk state ``(c, Z, Y, X)``, updated in place.
+    data : (c * z * y * x,)
+        The tile's pixels ``(c, z, y, x)``, any real dtype.
+    tshape, cshape : int64 (3,)
+        Tile shape ``(z, y, x)`` and chunk shape ``(Z, Y, X)``.
     box0, nbox : int64 (3,)
         First chunk index and extent of the tile ∩ chunk box.
     src0 : int64 (3,)
@@ -125,46 +132,67 @@ def _add_shifted(acc, wsum, covered, data, box0, nbox, src0, wlo, whi, frac, rz,
     nxw = nx + 1 if frac[2] else nx
     row = np.empty(nxw, np.float32)
     vals = np.empty(nx, np.float32)
-    xs, x0 = src0[2], box0[2]
-    for c in range(data.shape[0]):
+    ty, tx = tshape[1], tshape[2]
+    cy, cx = cshape[1], cshape[2]
+    dz, dy = (ty * tx) if frac[0] else 0, tx if frac[1] else 0  # offsets of the second taps
+    for c in range(data.size // (tshape[0] * ty * tx)):
         for a in range(nbox[0]):
-            zl = src0[0] + a
-            zh = zl + 1 if frac[0] else zl
             for b in range(nbox[1]):
-                yl = src0[1] + b
-                yh = yl + 1 if frac[1] else yl
-                _fill_row(row, data[c, zl, yl, xs:xs + nxw], data[c, zh, yl, xs:xs + nxw],
-                          data[c, zl, yh, xs:xs + nxw], data[c, zh, yh, xs:xs + nxw],
+                t = ((c * tshape[0] + src0[0] + a) * ty + src0[1] + b) * tx + src0[2]
+                _fill_row(row, data[t:t + nxw], data[t + dz:t + dz + nxw],
+                          data[t + dy:t + dy + nxw], data[t + dz + dy:t + dz + dy + nxw],
                           wlo, whi, frac)
                 if frac[2]:
                     for x in range(nx):
                         vals[x] = row[x] * wlo[2] + row[x + 1] * whi[2]
                 else:
                     vals[:] = row[:nx]
-                oz, oy = box0[0] + a, box0[1] + b
-                _reduce_row(acc[c, oz, oy, x0:x0 + nx], covered[oz, oy, x0:x0 + nx], vals,
-                            rz[a] * ry[b], rx, mode)
+                o = ((box0[0] + a) * cy + box0[1] + b) * cx + box0[2]
+                oc = c * cshape[0] * cy * cx + o
+                _reduce_row(acc[oc:oc + nx], covered[o:o + nx], vals, rz[a] * ry[b], rx, mode)
     for a in range(nbox[0]):
         for b in range(nbox[1]):
-            oz, oy = box0[0] + a, box0[1] + b
+            o = ((box0[0] + a) * cy + box0[1] + b) * cx + box0[2]
             w_zy = rz[a] * ry[b]
-            ws = wsum[oz, oy, x0:x0 + nx] if mode <= 1 else wsum[0, 0, 0:0]
             if mode == 0:
+                ws = wsum[o:o + nx]
                 for x in range(nx):
                     ws[x] += w_zy * rx[x]
             elif mode == 1:
+                ws = wsum[o:o + nx]
                 for x in range(nx):
                     ws[x] += np.float32(1.0)
-            covered[oz, oy, x0:x0 + nx] = True
+            covered[o:o + nx] = True
+
+
+_RAMP_SAMPLES = 4097
+
+
+def _ramp_tables(widths) -> np.ndarray:
+    """:func:`tilefuse.blend.cosine_ramp` tabulated per axis at ``d = k * width / 4096``.
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape (n_axes, 4097)
+        Linear interpolation in it is within 4e-8 of the cosine (below float32 resolution), and
+        saves a cosine per pixel in the feathering band.
+    """
+    tables = np.empty((len(widths), _RAMP_SAMPLES))
+    for k, width in enumerate(widths):
+        d = np.linspace(0.0, width, _RAMP_SAMPLES)
+        tables[k] = 0.5 - 0.5 * np.cos(np.pi * d / width)
+    return tables
 
 
 @_jit
-def _ramp(t, n, width):
-    """:func:`tilefuse.blend.cosine_ramp` for one coordinate."""
+def _ramp(t, n, width, table):
+    """The feathering weight at tile coordinate ``t`` (one axis), from its table."""
     d = min(t, (n - 1) - t) + 0.5
     if d >= width:
         return np.float32(1.0)
-    return np.float32(0.5 - 0.5 * np.cos(np.pi * max(d, 0.0) / width))
+    f = max(d, 0.0) / width * (table.size - 1)
+    k = min(np.int64(f), table.size - 2)
+    return np.float32(table[k] + (f - k) * (table[k + 1] - table[k]))
 
 
 @_jit
@@ -186,7 +214,7 @@ def _linear_sample(data, c, s, f, shape):
 
 
 @_jit
-def _add_affine(acc, wsum, covered, data, lo, hi, origin, inv, widths, mode):
+def _add_affine(acc, wsum, covered, data, lo, hi, origin, inv, widths, tables, mode):
     """Add one affinely transformed tile to the chunk state.
 
     Parameters
@@ -201,6 +229,8 @@ def _add_affine(acc, wsum, covered, data, lo, hi, origin, inv, widths, mode):
         Mosaic index -> tile index.
     widths : float64 (3,)
         Feathering width per axis (``linear``).
+    tables : float64 (3, k)
+        The feathering ramp per axis (:func:`_ramp_tables`).
     """
     shape = np.array(data.shape[1:])
     t = np.empty(3)
@@ -220,7 +250,7 @@ def _add_affine(acc, wsum, covered, data, lo, hi, origin, inv, widths, mode):
                     s[r] = np.int64(np.floor(t[r]))
                     f[r] = t[r] - s[r]
                     if mode == 0:
-                        w *= _ramp(t[r], shape[r], widths[r])
+                        w *= _ramp(t[r], shape[r], widths[r], tables[r])
                 iz, iy, ix = oz - origin[0], oy - origin[1], ox - origin[2]
                 fresh = not covered[iz, iy, ix]
                 for c in range(data.shape[0]):
@@ -244,7 +274,7 @@ def _add_affine(acc, wsum, covered, data, lo, hi, origin, inv, widths, mode):
 
 
 @_jit
-def _add_affine_2d(acc, wsum, covered, data, lo, hi, origin, inv, widths, mode):
+def _add_affine_2d(acc, wsum, covered, data, lo, hi, origin, inv, widths, tables, mode):
     """:func:`_add_affine` for 2D tiles: 4 taps instead of 8, same values.
 
     ``acc`` (c, Y, X), ``wsum`` and ``covered`` (Y, X), ``data`` (c, y, x); ``lo``, ``hi``,
@@ -268,7 +298,7 @@ def _add_affine_2d(acc, wsum, covered, data, lo, hi, origin, inv, widths, mode):
             x1 = min(max(np.int64(sx) + 1, 0), nx - 1)
             w = np.float32(1.0)
             if mode == 0:
-                w = _ramp(ty, ny, widths[0]) * _ramp(tx, nx, widths[1])
+                w = _ramp(ty, ny, widths[0], tables[0]) * _ramp(tx, nx, widths[1], tables[1])
             ix = ox - origin[1]
             fresh = not covered[iy, ix]
             for c in range(data.shape[0]):
@@ -412,17 +442,19 @@ def _add_tile(tile, acc, wsum, covered, origin3, shape3, ndim, widths3, mode) ->
         w = np.array([0.5 if v is None else max(float(v), 0.5) for v in widths3])
         if ndim == 2:
             _add_affine_2d(acc[:, 0], wsum[0], covered[0], data[:, 0], lo[1:], hi[1:],
-                           origin3[1:], np.ascontiguousarray(inv[1:, 1:]), w[1:], mode)
+                           origin3[1:], np.ascontiguousarray(inv[1:, 1:]), w[1:],
+                           _ramp_tables(w[1:]), mode)
         else:
-            _add_affine(acc, wsum, covered, data, lo, hi, origin3, inv, w, mode)
+            _add_affine(acc, wsum, covered, data, lo, hi, origin3, inv, w, _ramp_tables(w), mode)
         return
     pos = np.concatenate([np.zeros(len(pad)), tile.affine[:-1, -1]])
     args = _translation_args(pos, tile_shape3, origin3, shape3, tile.path == "slice",
                              widths3, mode)
     if args is None:
         return
-    data = tile.read()
-    _add_shifted(acc, wsum, covered, data.reshape(data.shape[0], *tile_shape3), *args, mode)
+    data = np.ascontiguousarray(tile.read()).reshape(-1)
+    _add_shifted(acc.reshape(-1), wsum.reshape(-1), covered.reshape(-1), data,
+                 np.array(tile_shape3, np.int64), np.array(shape3, np.int64), *args, mode)
 
 
 def _finalize(acc, wsum, covered, weighted, dtype, fill) -> np.ndarray:

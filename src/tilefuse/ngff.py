@@ -17,6 +17,7 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,10 @@ import dask.array as da
 import numcodecs
 import numpy as np
 import zarr
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
 
+from tilefuse.chunkstore import ChunkWriter
 from tilefuse.errors import InputError
 
 __all__ = ["MANIFEST", "pyramid_shapes", "read_ome_zarr_level", "write_ome_zarr", "written_blocks"]
@@ -459,24 +463,38 @@ def _create_level(
 
 def _store_level(
     source: da.Array,
-    target: zarr.Array,
+    target: zarr.Array | None,
     axes: Sequence[str],
     *,
     stats: bool,
     compute: Callable[..., tuple],
+    blocks: Sequence[tuple[int, ...]] | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Store `source` into `target` in one dask compute, with per-channel min/max if `stats`.
+    """Store `source` (or only its `blocks`) into `target` in one dask compute, with
+    per-channel min/max of what was stored if `stats`.
+
+    Each block is encoded and written by the task that holds it (:class:`ChunkWriter`) when
+    the target allows; otherwise through zarr (``da.store``).
 
     Returns
     -------
     lo, hi : numpy.ndarray of shape (n_channels,), or None
         Finite per-channel minimum and maximum (NaN and inf ignored), when `stats`.
     """
-    stored = da.store(source, target, lock=False, compute=False) if target is not None else None
+    reduce_axes = tuple(i for i, a in enumerate(axes) if a != "c")
+    writer = _direct_writer(source, target)
+    if writer is not None:
+        channel_axis = axes.index("c") if "c" in axes else None
+        return _store_direct(source, writer, blocks, reduce_axes if stats else None, compute,
+                             channel_axis)
+    if blocks is not None:
+        source, target, regions = _block_regions(source, target, blocks)
+        stored = da.store(source, target, regions=regions, lock=False, compute=False)
+    else:
+        stored = da.store(source, target, lock=False, compute=False) if target is not None else None
     if not stats:
         compute(stored)
         return None, None
-    reduce_axes = tuple(i for i, a in enumerate(axes) if a != "c")
     if source.dtype.kind in "biu":  # every value is finite: no conversion, no masking
         lo, hi = source.min(axis=reduce_axes), source.max(axis=reduce_axes)
     else:
@@ -486,6 +504,73 @@ def _store_level(
         hi = da.where(finite, values, -np.inf).max(axis=reduce_axes)
     _, lo, hi = compute(stored, lo, hi)
     return np.atleast_1d(lo), np.atleast_1d(hi)
+
+
+def _block_regions(source: da.Array, target: zarr.Array, blocks):
+    starts = [np.cumsum((0, *c)) for c in source.chunks]
+    regions = [tuple(slice(int(s[i]), int(s[i + 1])) for s, i in zip(starts, b)) for b in blocks]
+    return [source.blocks[b] for b in blocks], [target] * len(blocks), regions
+
+
+def _direct_writer(source: da.Array, target: zarr.Array | None) -> ChunkWriter | None:
+    """A ChunkWriter for `target` when each dask block of `source` is exactly one chunk."""
+    if target is None:
+        return None
+    for cs, c in zip(source.chunks, target.chunks):
+        if any(n != c for n in cs[:-1]) or cs[-1] > c:
+            return None
+    return ChunkWriter.for_array(target, skip_empty=not target.config.write_empty_chunks)
+
+
+def _store_direct(source, writer: ChunkWriter, blocks, reduce_axes, compute, channel_axis):
+    """One task per block: write it, and return its finite min/max when `reduce_axes`
+    (per channel, the channels at `channel_axis`, if any).
+
+    The graph is built by hand: ``dask.delayed`` would walk the writer's zarr metadata for
+    collections on every call.
+    """
+    blocks = [tuple(b) for b in (blocks if blocks is not None else np.ndindex(*source.numblocks))]
+    name = "store-" + dask.base.tokenize(source.name, writer.folder, reduce_axes, blocks)
+    dsk = {(name, i): (_StoreBlock(writer, b, reduce_axes), (source.name, *b))
+           for i, b in enumerate(blocks)}
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[source])
+    results = compute(*[Delayed((name, i), graph, layer=name) for i in range(len(blocks))])
+    if reduce_axes is None or not results:
+        return None, None
+    n = source.shape[channel_axis] if channel_axis is not None else 1
+    lo, hi = np.full(n, np.inf), np.full(n, -np.inf)
+    step = source.chunks[channel_axis][0] if channel_axis is not None else 0
+    for b, (block_lo, block_hi) in zip(blocks, results):
+        first = b[channel_axis] * step if channel_axis is not None else 0
+        sl = slice(first, first + np.size(block_lo))
+        lo[sl] = np.minimum(lo[sl], block_lo)
+        hi[sl] = np.maximum(hi[sl], block_hi)
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class _StoreBlock:
+    """The task that stores one block (see :func:`_write_block`)."""
+
+    writer: ChunkWriter
+    block: tuple[int, ...]
+    reduce_axes: tuple[int, ...] | None
+
+    def __call__(self, data: np.ndarray):
+        return _write_block(self.writer, self.block, data, self.reduce_axes)
+
+
+def _write_block(writer: ChunkWriter, block, data: np.ndarray, reduce_axes):
+    """Store one chunk; its per-channel finite (min, max) when `reduce_axes` is given."""
+    writer.write(block, data)
+    if reduce_axes is None:
+        return None
+    if data.dtype.kind in "biu":
+        return data.min(axis=reduce_axes), data.max(axis=reduce_axes)
+    values = data.astype(np.float64)
+    finite = np.isfinite(values)
+    return (np.where(finite, values, np.inf).min(axis=reduce_axes),
+            np.where(finite, values, -np.inf).max(axis=reduce_axes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,7 +605,7 @@ def _level_zero(group, shape, chunks, dtype, axes, zarr_format, resume: bool) ->
     """Level 0, every chunk stored as a file (even all-fill ones) so written chunks can be
     told from missing ones on a resume."""
     if resume and "0" in group:
-        target = group["0"]
+        target = group["0"].with_config({"write_empty_chunks": True})
         if tuple(target.shape) != tuple(shape) or tuple(target.chunks) != tuple(chunks):
             raise InputError(
                 f"level 0 of the interrupted output is {target.shape} in chunks {target.chunks}, "
@@ -562,11 +647,7 @@ def _store_missing_blocks(
     todo = [b for b in np.ndindex(*source.numblocks) if b not in done]
     log.info("resuming: %d of %d chunks already written", len(done), len(done) + len(todo))
     if todo:
-        starts = [np.cumsum((0, *c)) for c in source.chunks]
-        regions = [tuple(slice(int(s[i]), int(s[i + 1])) for s, i in zip(starts, b))
-                   for b in todo]
-        compute(da.store([source.blocks[b] for b in todo], [target] * len(todo),
-                         regions=regions, lock=False, compute=False))
+        _store_level(source, target, axes, stats=False, compute=compute, blocks=todo)
     if not stats:
         return None, None
     return _store_level(da.from_zarr(target), None, axes, stats=True, compute=compute)

@@ -1,0 +1,120 @@
+"""ChunkWriter writes the very files zarr would, and nothing half-written."""
+
+from __future__ import annotations
+
+import numcodecs
+import numpy as np
+import pytest
+import zarr
+
+from tilefuse import chunkstore
+from tilefuse.chunkstore import ChunkWriter
+
+V2 = {"compressors": numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
+      "chunk_key_encoding": {"name": "v2", "separator": "/"}}
+
+
+def _pair(tmp_path, fmt: int, data: np.ndarray, chunks, **options):
+    """The same empty array twice: one for zarr to fill, one for the ChunkWriter."""
+    group = zarr.open_group(tmp_path / f"v{fmt}.zarr", mode="w", zarr_format=fmt)
+    return [group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype,
+                               config={"write_empty_chunks": True}, **options)
+            for name in ("by-zarr", "by-writer")]
+
+
+def _write_all(writer: ChunkWriter, data: np.ndarray, chunks) -> None:
+    grid = [-(-n // c) for n, c in zip(data.shape, chunks)]
+    for block in np.ndindex(*grid):
+        region = tuple(slice(b * c, (b + 1) * c) for b, c in zip(block, chunks))
+        writer.write(block, data[region])
+
+
+@pytest.mark.parametrize(("fmt", "options"), [(3, {}), (2, V2), (2, {"compressors": None}),
+                                              (3, {"compressors": None})])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_files_are_byte_identical_to_zarrs(tmp_path, fmt, options, dtype):
+    rng = np.random.default_rng(4)
+    data = rng.normal(100, 20, (2, 37, 50)).astype(dtype)  # edge chunks on both spatial axes
+    chunks = (1, 16, 16)
+    by_zarr, by_writer = _pair(tmp_path, fmt, data, chunks, **options)
+    by_zarr[...] = data
+    writer = ChunkWriter.for_array(by_writer, skip_empty=False)
+    assert writer is not None
+    _write_all(writer, data, chunks)
+    zarr_folder = tmp_path / f"v{fmt}.zarr" / "by-zarr"
+    for block in np.ndindex(2, 3, 4):
+        key = by_writer.metadata.encode_chunk_key(block)
+        assert (zarr_folder / key).read_bytes() == writer.path(block).read_bytes(), block
+    np.testing.assert_array_equal(zarr.open_array(writer.folder)[...], data)
+
+
+def test_empty_chunks_skipped_only_when_asked(tmp_path):
+    data = np.zeros((8, 8), np.uint16)
+    data[:4, :4] = 7
+    for skip, expected in ((True, 1), (False, 4)):
+        array = zarr.create_array(tmp_path / f"skip-{skip}.zarr", shape=data.shape,
+                                  chunks=(4, 4), dtype=data.dtype)
+        writer = ChunkWriter.for_array(array, skip_empty=skip)
+        _write_all(writer, data, (4, 4))
+        files = [p for p in (tmp_path / f"skip-{skip}.zarr" / "c").rglob("*") if p.is_file()]
+        assert len(files) == expected
+        np.testing.assert_array_equal(array[...], data)
+
+
+def test_unknown_codecs_get_no_writer(tmp_path):
+    gzip = zarr.create_array(tmp_path / "gzip.zarr", shape=(8, 8), chunks=(4, 4), dtype="u2",
+                             compressors=zarr.codecs.GzipCodec())
+    sharded = zarr.create_array(tmp_path / "shard.zarr", shape=(8, 8), chunks=(2, 2),
+                                shards=(4, 4), dtype="u2")
+    in_memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(8, 8), chunks=(4, 4),
+                                  dtype="u2")
+    for array in (gzip, sharded, in_memory):
+        assert ChunkWriter.for_array(array, skip_empty=False) is None
+
+
+def test_failed_write_leaves_no_chunk_file(tmp_path, monkeypatch):
+    array = zarr.create_array(tmp_path / "a.zarr", shape=(4, 4), chunks=(4, 4), dtype="u2")
+    writer = ChunkWriter.for_array(array, skip_empty=False)
+
+    class Boom(OSError):
+        pass
+
+    def failing_open(*args, **kwargs):
+        class File:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def write(self, payload):
+                raise Boom("disk vanished")
+
+        open(args[0], "wb").close()  # the temporary file exists when the write fails
+        return File()
+
+    monkeypatch.setattr(chunkstore, "open", failing_open, raising=False)
+    with pytest.raises(Boom):
+        writer.write((0, 0), np.ones((4, 4), np.uint16))
+    assert not writer.path((0, 0)).exists()
+    assert not list((tmp_path / "a.zarr").rglob("*.partial"))
+
+
+def test_write_ome_zarr_same_image_through_zarr(tmp_path, monkeypatch):
+    """The fallback (zarr's own writes) and the direct writer store the same image."""
+    from tilefuse import fuse, layout_from_arrays
+    from tilefuse.ngff import read_ome_zarr_level, write_ome_zarr
+
+    rng = np.random.default_rng(5)
+    tiles = [rng.integers(0, 60000, (2, 40, 50), dtype=np.uint16) for _ in range(4)]
+    layout = layout_from_arrays(tiles, positions=[[0, 0], [0, 45.5], [35.25, 0], [35, 45]],
+                                channels=["a", "b"])
+    write_ome_zarr(fuse(layout, chunk=16), tmp_path / "direct.ome.zarr", axes=("c", "y", "x"))
+    monkeypatch.setattr(ChunkWriter, "for_array", classmethod(lambda cls, a, **k: None))
+    write_ome_zarr(fuse(layout, chunk=16), tmp_path / "zarr.ome.zarr", axes=("c", "y", "x"))
+    for level in range(3):
+        np.testing.assert_array_equal(read_ome_zarr_level(tmp_path / "direct.ome.zarr", level),
+                                      read_ome_zarr_level(tmp_path / "zarr.ome.zarr", level))
+    direct = zarr.open_group(tmp_path / "direct.ome.zarr").attrs.asdict()
+    through = zarr.open_group(tmp_path / "zarr.ome.zarr").attrs.asdict()
+    assert direct["ome"]["omero"] == through["ome"]["omero"]  # the same display windows
