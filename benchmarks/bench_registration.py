@@ -7,7 +7,8 @@ A synthetic acquisition with exact truth (``tilefuse.testing.grid_tileset``: cel
 ``img_{row:03}_{col:03}.tif`` plus a TileConfiguration of the stage positions. Each tool runs in
 its own process under ``/usr/bin/time -v`` and registers from the files:
 
-tilefuse   ``register(read_layout(TileConfiguration.txt))``
+tilefuse   ``register(read_layout(TileConfiguration.txt))``, defaults (max shift from the layout)
+tilefuse-30  the same with ``max_shift=30``, the window ASHLAR is given
 ashlar     ``FilePatternReader`` + ``EdgeAligner(max_shift=30)`` (ASHLAR 1.20, from PyPI)
 ashlar-s1  the same with ``filter_sigma=1`` (ASHLAR's advice for noisy images)
 m2stitch   ``stitch_images(images, rows, cols)`` on the raw uint16 tiles (m2stitch 0.7.2)
@@ -63,14 +64,15 @@ def make_tiles(folder: Path, grid, tile: int, noise: float, seed: int) -> np.nda
 # ----------------------------------------------------------------------- one tool per process
 
 
-def run_tilefuse(folder: Path) -> dict:
+def run_tilefuse(folder: Path, max_shift: float | None = None) -> dict:
     from tilefuse import read_layout
     from tilefuse.allocator import retain_freed_memory
     from tilefuse.registration import register
 
     retain_freed_memory()
     started = time.perf_counter()
-    registered, report = register(read_layout(folder / "TileConfiguration.txt"))
+    registered, report = register(read_layout(folder / "TileConfiguration.txt"),
+                                  max_shift=max_shift)
     seconds = time.perf_counter() - started
     out = {}
     for tile in registered.tiles:
@@ -117,6 +119,7 @@ def run_m2stitch(folder: Path, standardise: bool = False) -> dict:
 
 TOOLS = {
     "tilefuse": run_tilefuse,
+    "tilefuse-30": lambda folder: run_tilefuse(folder, max_shift=30),
     "ashlar": run_ashlar,
     "ashlar-s1": lambda folder: run_ashlar(folder, filter_sigma=1.0),
     "m2stitch": run_m2stitch,
@@ -125,8 +128,9 @@ TOOLS = {
 
 
 def measure(tool: str, folder: Path) -> dict:
-    python = sys.executable if tool == "tilefuse" else str(REG_PYTHON)
-    if tool != "tilefuse" and not REG_PYTHON.exists():
+    ours = tool.startswith("tilefuse")
+    python = sys.executable if ours else str(REG_PYTHON)
+    if not ours and not REG_PYTHON.exists():
         return {"error": "benchmarks/.venv-reg missing (make bench creates it)"}
     return run_timed([python, __file__, "--child", tool, "--folder", str(folder)])
 

@@ -151,3 +151,38 @@ def test_full_disk_fails_clearly_and_resumes(layout_file, reference, tmp_path, m
     assert main(["fuse", str(layout_file), "-o", str(out), "--chunk", "48", "-q",
                  "--resume"]) == 0
     np.testing.assert_array_equal(read_ome_zarr_level(out).compute(), reference)
+
+
+def test_graph_is_lazy_and_levels_are_stored_in_bounded_batches(tmp_path, monkeypatch, capsys):
+    """fuse() makes chunk tasks only when asked; a level is stored BATCH_CHUNKS at a time."""
+    from tilefuse import layout_from_arrays, ngff
+    from tilefuse.runner import open_runner
+
+    rng = np.random.default_rng(2)
+    tiles = [rng.integers(0, 60000, (40, 40), dtype=np.uint16) for _ in range(4)]
+    layout = layout_from_arrays(tiles, positions=[[0, 0], [0, 35.5], [36, 0], [35, 36.25]])
+    mosaic = fuse(layout, chunk=10)
+    assert mosaic.npartitions == 64
+    assert not mosaic.dask.layers[mosaic.name].is_materialized()
+    fuse_module = sys.modules["tilefuse.fuse"]  # the package exports the function fuse
+    jobs = []
+    real_job = fuse_module.chunk_job
+    monkeypatch.setattr(fuse_module, "chunk_job", lambda p, b: jobs.append(b) or real_job(p, b))
+    mosaic.blocks[2, 3].compute(scheduler="sync")
+    assert jobs == [(2, 3)]  # one chunk asked for, one chunk fused
+
+    expected = mosaic.compute()
+    monkeypatch.setattr(ngff, "BATCH_CHUNKS", 10)
+    calls = []
+    with open_runner("sync", progress=True) as (compute, _):
+        def counting(*collections, label=None):
+            calls.append((label, len(collections)))
+            return compute(*collections, label=label)
+
+        ngff.write_ome_zarr(mosaic, tmp_path / "m.ome.zarr", axes=("y", "x"), compute=counting)
+    level0 = [c for c in calls if c[0] == "fuse"]
+    assert [n for _, n in level0] == [10] * 6 + [4]  # 64 chunks, 10 per compute
+    assert calls[len(level0)][0] == "pyramid 1"
+    np.testing.assert_array_equal(ngff.read_ome_zarr_level(tmp_path / "m.ome.zarr"), expected)
+    err = capsys.readouterr().err
+    assert err.count("fuse") >= 7 and "pyramid 1" in err

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypedDict, Unpack
 
+import dask
 import dask.array as da
 import numpy as np
-from dask.highlevelgraph import HighLevelGraph
 
 from tilefuse.blend import BLENDS
 from tilefuse.errors import InputError
@@ -207,10 +207,6 @@ def _reader(source, cache_bytes: int):
     return lambda: read_tile(source, cache_bytes)
 
 
-def _run(job: ChunkJob) -> np.ndarray:
-    return job.run()
-
-
 def chunk_job(plan: FusionPlan, block: Sequence[int]) -> ChunkJob:
     """The job for output chunk ``block`` (a chunk index per spatial axis)."""
     origin, shape = plan.chunks.chunk_box(block)
@@ -261,16 +257,19 @@ def fuse(layout: Layout | FusionPlan, **options: Unpack[FusionOptions]) -> da.Ar
         plan = layout
     else:
         plan = plan_fusion(layout, **options)
-    name = "tilefuse-" + _token(plan)
-    lead = () if plan.n_channels == 1 else (0,)
-    dsk = {
-        (name, *lead, *block): (_run, chunk_job(plan, block))
-        for block in np.ndindex(*plan.chunks.grid)
-    }
-    chunks = plan.chunks.chunks if not lead else ((plan.n_channels,), *plan.chunks.chunks)
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
-    meta = np.empty((0,) * len(chunks), dtype=plan.dtype)
-    return da.Array(graph, name, chunks, meta=meta)
+    token = _token(plan)
+    lead = () if plan.n_channels == 1 else ((plan.n_channels,),)
+    chunks = (*lead, *plan.chunks.chunks)
+    # The plan is one key of the graph (sent once to each worker); the chunk tasks are a
+    # blockwise layer, made only for the chunks a compute asks for.
+    shared = dask.delayed(plan, name="tilefuse-plan-" + token, pure=True)
+    return da.map_blocks(_fuse_block, shared, name="tilefuse-" + token, chunks=chunks,
+                         dtype=plan.dtype, meta=np.empty((0,) * len(chunks), dtype=plan.dtype))
+
+
+def _fuse_block(plan: FusionPlan, block_id: tuple[int, ...] | None = None) -> np.ndarray:
+    """The task of one output chunk: its job is looked up in the plan where it runs."""
+    return chunk_job(plan, block_id[-plan.layout.ndim :]).run()
 
 
 def _token(plan: FusionPlan) -> str:

@@ -317,9 +317,9 @@ def _progress_compute(progress: ProgressFn) -> Callable[..., tuple]:
 
     calls = iter(range(1 << 30))
 
-    def compute(*collections):
+    def compute(*collections, label: str | None = None):
         k = next(calls)
-        label = "fusing" if k == 0 else f"pyramid level {k}"
+        label = label or ("fusing" if k == 0 else f"pyramid level {k}")
         counts = {"done": 0, "total": 0}
 
         def start_state(dsk, state):

@@ -9,6 +9,8 @@ no reader mistakes for a finished image.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import math
@@ -40,6 +42,7 @@ _AXIS_ORDER = "tczyx"
 _AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
 _SPATIAL = ("z", "y", "x")
 _VERSIONS = ("0.4", "0.5")
+BATCH_CHUNKS = 8192  # chunks per dask compute when storing a level
 # Green/magenta first: the pair stays distinguishable for colour-blind viewers.
 _PALETTE = ("00FF00", "FF00FF", "00FFFF", "FFFF00", "FF0000", "0000FF", "FFFFFF")
 _GREY = "FFFFFF"
@@ -189,17 +192,18 @@ def write_ome_zarr(
             (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
     lo = hi = None
+    labelled = _labeller(compute, math.prod(array.numblocks) > BATCH_CHUNKS)
     for k, shape in enumerate(shapes):
         last = k == len(shapes) - 1
         log.info("level %d: shape %s, chunks %s", k, shape, chunks)
         if k == 0:
             target = _level_zero(group, shape, chunks, array.dtype, axes, zarr_format, resume)
-            lo, hi = _store_missing_blocks(array, target, out / "0", axes, last, compute,
-                                           resume)
+            lo, hi = _store_missing_blocks(array, target, out / "0", axes, last,
+                                           labelled("fuse"), resume)
             continue
         source = _downsample_level(group[str(k - 1)], axes)
         target = _create_level(group, str(k), shape, chunks, array.dtype, axes, zarr_format)
-        lo, hi = _store_level(source, target, axes, stats=last, compute=compute)
+        lo, hi = _store_level(source, target, axes, stats=last, compute=labelled(f"pyramid {k}"))
 
     attrs = _image_attrs(
         axes, sizes, unit, len(shapes), ngff_version, channels, lo, hi, name or _default_name(out)
@@ -522,19 +526,30 @@ def _direct_writer(source: da.Array, target: zarr.Array | None) -> ChunkWriter |
     return ChunkWriter.for_array(target, skip_empty=not target.config.write_empty_chunks)
 
 
+def _labeller(compute: Callable[..., tuple], batched: bool) -> Callable[[str], Callable]:
+    """``label -> compute`` for each level: labelled bars when level 0 takes several computes
+    (and `compute` accepts ``label``), else `compute` as given, whose bars count computes."""
+    accepts = batched and "label" in inspect.signature(compute).parameters
+    return lambda label: functools.partial(compute, label=label) if accepts else compute
+
+
 def _store_direct(source, writer: ChunkWriter, blocks, reduce_axes, compute, channel_axis):
     """One task per block: write it, and return its finite min/max when `reduce_axes`
-    (per channel, the channels at `channel_axis`, if any).
+    (per channel, the channels at `channel_axis`, if any). At most :data:`BATCH_CHUNKS` blocks
+    per compute, so neither the graph nor the scheduler ever holds a huge mosaic's work.
 
     The graph is built by hand: ``dask.delayed`` would walk the writer's zarr metadata for
     collections on every call.
     """
     blocks = [tuple(b) for b in (blocks if blocks is not None else np.ndindex(*source.numblocks))]
-    name = "store-" + dask.base.tokenize(source.name, writer.folder, reduce_axes, blocks)
-    dsk = {(name, i): (_StoreBlock(writer, b, reduce_axes), (source.name, *b))
-           for i, b in enumerate(blocks)}
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[source])
-    results = compute(*[Delayed((name, i), graph, layer=name) for i in range(len(blocks))])
+    results = []
+    for first in range(0, len(blocks), BATCH_CHUNKS):  # a bounded graph per compute
+        batch = blocks[first : first + BATCH_CHUNKS]
+        name = "store-" + dask.base.tokenize(source.name, writer.folder, reduce_axes, batch)
+        dsk = {(name, i): (_StoreBlock(writer, b, reduce_axes), (source.name, *b))
+               for i, b in enumerate(batch)}
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[source])
+        results += compute(*[Delayed((name, i), graph, layer=name) for i in range(len(batch))])
     if reduce_axes is None or not results:
         return None, None
     n = source.shape[channel_axis] if channel_axis is not None else 1

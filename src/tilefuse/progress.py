@@ -21,11 +21,15 @@ class DaskProgress(Callback):
         A label for each successive compute (e.g. "fuse", "pyramid 1", ...).
     enabled : bool
         False makes this a no-op (``--quiet``).
+    label : str, optional
+        This compute's label, instead of the next of ``labels`` (a level written in batches).
     """
 
-    def __init__(self, labels: Iterator[str], *, enabled: bool = True) -> None:
+    def __init__(self, labels: Iterator[str], *, enabled: bool = True,
+                 label: str | None = None) -> None:
         super().__init__()
         self.labels = labels
+        self.label = label
         self.enabled = enabled
         self.bar: tqdm | None = None
         self.started = time.perf_counter()
@@ -34,7 +38,7 @@ class DaskProgress(Callback):
         if not self.enabled:
             return
         total = sum(len(state[k]) for k in ("ready", "waiting", "running")) + len(state["finished"])
-        label = next(self.labels, "compute")
+        label = self.label or next(self.labels, "compute")
         self.bar = tqdm(total=total, desc=label, unit="task", file=sys.stderr, leave=True,
                         dynamic_ncols=True)
 

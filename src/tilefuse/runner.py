@@ -37,8 +37,8 @@ def _labels(first: str) -> Iterator[str]:
 def _local(name: str, workers: int | None, progress: bool, first: str):
     labels = _labels(first)
 
-    def compute(*collections):
-        with DaskProgress(labels, enabled=progress):
+    def compute(*collections, label: str | None = None):
+        with DaskProgress(labels, enabled=progress, label=label):
             return dask.compute(*collections, scheduler=name, num_workers=workers)
 
     yield compute, None
@@ -62,7 +62,7 @@ def _distributed(address: str | None, workers: int | None, progress: bool, first
         except OSError as exc:
             raise InputError(f"cannot reach the dask scheduler at {address}: {exc}") from None
 
-    def compute(*collections):
+    def compute(*collections, label: str | None = None):
         futures = client.compute(list(collections))
         if progress:
             with contextlib.redirect_stdout(sys.stderr):
