@@ -114,3 +114,24 @@ def test_numba_backend_runs_the_compiled_kernel(monkeypatch):
     mosaic = fuse(layout, backend="numba", chunk=4)
     mosaic.compute()
     assert len(calls) == mosaic.npartitions == 2
+
+
+def test_cli_backend_option_same_mosaic(tmp_path):
+    from conftest import run_cli
+    from tilefuse.ngff import read_ome_zarr_level
+    from tilefuse.testing import grid_tileset, write_tileset
+
+    ts = grid_tileset(grid=(2, 2), tile_shape=(48, 64), overlap=0.2, fractional=True, seed=3)
+    layout = write_tileset(ts, tmp_path / "tiles", stage=False)
+    outputs = []
+    for backend in ("numpy", "numba"):
+        out = tmp_path / f"{backend}.ome.zarr"
+        proc = run_cli("fuse", layout, "-o", out, "--backend", backend, "--rotate", "0.7", "-q")
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(read_ome_zarr_level(out).compute())
+    diff = np.abs(outputs[0].astype(int) - outputs[1].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    info = run_cli("info", layout)
+    assert "numba kernel" in info.stdout
+    bad = run_cli("fuse", layout, "-o", tmp_path / "x.ome.zarr", "--backend", "cuda")
+    assert bad.returncode == 2 and "invalid choice: 'cuda'" in bad.stderr

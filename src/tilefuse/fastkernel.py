@@ -19,6 +19,7 @@ Every function releases the GIL, so dask threads fuse chunks in parallel.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numba
@@ -168,7 +169,8 @@ def _add_shifted(acc, wsum, covered, data, tshape, cshape, box0, nbox, src0, wlo
 _RAMP_SAMPLES = 4097
 
 
-def _ramp_tables(widths) -> np.ndarray:
+@functools.lru_cache(maxsize=16)
+def _ramp_tables(widths: tuple[float, ...]) -> np.ndarray:
     """:func:`tilefuse.blend.cosine_ramp` tabulated per axis at ``d = k * width / 4096``.
 
     Returns
@@ -181,6 +183,7 @@ def _ramp_tables(widths) -> np.ndarray:
     for k, width in enumerate(widths):
         d = np.linspace(0.0, width, _RAMP_SAMPLES)
         tables[k] = 0.5 - 0.5 * np.cos(np.pi * d / width)
+    tables.flags.writeable = False  # shared between calls (cached)
     return tables
 
 
@@ -443,9 +446,10 @@ def _add_tile(tile, acc, wsum, covered, origin3, shape3, ndim, widths3, mode) ->
         if ndim == 2:
             _add_affine_2d(acc[:, 0], wsum[0], covered[0], data[:, 0], lo[1:], hi[1:],
                            origin3[1:], np.ascontiguousarray(inv[1:, 1:]), w[1:],
-                           _ramp_tables(w[1:]), mode)
+                           _ramp_tables(tuple(w[1:])), mode)
         else:
-            _add_affine(acc, wsum, covered, data, lo, hi, origin3, inv, w, _ramp_tables(w), mode)
+            _add_affine(acc, wsum, covered, data, lo, hi, origin3, inv, w, _ramp_tables(tuple(w)),
+                        mode)
         return
     pos = np.concatenate([np.zeros(len(pad)), tile.affine[:-1, -1]])
     args = _translation_args(pos, tile_shape3, origin3, shape3, tile.path == "slice",
