@@ -47,6 +47,7 @@ bench: $(TEST_STAMP) $(BENCH_VENV)/.installed $(REG_VENV)/.installed
 	$(BIN)/python benchmarks/bench_fusion.py --tile-compression zlib
 	$(BIN)/python benchmarks/bench_scale.py --mosaic 50000
 	$(BIN)/python benchmarks/bench_registration.py
+	$(BIN)/python benchmarks/bench_pairs.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) $(REG_VENV) demo build dist .pytest_cache
