@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import grid_parser
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 BENCH_PYTHON = HERE / ".venv" / "bin" / "python"
@@ -112,17 +114,14 @@ def run_basicpy(tiles, work: Path) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--grid", default="8x8")
-    parser.add_argument("--tile", type=int, default=256)
+    parser = grid_parser(__doc__, grid="8x8", tile=256, seed=0)
     parser.add_argument("--overlap", type=float, default=0.15)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--basic-child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.basic_child:
         basic_child(*args.basic_child)
         return 0
-    grid = tuple(int(v) for v in args.grid.split("x"))
+    grid = args.grid
     rows = []
     with tempfile.TemporaryDirectory(prefix="tilefuse-bench-flat-") as tmp:
         for trend in (True, False):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import print_table, run_timed
+from common import grid_parser, print_table, run_timed
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -251,9 +251,7 @@ def measure(variant: str, layout_path: Path, work: Path, python: str) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--grid", default="8x8")
-    parser.add_argument("--tile", type=int, default=1024)
+    parser = grid_parser(__doc__, grid="8x8", tile=1024)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tile-compression", default=None,
                         help="TIFF compression of the generated tiles, e.g. zlib (default none)")
@@ -266,7 +264,7 @@ def main() -> int:
     if args.child:
         child(args.child, args.layout, args.out)
         return 0
-    grid = tuple(int(v) for v in args.grid.split("x"))
+    grid = args.grid
     work = Path(tempfile.mkdtemp(prefix="tilefuse-bench-"))
     try:
         layout_path = make_tiles(work, grid, args.tile, compression=args.tile_compression)

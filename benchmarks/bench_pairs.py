@@ -11,7 +11,6 @@ the truth. The median of ``--repeats`` runs; saved as JSON in benchmarks/results
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import print_table
+from common import grid_parser, print_table
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,13 +51,12 @@ def measure(tile: int, grid: tuple[int, int], repeats: int) -> dict:
 def main() -> int:
     from tilefuse.allocator import retain_freed_memory
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = grid_parser(__doc__, grid="4x4")
     p.add_argument("--tiles", default="512,1024")
-    p.add_argument("--grid", default="4x4")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     retain_freed_memory()
-    grid = tuple(int(v) for v in args.grid.split("x"))
+    grid = args.grid
     rows = {f"{t}²": measure(t, grid, args.repeats) for t in map(int, args.tiles.split(","))}
     print(f"\n{grid[0]}x{grid[1]} grid, cells, ±15 px stage error, 2% noise, max_shift 30; "
           f"{os.cpu_count()} cores; median of {args.repeats}\n")

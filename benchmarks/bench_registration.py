@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import print_table, run_timed
+from common import grid_parser, print_table, run_timed
 
 HERE = Path(__file__).resolve().parent
 REG_PYTHON = HERE / ".venv-reg" / "bin" / "python"
@@ -145,18 +145,15 @@ def errors(positions: dict, truth: np.ndarray) -> tuple[float, float]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--grid", default="10x10")
-    p.add_argument("--tile", type=int, default=512)
+    p = grid_parser(__doc__, grid="10x10", tile=512, seed=5)
     p.add_argument("--noise", type=float, default=0.02)
-    p.add_argument("--seed", type=int, default=5)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(TOOLS[args.child](args.folder)))
         return 0
-    grid = tuple(int(v) for v in args.grid.split("x"))
+    grid = args.grid
     work = Path(tempfile.mkdtemp(prefix="tilefuse-regbench-"))
     try:
         truth = make_tiles(work, grid, args.tile, args.noise, args.seed)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
 
-__all__ = ["print_table", "run_timed"]
+__all__ = ["grid_parser", "print_table", "run_timed"]
 
 _RSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
 
@@ -48,3 +49,31 @@ def print_table(rows: dict, columns: list[tuple[str, str, str]], *, width: int =
         cells = [format(row[key], fmt) if row.get(key) is not None else "-"
                  for _, key, fmt in columns]
         print(f"{name:<{width}}" + "".join(f"{c:>13}" for c in cells))
+
+
+def _grid(text: str) -> tuple[int, int]:
+    """``"8x8"`` -> ``(8, 8)``."""
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"grid {text!r}: expected ROWSxCOLS, e.g. 8x8") from None
+    return rows, cols
+
+
+def grid_parser(doc: str, *, grid: str, tile: int | None = None,
+                seed: int | None = None) -> argparse.ArgumentParser:
+    """The options every tile-set benchmark shares: ``--grid`` (parsed to (rows, cols)) and,
+    when given defaults, ``--tile`` (side in pixels) and ``--seed``.
+
+    Parameters
+    ----------
+    doc : str
+        The script's docstring; its first line describes the script.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--grid", type=_grid, default=grid, help=f"ROWSxCOLS (default {grid})")
+    if tile is not None:
+        parser.add_argument("--tile", type=int, default=tile, help=f"tile side (default {tile})")
+    if seed is not None:
+        parser.add_argument("--seed", type=int, default=seed)
+    return parser
