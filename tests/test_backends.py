@@ -49,7 +49,7 @@ def test_translations_bit_identical(layout, blend, chunk, fill):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_tile_sets(), st.sampled_from(BLENDS), st.sampled_from([0.7, -12.0, 33.0]))
+@given(_tile_sets(), st.sampled_from(BLENDS), st.sampled_from([0.7, -2.5, -12.0, 33.0]))
 def test_affines_equal_to_rounding(layout, blend, angle):
     if layout.ndim == 3:
         affines = layout.affines.copy()

@@ -7,11 +7,11 @@ normalise, round, clip, cast):
 - translations (the ``slice`` and ``shift`` paths) use the same float32 operations in the same
   order as :func:`tilefuse.resample._shift_linear` and :mod:`tilefuse.blend`, so the mosaic is
   *bit-identical* to the numpy backend's;
-- general affines interpolate linearly in float64 from the same float64 tile coordinates, as
-  ``scipy.ndimage.map_coordinates(order=1, mode="nearest")`` does, and take the feathering
-  weight from a table (within 4e-8 of the cosine) instead of a cosine per pixel; results agree
-  with the numpy backend to rounding: about 1 pixel in 10,000 of a rotated mosaic differs, by 1
-  in the last place of the output dtype.
+- general affines (:mod:`tilefuse.fastaffine`) interpolate linearly in float64 from the same
+  float64 tile coordinates, as ``scipy.ndimage.map_coordinates(order=1, mode="nearest")`` does,
+  and take the feathering weight from a table (within 4e-8 of the cosine) instead of a cosine
+  per pixel; results agree with the numpy backend to rounding: about 1 pixel in 10,000 of a
+  rotated mosaic differs, by 1 in the last place of the output dtype.
 
 Tiles are handled as ``(c, z, y, x)``; a 2D tile is a z-stack of one plane at integer position.
 Every function releases the GIL, so dask threads fuse chunks in parallel.
@@ -19,14 +19,14 @@ Every function releases the GIL, so dask threads fuse chunks in parallel.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
-import numba
 import numpy as np
 
 from tilefuse.blend import cosine_ramp
-from tilefuse.resample import _EPS, _affine_footprint, _snap, _translation_span
+from tilefuse.compiled import jit
+from tilefuse.fastaffine import add_affine, add_affine_2d, ramp_tables
+from tilefuse.resample import _affine_footprint, _snap, _translation_span
 
 __all__ = ["fuse_chunk_compiled"]
 
@@ -35,20 +35,13 @@ _MODES = {"linear": 0, "mean": 1, "max": 2, "min": 3, "first": 4, "last": 5}
 _LINEAR, _MEAN = 0, 1
 
 
-def _jit(func):
-    """Compile on first call; cached on disk when numba finds a writable cache folder."""
-    try:
-        return numba.njit(nogil=True, cache=True, error_model="numpy")(func)
-    except RuntimeError:  # no writable cache location: compile once per process
-        return numba.njit(nogil=True, error_model="numpy")(func)
-
 
 # --------------------------------------------------------------------------------------------
 # Compiled bodies
 # --------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _fill_row(row, r00, r10, r01, r11, wlo, whi, frac):
     """Interpolate along z then y (numpy's pass order) one row of the x window into ``row``.
 
@@ -72,7 +65,7 @@ def _fill_row(row, r00, r10, r01, r11, wlo, whi, frac):
             row[j] = np.float32(r00[j])
 
 
-@_jit
+@jit
 def _reduce_row(acc, cov, vals, w_zy, rx, mode):
     """Combine one row of resampled values into the chunk state (``wsum`` is done apart).
 
@@ -101,7 +94,7 @@ def _reduce_row(acc, cov, vals, w_zy, rx, mode):
             acc[x] = vals[x]
 
 
-@_jit
+@jit
 def _add_shifted(acc, wsum, covered, data, tshape, cshape, box0, nbox, src0, wlo, whi, frac,
                  rz, ry, rx, mode):
     """Add one translated tile to the chunk state.
@@ -166,169 +159,7 @@ def _add_shifted(acc, wsum, covered, data, tshape, cshape, box0, nbox, src0, wlo
             covered[o:o + nx] = True
 
 
-_RAMP_SAMPLES = 4097
-
-
-@functools.lru_cache(maxsize=16)
-def _ramp_tables(widths: tuple[float, ...]) -> np.ndarray:
-    """:func:`tilefuse.blend.cosine_ramp` tabulated per axis at ``d = k * width / 4096``.
-
-    Returns
-    -------
-    numpy.ndarray, float64, shape (n_axes, 4097)
-        Linear interpolation in it is within 4e-8 of the cosine (below float32 resolution), and
-        saves a cosine per pixel in the feathering band.
-    """
-    tables = np.empty((len(widths), _RAMP_SAMPLES))
-    for k, width in enumerate(widths):
-        d = np.linspace(0.0, width, _RAMP_SAMPLES)
-        tables[k] = 0.5 - 0.5 * np.cos(np.pi * d / width)
-    tables.flags.writeable = False  # shared between calls (cached)
-    return tables
-
-
-@_jit
-def _ramp(t, n, width, table):
-    """The feathering weight at tile coordinate ``t`` (one axis), from its table."""
-    d = min(t, (n - 1) - t) + 0.5
-    if d >= width:
-        return np.float32(1.0)
-    f = max(d, 0.0) / width * (table.size - 1)
-    k = min(np.int64(f), table.size - 2)
-    return np.float32(table[k] + (f - k) * (table[k + 1] - table[k]))
-
-
-@_jit
-def _linear_sample(data, c, s, f, shape):
-    """Linear interpolation of ``data[c]`` at floor indices ``s`` and fractions ``f`` (z, y, x),
-    indices clamped to the tile (``mode="nearest"``)."""
-    total = 0.0
-    for dz in range(2):
-        iz = min(max(s[0] + dz, 0), shape[0] - 1)
-        wz = f[0] if dz else 1.0 - f[0]
-        for dy in range(2):
-            iy = min(max(s[1] + dy, 0), shape[1] - 1)
-            wy = f[1] if dy else 1.0 - f[1]
-            for dx in range(2):
-                ix = min(max(s[2] + dx, 0), shape[2] - 1)
-                wx = f[2] if dx else 1.0 - f[2]
-                total += wz * wy * wx * data[c, iz, iy, ix]
-    return np.float32(total)
-
-
-@_jit
-def _add_affine(acc, wsum, covered, data, lo, hi, origin, inv, widths, tables, mode):
-    """Add one affinely transformed tile to the chunk state.
-
-    Parameters
-    ----------
-    acc, wsum, covered, data, mode
-        As in :func:`_add_shifted`.
-    lo, hi : int64 (3,)
-        Global mosaic index range of the tile's footprint within the chunk.
-    origin : int64 (3,)
-        Global index of the chunk's first pixel.
-    inv : float64 (4, 4)
-        Mosaic index -> tile index.
-    widths : float64 (3,)
-        Feathering width per axis (``linear``).
-    tables : float64 (3, k)
-        The feathering ramp per axis (:func:`_ramp_tables`).
-    """
-    shape = np.array(data.shape[1:])
-    t = np.empty(3)
-    s = np.empty(3, np.int64)
-    f = np.empty(3)
-    for oz in range(lo[0], hi[0]):
-        for oy in range(lo[1], hi[1]):
-            for ox in range(lo[2], hi[2]):
-                inside = True
-                for r in range(3):  # numpy's order: ((inv[r,3] + i0*oz) + i1*oy) + i2*ox
-                    t[r] = ((inv[r, 3] + inv[r, 0] * oz) + inv[r, 1] * oy) + inv[r, 2] * ox
-                    inside = inside and -_EPS <= t[r] <= shape[r] - 1 + _EPS
-                if not inside:
-                    continue
-                w = np.float32(1.0)
-                for r in range(3):
-                    s[r] = np.int64(np.floor(t[r]))
-                    f[r] = t[r] - s[r]
-                    if mode == 0:
-                        w *= _ramp(t[r], shape[r], widths[r], tables[r])
-                iz, iy, ix = oz - origin[0], oy - origin[1], ox - origin[2]
-                fresh = not covered[iz, iy, ix]
-                for c in range(data.shape[0]):
-                    v = _linear_sample(data, c, s, f, shape)
-                    a = acc[c, iz, iy, ix]
-                    if mode == 0:
-                        acc[c, iz, iy, ix] = a + v * w
-                    elif mode == 1:
-                        acc[c, iz, iy, ix] = a + v
-                    elif mode == 2:
-                        acc[c, iz, iy, ix] = v if (fresh or v > a or v != v) else a
-                    elif mode == 3:
-                        acc[c, iz, iy, ix] = v if (fresh or v < a or v != v) else a
-                    elif mode == 5 or fresh:
-                        acc[c, iz, iy, ix] = v
-                if mode == 0:
-                    wsum[iz, iy, ix] += w
-                elif mode == 1:
-                    wsum[iz, iy, ix] += np.float32(1.0)
-                covered[iz, iy, ix] = True
-
-
-@_jit
-def _add_affine_2d(acc, wsum, covered, data, lo, hi, origin, inv, widths, tables, mode):
-    """:func:`_add_affine` for 2D tiles: 4 taps instead of 8, same values.
-
-    ``acc`` (c, Y, X), ``wsum`` and ``covered`` (Y, X), ``data`` (c, y, x); ``lo``, ``hi``,
-    ``origin`` (2,) and ``inv`` (3, 3) in (y, x).
-    """
-    ny, nx = data.shape[1], data.shape[2]
-    for oy in range(lo[0], hi[0]):
-        base_y = inv[0, 2] + inv[0, 0] * oy
-        base_x = inv[1, 2] + inv[1, 0] * oy
-        iy = oy - origin[0]
-        for ox in range(lo[1], hi[1]):
-            ty = base_y + inv[0, 1] * ox
-            tx = base_x + inv[1, 1] * ox
-            if not (-_EPS <= ty <= ny - 1 + _EPS and -_EPS <= tx <= nx - 1 + _EPS):
-                continue
-            sy, sx = np.floor(ty), np.floor(tx)
-            fy, fx = ty - sy, tx - sx
-            y0 = min(max(np.int64(sy), 0), ny - 1)
-            y1 = min(max(np.int64(sy) + 1, 0), ny - 1)
-            x0 = min(max(np.int64(sx), 0), nx - 1)
-            x1 = min(max(np.int64(sx) + 1, 0), nx - 1)
-            w = np.float32(1.0)
-            if mode == 0:
-                w = _ramp(ty, ny, widths[0], tables[0]) * _ramp(tx, nx, widths[1], tables[1])
-            ix = ox - origin[1]
-            fresh = not covered[iy, ix]
-            for c in range(data.shape[0]):
-                total = 1.0 * (1.0 - fy) * (1.0 - fx) * data[c, y0, x0]
-                total += 1.0 * (1.0 - fy) * fx * data[c, y0, x1]
-                total += 1.0 * fy * (1.0 - fx) * data[c, y1, x0]
-                total += 1.0 * fy * fx * data[c, y1, x1]
-                v = np.float32(total)
-                a = acc[c, iy, ix]
-                if mode == 0:
-                    acc[c, iy, ix] = a + v * w
-                elif mode == 1:
-                    acc[c, iy, ix] = a + v
-                elif mode == 2:
-                    acc[c, iy, ix] = v if (fresh or v > a or v != v) else a
-                elif mode == 3:
-                    acc[c, iy, ix] = v if (fresh or v < a or v != v) else a
-                elif mode == 5 or fresh:
-                    acc[c, iy, ix] = v
-            if mode == 0:
-                wsum[iy, ix] += w
-            elif mode == 1:
-                wsum[iy, ix] += np.float32(1.0)
-            covered[iy, ix] = True
-
-
-@_jit
+@jit
 def _finalize_into(acc, wsum, covered, weighted, fill, lo, hi, out, integer):
     """Normalise, fill, round, clip and cast in one pass, as :func:`tilefuse.kernel.finalize`.
 
@@ -444,12 +275,14 @@ def _add_tile(tile, acc, wsum, covered, origin3, shape3, ndim, widths3, mode) ->
         data = data.reshape(data.shape[0], *tile_shape3)
         w = np.array([0.5 if v is None else max(float(v), 0.5) for v in widths3])
         if ndim == 2:
-            _add_affine_2d(acc[:, 0], wsum[0], covered[0], data[:, 0], lo[1:], hi[1:],
-                           origin3[1:], np.ascontiguousarray(inv[1:, 1:]), w[1:],
-                           _ramp_tables(tuple(w[1:])), mode)
+            plane = shape3[1:]
+            add_affine_2d(acc.reshape(acc.shape[0], *plane), wsum.reshape(wsum.shape[1:]),
+                          covered.reshape(plane), np.ascontiguousarray(data[:, 0]), lo[1:],
+                          hi[1:], origin3[1:], np.ascontiguousarray(inv[1:, 1:]), w[1:],
+                          ramp_tables(tuple(w[1:])), mode)
         else:
-            _add_affine(acc, wsum, covered, data, lo, hi, origin3, inv, w, _ramp_tables(tuple(w)),
-                        mode)
+            add_affine(acc, wsum, covered, data, lo, hi, origin3, inv, w, ramp_tables(tuple(w)),
+                       mode)
         return
     pos = np.concatenate([np.zeros(len(pad)), tile.affine[:-1, -1]])
     args = _translation_args(pos, tile_shape3, origin3, shape3, tile.path == "slice",

@@ -1,0 +1,22 @@
+"""numba compile settings shared by the compiled kernels (optional extra ``tilefuse[fast]``)."""
+
+from __future__ import annotations
+
+import numba
+
+__all__ = ["jit", "jit_inline"]
+
+
+def jit(func):
+    """Compile ``func`` on first call, releasing the GIL; cached on disk when numba finds a
+    writable cache folder, else compiled once per process."""
+    try:
+        return numba.njit(nogil=True, cache=True, error_model="numpy")(func)
+    except RuntimeError:  # no writable cache location
+        return numba.njit(nogil=True, error_model="numpy")(func)
+
+
+def jit_inline(func):
+    """A compiled helper that numba inlines into its callers (a per-pixel or per-run call
+    costs more than the work in it otherwise)."""
+    return numba.njit(inline="always", error_model="numpy")(func)
