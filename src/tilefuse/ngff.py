@@ -422,18 +422,35 @@ def _mean_2x_yx(block: np.ndarray, iy: int, ix: int) -> np.ndarray:
     numpy.ndarray, shape (..., ceil(h / 2), ceil(w / 2))
         Same dtype. An odd last row/column averages the pixels that exist. Integers are
         rounded half to even (``np.rint``), never truncated.
+
+    Notes
+    -----
+    Pairs are averaged along y, then along x. Integers of up to 16 bits are averaged in float32,
+    where every sum and half is exact, so the result equals the float64 one; wider types and
+    floats use float64.
     """
-    out = block.astype(np.float64)
+    small_int = block.dtype.kind in "biu" and block.dtype.itemsize <= 2
+    out = block
     for axis in (iy, ix):
-        n = out.shape[axis]
-        starts = np.arange(0, n, 2)
-        counts = np.minimum(2, n - starts).astype(np.float64)
-        shape = [1] * out.ndim
-        shape[axis] = counts.size
-        out = np.add.reduceat(out, starts, axis=axis) / counts.reshape(shape)
+        out = _pair_mean(out, axis, np.float32 if small_int else np.float64)
     if block.dtype.kind in "biu":
-        out = np.rint(out)
+        out = np.rint(out, out=out)
     return out.astype(block.dtype)
+
+
+def _pair_mean(a: np.ndarray, axis: int, work: type) -> np.ndarray:
+    """Mean of neighbouring pairs along `axis` in dtype `work`; an odd last one is kept."""
+    n = a.shape[axis]
+    pick = [slice(None)] * a.ndim
+    pick[axis] = slice(0, n - 1, 2)
+    out = a[tuple(pick)].astype(work)
+    pick[axis] = slice(1, n, 2)
+    out += a[tuple(pick)]
+    out *= 0.5  # exact: a division by 2
+    if n % 2:
+        pick[axis] = slice(n - 1, n)
+        out = np.concatenate([out, a[tuple(pick)].astype(work)], axis=axis)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
