@@ -1,4 +1,4 @@
-"""ChunkWriter writes the very files zarr would, and nothing half-written."""
+"""ChunkFiles writes the very files zarr would, and nothing half-written."""
 
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ import pytest
 import zarr
 
 from tilefuse import chunkstore
-from tilefuse.chunkstore import ChunkWriter
+from tilefuse.chunkstore import ChunkFiles
 
 V2 = {"compressors": numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
       "chunk_key_encoding": {"name": "v2", "separator": "/"}}
 
 
 def _pair(tmp_path, fmt: int, data: np.ndarray, chunks, **options):
-    """The same empty array twice: one for zarr to fill, one for the ChunkWriter."""
+    """The same empty array twice: one for zarr to fill, one for the ChunkFiles."""
     group = zarr.open_group(tmp_path / f"v{fmt}.zarr", mode="w", zarr_format=fmt)
     return [group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype,
                                config={"write_empty_chunks": True}, **options)
             for name in ("by-zarr", "by-writer")]
 
 
-def _write_all(writer: ChunkWriter, data: np.ndarray, chunks) -> None:
+def _write_all(writer: ChunkFiles, data: np.ndarray, chunks) -> None:
     grid = [-(-n // c) for n, c in zip(data.shape, chunks)]
     for block in np.ndindex(*grid):
         region = tuple(slice(b * c, (b + 1) * c) for b, c in zip(block, chunks))
@@ -38,7 +38,7 @@ def test_files_are_byte_identical_to_zarrs(tmp_path, fmt, options, dtype):
     chunks = (1, 16, 16)
     by_zarr, by_writer = _pair(tmp_path, fmt, data, chunks, **options)
     by_zarr[...] = data
-    writer = ChunkWriter.for_array(by_writer, skip_empty=False)
+    writer = ChunkFiles.for_array(by_writer, skip_empty=False)
     assert writer is not None
     _write_all(writer, data, chunks)
     zarr_folder = tmp_path / f"v{fmt}.zarr" / "by-zarr"
@@ -48,13 +48,39 @@ def test_files_are_byte_identical_to_zarrs(tmp_path, fmt, options, dtype):
     np.testing.assert_array_equal(zarr.open_array(writer.folder)[...], data)
 
 
+@pytest.mark.parametrize(("fmt", "options"), [(3, {}), (2, V2), (2, {"compressors": None}),
+                                              (3, {"compressors": None})])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_read_gives_back_what_zarr_stored(tmp_path, fmt, options, dtype):
+    rng = np.random.default_rng(6)
+    data = rng.normal(100, 20, (2, 37, 50)).astype(dtype)
+    chunks = (1, 16, 16)
+    by_zarr, _ = _pair(tmp_path, fmt, data, chunks, **options)
+    by_zarr[...] = data
+    files = ChunkFiles.for_array(by_zarr, skip_empty=False)
+    for block in np.ndindex(2, 3, 4):
+        region = tuple(slice(b * c, (b + 1) * c) for b, c in zip(block, chunks))
+        got = files.read(block)
+        assert got.dtype == data.dtype
+        np.testing.assert_array_equal(got, data[region], err_msg=str(block))
+
+
+def test_read_of_an_unstored_chunk_is_the_fill_value(tmp_path):
+    array = zarr.create_array(tmp_path / "a.zarr", shape=(8, 6), chunks=(4, 4), dtype="u2",
+                              fill_value=9)
+    array[:4, :4] = 1
+    files = ChunkFiles.for_array(array, skip_empty=True)
+    np.testing.assert_array_equal(files.read((0, 0)), np.ones((4, 4)))
+    np.testing.assert_array_equal(files.read((1, 1)), np.full((4, 2), 9))  # edge, never stored
+
+
 def test_empty_chunks_skipped_only_when_asked(tmp_path):
     data = np.zeros((8, 8), np.uint16)
     data[:4, :4] = 7
     for skip, expected in ((True, 1), (False, 4)):
         array = zarr.create_array(tmp_path / f"skip-{skip}.zarr", shape=data.shape,
                                   chunks=(4, 4), dtype=data.dtype)
-        writer = ChunkWriter.for_array(array, skip_empty=skip)
+        writer = ChunkFiles.for_array(array, skip_empty=skip)
         _write_all(writer, data, (4, 4))
         files = [p for p in (tmp_path / f"skip-{skip}.zarr" / "c").rglob("*") if p.is_file()]
         assert len(files) == expected
@@ -69,12 +95,12 @@ def test_unknown_codecs_get_no_writer(tmp_path):
     in_memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(8, 8), chunks=(4, 4),
                                   dtype="u2")
     for array in (gzip, sharded, in_memory):
-        assert ChunkWriter.for_array(array, skip_empty=False) is None
+        assert ChunkFiles.for_array(array, skip_empty=False) is None
 
 
 def test_failed_write_leaves_no_chunk_file(tmp_path, monkeypatch):
     array = zarr.create_array(tmp_path / "a.zarr", shape=(4, 4), chunks=(4, 4), dtype="u2")
-    writer = ChunkWriter.for_array(array, skip_empty=False)
+    writer = ChunkFiles.for_array(array, skip_empty=False)
 
     class Boom(OSError):
         pass
@@ -110,7 +136,7 @@ def test_write_ome_zarr_same_image_through_zarr(tmp_path, monkeypatch):
     layout = layout_from_arrays(tiles, positions=[[0, 0], [0, 45.5], [35.25, 0], [35, 45]],
                                 channels=["a", "b"])
     write_ome_zarr(fuse(layout, chunk=16), tmp_path / "direct.ome.zarr", axes=("c", "y", "x"))
-    monkeypatch.setattr(ChunkWriter, "for_array", classmethod(lambda cls, a, **k: None))
+    monkeypatch.setattr(ChunkFiles, "for_array", classmethod(lambda cls, a, **k: None))
     write_ome_zarr(fuse(layout, chunk=16), tmp_path / "zarr.ome.zarr", axes=("c", "y", "x"))
     for level in range(3):
         np.testing.assert_array_equal(read_ome_zarr_level(tmp_path / "direct.ome.zarr", level),

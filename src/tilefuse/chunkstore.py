@@ -1,13 +1,15 @@
-"""Whole chunks of a local zarr array, encoded and written in the calling thread.
+"""Whole chunks of a local zarr array, encoded and written (or read and decoded) in the calling
+thread.
 
 zarr-python 3 routes every write through its event-loop thread and a thread-pool hop per codec.
 For the 1-4 MiB chunks fusion makes, that machinery costs ~4 ms a chunk, mostly holding the GIL,
-which is more than fusing the chunk. A :class:`ChunkWriter` encodes a chunk with the very codec
+which is more than fusing the chunk. A :class:`ChunkFiles` encodes a chunk with the very codec
 the array was created with (the numcodecs compressors release the GIL), pads an edge chunk with
 the fill value as zarr does, and writes the bytes under the key zarr's own chunk-key encoding
 gives, through a temporary file and a rename so a crash never leaves half a chunk. The files are
-byte-for-byte what zarr writes (tested). Arrays whose codecs it does not reproduce exactly
-(sharding, filters, transposes, big-endian, remote stores) get no writer; callers then store
+byte-for-byte what zarr writes (tested). Reading is the same path backwards, used to build
+each pyramid level from the one below. Arrays whose codecs it does not reproduce exactly
+(sharding, filters, transposes, big-endian, remote stores) get no ChunkFiles; callers then go
 through zarr as before.
 """
 
@@ -26,12 +28,12 @@ import zarr
 from zarr.codecs import BytesCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-__all__ = ["ChunkWriter"]
+__all__ = ["ChunkFiles"]
 
 
 @dataclass(frozen=True)
-class ChunkWriter:
-    """Writes whole chunks of one zarr array (v2 or v3) stored in a local folder.
+class ChunkFiles:
+    """Writes and reads whole chunks of one zarr array (v2 or v3) stored in a local folder.
 
     Attributes
     ----------
@@ -62,8 +64,8 @@ class ChunkWriter:
     skip_empty: bool
 
     @classmethod
-    def for_array(cls, array: zarr.Array, *, skip_empty: bool) -> ChunkWriter | None:
-        """A writer for ``array``, or None when its storage is not one this class reproduces."""
+    def for_array(cls, array: zarr.Array, *, skip_empty: bool) -> ChunkFiles | None:
+        """Chunk files of ``array``, or None when its storage is not one this class reproduces."""
         meta = array.metadata
         dtype = np.dtype(array.dtype)
         store = array.store_path.store
@@ -117,6 +119,29 @@ class ChunkWriter:
         payload = chunk if self.encode_array else chunk.reshape(-1).view(np.uint8)
         encoded = self.compressor.encode(payload) if self.compressor is not None else payload
         _write_atomic(path, memoryview(encoded).cast("B"))
+
+
+    def read(self, block: tuple[int, ...]) -> np.ndarray:
+        """Decode one stored chunk; the fill value where none is stored.
+
+        Returns
+        -------
+        numpy.ndarray
+            The chunk cropped to the array, shape ``chunks`` or smaller at the far edges;
+            read-only when it comes from a file.
+        """
+        box = tuple(slice(b * c, min((b + 1) * c, n))
+                    for b, c, n in zip(block, self.chunks, self.shape, strict=True))
+        size = tuple(s.stop - s.start for s in box)
+        try:
+            raw = self.path(block).read_bytes()
+        except FileNotFoundError:
+            fill = 0 if self.fill_value is None else self.fill_value
+            return np.full(size, fill, dtype=self.dtype)
+        if self.compressor is not None:
+            raw = self.compressor.decode(raw)
+        chunk = np.frombuffer(raw, dtype=self.dtype).reshape(self.chunks)
+        return chunk[tuple(slice(0, n) for n in size)]
 
 
 def _write_atomic(path: Path, payload: memoryview) -> None:

@@ -31,7 +31,7 @@ import zarr
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from tilefuse.chunkstore import ChunkWriter
+from tilefuse.chunkstore import ChunkFiles
 from tilefuse.errors import InputError
 
 __all__ = ["MANIFEST", "pyramid_shapes", "read_ome_zarr_level", "write_ome_zarr", "written_blocks"]
@@ -389,24 +389,46 @@ def _downsample_level(previous: zarr.Array, axes: Sequence[str]) -> da.Array:
     Returns
     -------
     dask.array.Array, shape (..., ceil(y / 2), ceil(x / 2))
-        Chunked as C, so it stores into a level with chunk shape C without locking.
+        Chunked as C, so it stores into a level with chunk shape C without locking. Each task
+        reads its 2x2 chunks straight from their files (:class:`ChunkFiles`) where the store
+        allows, else through zarr.
     """
     iy, ix = axes.index("y"), axes.index("x")
     read = list(previous.chunks)
     read[iy], read[ix] = 2 * read[iy], 2 * read[ix]
-    src = da.from_zarr(previous, chunks=tuple(read))
+    read_chunks = da.core.normalize_chunks(tuple(read), previous.shape)
     out_chunks = tuple(
-        tuple(-(-c // 2) for c in cs) if i in (iy, ix) else cs for i, cs in enumerate(src.chunks)
+        tuple(-(-c // 2) for c in cs) if i in (iy, ix) else cs for i, cs in enumerate(read_chunks)
     )
-    return da.map_blocks(
-        _mean_2x_yx,
-        src,
-        chunks=out_chunks,
-        dtype=src.dtype,
-        meta=np.empty((0,) * src.ndim, dtype=src.dtype),
-        iy=iy,
-        ix=ix,
-    )
+    meta = np.empty((0,) * previous.ndim, dtype=previous.dtype)
+    files = ChunkFiles.for_array(previous, skip_empty=False)
+    if files is None:
+        src = da.from_zarr(previous, chunks=read_chunks)
+        return da.map_blocks(_mean_2x_yx, src, chunks=out_chunks, dtype=src.dtype, meta=meta,
+                             iy=iy, ix=ix)
+    name = "tilefuse-downsample-" + dask.base.tokenize(files.folder, previous.shape)
+    return da.map_blocks(_DownsampledBlock(files, iy, ix), chunks=out_chunks,
+                         dtype=previous.dtype, meta=meta, name=name)
+
+
+@dataclass(frozen=True)
+class _DownsampledBlock:
+    """The task that makes one block of the next level from 2x2 chunk files of this one."""
+
+    files: ChunkFiles
+    iy: int
+    ix: int
+
+    def __call__(self, block_id: tuple[int, ...] | None = None) -> np.ndarray:
+        first = [b * 2 if i in (self.iy, self.ix) else b for i, b in enumerate(block_id)]
+        grid = [-(-n // c) for n, c in zip(self.files.shape, self.files.chunks, strict=True)]
+        spans = [range(f, min(f + 2, g)) if i in (self.iy, self.ix) else range(f, f + 1)
+                 for i, (f, g) in enumerate(zip(first, grid, strict=True))]
+        pieces = np.empty([len(s) for s in spans], dtype=object)
+        for index in np.ndindex(pieces.shape):
+            pieces[index] = self.files.read(tuple(s[k] for s, k in zip(spans, index,
+                                                                        strict=True)))
+        return _mean_2x_yx(np.block(pieces.tolist()), self.iy, self.ix)
 
 
 def _mean_2x_yx(block: np.ndarray, iy: int, ix: int) -> np.ndarray:
@@ -494,7 +516,7 @@ def _store_level(
     """Store `source` (or only its `blocks`) into `target` in one dask compute, with
     per-channel min/max of what was stored if `stats`.
 
-    Each block is encoded and written by the task that holds it (:class:`ChunkWriter`) when
+    Each block is encoded and written by the task that holds it (:class:`ChunkFiles`) when
     the target allows; otherwise through zarr (``da.store``).
 
     Returns
@@ -533,14 +555,14 @@ def _block_regions(source: da.Array, target: zarr.Array, blocks):
     return [source.blocks[b] for b in blocks], [target] * len(blocks), regions
 
 
-def _direct_writer(source: da.Array, target: zarr.Array | None) -> ChunkWriter | None:
-    """A ChunkWriter for `target` when each dask block of `source` is exactly one chunk."""
+def _direct_writer(source: da.Array, target: zarr.Array | None) -> ChunkFiles | None:
+    """A ChunkFiles for `target` when each dask block of `source` is exactly one chunk."""
     if target is None:
         return None
     for cs, c in zip(source.chunks, target.chunks):
         if any(n != c for n in cs[:-1]) or cs[-1] > c:
             return None
-    return ChunkWriter.for_array(target, skip_empty=not target.config.write_empty_chunks)
+    return ChunkFiles.for_array(target, skip_empty=not target.config.write_empty_chunks)
 
 
 def _labeller(compute: Callable[..., tuple], batched: bool) -> Callable[[str], Callable]:
@@ -550,7 +572,7 @@ def _labeller(compute: Callable[..., tuple], batched: bool) -> Callable[[str], C
     return lambda label: functools.partial(compute, label=label) if accepts else compute
 
 
-def _store_direct(source, writer: ChunkWriter, blocks, reduce_axes, compute, channel_axis):
+def _store_direct(source, writer: ChunkFiles, blocks, reduce_axes, compute, channel_axis):
     """One task per block: write it, and return its finite min/max when `reduce_axes`
     (per channel, the channels at `channel_axis`, if any). At most :data:`BATCH_CHUNKS` blocks
     per compute, so neither the graph nor the scheduler ever holds a huge mosaic's work.
@@ -584,7 +606,7 @@ def _store_direct(source, writer: ChunkWriter, blocks, reduce_axes, compute, cha
 class _StoreBlock:
     """The task that stores one block (see :func:`_write_block`)."""
 
-    writer: ChunkWriter
+    writer: ChunkFiles
     block: tuple[int, ...]
     reduce_axes: tuple[int, ...] | None
 
@@ -592,7 +614,7 @@ class _StoreBlock:
         return _write_block(self.writer, self.block, data, self.reduce_axes)
 
 
-def _write_block(writer: ChunkWriter, block, data: np.ndarray, reduce_axes):
+def _write_block(writer: ChunkFiles, block, data: np.ndarray, reduce_axes):
     """Store one chunk; its per-channel finite (min, max) when `reduce_axes` is given."""
     writer.write(block, data)
     if reduce_axes is None:
