@@ -1,12 +1,14 @@
 """Registration cost per pair, by tile size, on one and on all cores.
 
-    python benchmarks/bench_pairs.py [--tiles 512,1024] [--grid 4x4] [--repeats 3]
+    python benchmarks/bench_pairs.py [--tiles 512,1024] [--downsample 1,2] [--grid 4x4]
+                                     [--repeats 3]
 
-For each tile size, a synthetic grid (cell-like content, ±15 px stage error, 2% noise, 10%
-overlap) is registered in memory with ``workers=1`` and with one worker per core. Reported: the
-number of neighbour pairs, milliseconds per pair (whole ``register`` call divided by the pairs, the
-random null pairs and the solve included), the parallel speed-up and the RMS error against
-the truth. The median of ``--repeats`` runs; saved as JSON in benchmarks/results/.
+For each tile size and lateral binning (``register(downsample=...)``), a synthetic grid
+(cell-like content, ±15 px stage error, 2% noise, 10% overlap) is registered in memory with
+``workers=1`` and with one worker per core. Reported: the number of neighbour pairs,
+milliseconds per pair (whole ``register`` call divided by the pairs, the random null pairs and
+the solve included), the parallel speed-up and the RMS error against the truth. The median of
+``--repeats`` runs; saved as JSON in benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from common import grid_parser, print_table
 HERE = Path(__file__).resolve().parent
 
 
-def measure(tile: int, grid: tuple[int, int], repeats: int) -> dict:
+def measure(tile: int, downsample: int, grid: tuple[int, int], repeats: int) -> dict:
     from tilefuse.registration import register
     from tilefuse.testing import grid_tileset
 
@@ -36,7 +38,8 @@ def measure(tile: int, grid: tuple[int, int], repeats: int) -> dict:
         seconds = []
         for _ in range(repeats):
             started = time.perf_counter()
-            registered, report = register(ts.stage, workers=workers, max_shift=30)
+            registered, report = register(ts.stage, workers=workers, max_shift=30,
+                                          downsample=downsample)
             seconds.append(time.perf_counter() - started)
         pairs = len(report.links)
         row[f"ms_per_pair_{label}"] = statistics.median(seconds) / pairs * 1000
@@ -53,11 +56,13 @@ def main() -> int:
 
     p = grid_parser(__doc__, grid="4x4")
     p.add_argument("--tiles", default="512,1024")
+    p.add_argument("--downsample", default="1,2", help="lateral binning factors to compare")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     retain_freed_memory()
     grid = args.grid
-    rows = {f"{t}²": measure(t, grid, args.repeats) for t in map(int, args.tiles.split(","))}
+    rows = {f"{t}²" + (f" /{d}" if d > 1 else ""): measure(t, d, grid, args.repeats)
+            for t in map(int, args.tiles.split(",")) for d in map(int, args.downsample.split(","))}
     print(f"\n{grid[0]}x{grid[1]} grid, cells, ±15 px stage error, 2% noise, max_shift 30; "
           f"{os.cpu_count()} cores; median of {args.repeats}\n")
     print_table(rows, [("pairs", "pairs", "d"), ("ms/pair 1c", "ms_per_pair_1 core", ".1f"),

@@ -46,14 +46,16 @@ def test_mist_pattern_register_fuse_gives_mists_mosaic_size(tmp_path):
         assert max(picture.size) > 200
 
 
-def test_register_command_writes_fiji_named_layout(tmp_path):
+@pytest.mark.parametrize("options", [(), ("--register-downsample", "2")])
+def test_register_command_writes_fiji_named_layout(tmp_path, options):
     src = DATA / "lscm_speckle_3x4"
     layout = tmp_path / "TileConfiguration.txt"
     layout.write_text((src / "TileConfiguration.txt").read_text().replace(
         "x100_", str(src) + "/x100_"))
-    result = run_cli("register", layout)
+    result = run_cli("register", layout, *options)
     assert result.returncode == 0, result.stderr
     assert "links: 17 of 17 accepted" in result.stderr
+    assert ("1/2 resolution" in result.stderr) == bool(options)
     registered = read_layout(tmp_path / "TileConfiguration.registered.txt")
     rows = {r["file"]: r for r in read_positions(src / "positions.csv")}
     names = [t.name.rsplit("/", 1)[-1] for t in registered.tiles]

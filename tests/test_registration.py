@@ -163,6 +163,39 @@ def test_rotated_tiles_refine_translations_only():
     assert errors(registered.positions, ts.layout.positions).max() <= 0.2
 
 
+@pytest.mark.parametrize("factor", [2, 3])
+def test_downsampled_registration_in_full_resolution_pixels(factor):
+    """Binned overlaps: positions, shifts and covariances come back in full-resolution pixels."""
+    ts = grid_tileset((3, 3), (384, 384), 0.15, kind="cells", position_error=12,
+                      fractional=True, noise=0.01, seed=3)
+    registered, report = register(ts.stage, max_shift=24, downsample=factor)
+    assert report.downsample == factor and report.max_shift == 24
+    assert report.summary["links_accepted"] == report.summary["links_tried"] == 12
+    assert errors(registered.positions, ts.layout.positions).max() <= 0.1 * factor
+    truth = ts.layout.positions
+    for lk in report.links:
+        i, j = lk.tiles
+        np.testing.assert_allclose(lk.measured, truth[j] - truth[i], atol=0.1 * factor)
+        assert lk.residual < 0.1 * factor
+    assert f"1/{factor} resolution" in report.summary_lines()[0]
+    assert RegistrationReport.from_dict(report.to_dict()).downsample == factor
+
+
+def test_binning_divides_a_shift_exactly():
+    from tilefuse.registration.pairwise import bin_lateral, measure_crops
+
+    rng = np.random.default_rng(0)
+    scene = rng.normal(0, 1, (80, 97))
+    a, b = scene[:60, :70], scene[6:66, 10:80]  # b's pixel k is a's pixel k + (6, 10)
+    small = bin_lateral(a, 2)
+    assert small.shape == (30, 35)
+    np.testing.assert_allclose(small[1, 2], a[2:4, 4:6].mean())
+    np.testing.assert_allclose(bin_lateral(b, 2)[:27, :30], bin_lateral(a[6:, 10:], 2))
+    found = measure_crops(a, b, np.array([5.0, 8.0]), 6, 8, downsample=2)
+    np.testing.assert_allclose(found.shift, [6, 10], atol=0.05)
+    assert found.overlap == 54 * 60  # full-resolution pixels
+
+
 # ------------------------------------------------------------------------------- fallbacks, report
 
 
@@ -224,6 +257,10 @@ def test_single_tile_and_bad_arguments():
         register(ts.stage, channel=3)
     with pytest.raises(InputError, match="max_shift"):
         register(ts.stage, max_shift=-1)
+    with pytest.raises(InputError, match="downsample must be a whole number"):
+        register(ts.stage, downsample=1.5)
+    with pytest.raises(InputError, match="downsample 8 leaves tiles of 64 px only 8 px wide"):
+        register(ts.stage, downsample=8)
 
 
 # ------------------------------------------------------------------------------- building blocks

@@ -19,6 +19,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -55,6 +56,7 @@ def register(
     channel: int = 0,
     min_overlap_px: int = 8,
     workers: int | None = None,
+    downsample: int = 1,
 ) -> tuple[Layout, RegistrationReport]:
     """Refine tile positions so that overlapping tiles agree.
 
@@ -72,6 +74,11 @@ def register(
         measured shift may leave half of it (true overlaps are often thinner than planned).
     workers : int, optional
         Threads measuring pairs; default ``os.cpu_count()``.
+    downsample : int
+        Compare overlaps binned ``downsample`` x ``downsample`` in y and x (z is kept): for
+        large tiles, about ``downsample**2`` times less work per pair for errors about
+        ``downsample`` times larger (see ``benchmarks/bench_pairs.py``). Every value in, and in
+        the report, stays in full-resolution pixels.
 
     Returns
     -------
@@ -82,22 +89,26 @@ def register(
     Raises
     ------
     InputError
-        ``channel``, ``max_shift``, ``min_overlap_px`` or ``workers`` is out of range.
+        ``channel``, ``max_shift``, ``min_overlap_px``, ``workers`` or ``downsample`` is out of
+        range.
     """
-    _check(layout, max_shift, channel, min_overlap_px, workers)
+    _check(layout, max_shift, channel, min_overlap_px, workers, downsample)
     indices = find_pairs(layout, min_overlap_px)
     radius = default_max_shift(layout, indices) if max_shift is None else float(max_shift)
     pairs = [make_pair(layout, a, b, math.ceil(radius)) for a, b in indices]
-    log.info("registering %d tiles: %d overlapping pairs, max shift %.1f px",
-             len(layout.tiles), len(pairs), radius)
+    log.info("registering %d tiles: %d overlapping pairs, max shift %.1f px%s",
+             len(layout.tiles), len(pairs), radius,
+             f", measured at 1/{downsample} resolution" if downsample > 1 else "")
     min_extent = max(2, int(min_overlap_px) // 2)
+    measure = functools.partial(measure_crops, min_extent=min_extent, downsample=int(downsample))
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        found = list(pool.map(lambda p: _measure(layout, p, channel, radius, min_extent), pairs))
-        null = _null_scores(layout, pairs, channel, radius, min_extent, pool)
+        found = list(pool.map(lambda p: _measure(layout, p, channel, radius, measure), pairs))
+        null = _null_scores(layout, pairs, channel, radius, measure, pool)
     threshold = _threshold(null)
     reasons = _decide(layout, pairs, found, threshold, radius)
     solution = _solve(layout, pairs, found, reasons, radius)
     report = _report(layout, pairs, found, reasons, solution, threshold, radius, len(null))
+    report.downsample = int(downsample)
     _log_fallbacks(report)
     return layout.with_positions(solution.positions), report
 
@@ -142,7 +153,7 @@ def register_series(
     return registered, {i: report for i, (_, report) in enumerate(results)}
 
 
-def _check(layout, max_shift, channel, min_overlap_px, workers) -> None:
+def _check(layout, max_shift, channel, min_overlap_px, workers, downsample) -> None:
     if not isinstance(layout, Layout):
         raise InputError(f"register expects a Layout, got {type(layout).__name__}")
     if not 0 <= int(channel) < len(layout.channels):
@@ -154,6 +165,12 @@ def _check(layout, max_shift, channel, min_overlap_px, workers) -> None:
         raise InputError(f"min_overlap_px must be at least 2, got {min_overlap_px}")
     if workers is not None and int(workers) < 1:
         raise InputError(f"workers must be at least 1, got {workers}")
+    if int(downsample) != downsample or downsample < 1:
+        raise InputError(f"downsample must be a whole number of at least 1, got {downsample}")
+    small = min(min(t.shape[-2:]) for t in layout.tiles)
+    if downsample > 1 and small // downsample < 16:
+        raise InputError(f"downsample {downsample} leaves tiles of {small} px only "
+                         f"{small // downsample} px wide; use at most {max(1, small // 16)}")
 
 
 def default_max_shift(layout: Layout, pairs: list[tuple[int, int]]) -> float:
@@ -183,10 +200,10 @@ def _pixels(layout: Layout, index: int, channel: int) -> np.ndarray:
     return np.asarray(read_tile(tile.source)[channel]).reshape(tile.shape)
 
 
-def _measure(layout: Layout, pair: Pair, channel: int, radius: float, min_overlap: int):
+def _measure(layout: Layout, pair: Pair, channel: int, radius: float, measure) -> Measurement:
     crop_a = pair.crop(_pixels(layout, pair.a, channel), "a")
     crop_b = pair.crop(_pixels(layout, pair.b, channel), "b")
-    return measure_crops(crop_a, crop_b, pair.nominal, radius, min_overlap)
+    return measure(crop_a, crop_b, pair.nominal, radius)
 
 
 # ------------------------------------------------------------------------------------- threshold
@@ -233,7 +250,7 @@ def _null_job(layout: Layout, pairs: list[Pair], radius: float, rng: np.random.G
     return None
 
 
-def _null_scores(layout, pairs, channel, radius, min_overlap, pool) -> list[float]:
+def _null_scores(layout, pairs, channel, radius, measure, pool) -> list[float]:
     """Best correlations found between crops that do not overlap (the chance level)."""
     if not pairs:
         return []
@@ -247,7 +264,7 @@ def _null_scores(layout, pairs, channel, radius, min_overlap, pool) -> list[floa
         size = pair.box_b[1] - pair.box_b[0]
         crop_c = _pixels(layout, other, channel)[tuple(slice(s, s + k) for s, k in
                                                         zip(lo, size))]
-        found = measure_crops(crop_a, crop_c, pair.nominal, radius, min_overlap, refine=False)
+        found = measure(crop_a, crop_c, pair.nominal, radius, refine=False)
         usable = found.shift is not None and not found.edge and np.isfinite(found.ncc)
         return found.ncc if usable else 0.0
 

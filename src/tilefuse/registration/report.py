@@ -107,6 +107,8 @@ class RegistrationReport:
         worst link.
     null_samples : int
         Number of random non-overlapping crop pairs behind the threshold.
+    downsample : int
+        Lateral binning the overlaps were compared at (1: full resolution).
     """
 
     links: list[LinkRecord] = field(default_factory=list)
@@ -115,6 +117,7 @@ class RegistrationReport:
     max_shift: float = float("nan")
     residual_limit: float = float("nan")
     null_samples: int = 0
+    downsample: int = 1
 
     @property
     def summary(self) -> dict:
@@ -142,6 +145,7 @@ class RegistrationReport:
             "max_shift": self.max_shift,
             "residual_limit": self.residual_limit,
             "null_samples": self.null_samples,
+            "downsample": self.downsample,
             "links": [asdict(lk) for lk in self.links],
             "tiles": [asdict(t) for t in self.tiles],
         }
@@ -165,7 +169,8 @@ class RegistrationReport:
         ]
         tiles = [TileRecord(**t) for t in data.get("tiles", [])]
         return cls(links, tiles, number(data.get("threshold")), number(data.get("max_shift")),
-                   number(data.get("residual_limit")), int(data.get("null_samples", 0)))
+                   number(data.get("residual_limit")), int(data.get("null_samples", 0)),
+                   int(data.get("downsample", 1)))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> RegistrationReport:
@@ -178,7 +183,8 @@ class RegistrationReport:
         s = self.summary
         lines = [
             f"links: {s['links_accepted']} of {s['links_tried']} accepted "
-            f"(ncc threshold {self.threshold:.2f}, max shift {self.max_shift:.1f} px)",
+            f"(ncc threshold {self.threshold:.2f}, max shift {self.max_shift:.1f} px"
+            + (f", measured at 1/{self.downsample} resolution)" if self.downsample > 1 else ")"),
             f"tiles: {s['tiles_by_image']} placed by image, "
             f"{s['tiles_by_stage']} by stage position",
         ]
