@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numba
 
-__all__ = ["jit", "jit_inline"]
+__all__ = ["jit"]
 
 
 def jit(func):
@@ -14,9 +14,3 @@ def jit(func):
         return numba.njit(nogil=True, cache=True, error_model="numpy")(func)
     except RuntimeError:  # no writable cache location
         return numba.njit(nogil=True, error_model="numpy")(func)
-
-
-def jit_inline(func):
-    """A compiled helper that numba inlines into its callers (a per-pixel or per-run call
-    costs more than the work in it otherwise)."""
-    return numba.njit(inline="always", error_model="numpy")(func)
