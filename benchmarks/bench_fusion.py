@@ -20,7 +20,9 @@ mvs           multiview-stitcher's ``fuse(...)`` computed in memory (only if imp
               benchmarks/.venv, which ``make bench`` installs; never a tilefuse dependency)
 mvs-zarr      multiview-stitcher's ``fuse(..., output_zarr_url=...)``: its own chunked writer
 
-The table (median of ``--repeats`` runs) is printed and saved as JSON in benchmarks/results/.
+Variants run interleaved, one of each per round, for ``--repeats`` rounds (naive and mvs in the
+first round only); the table gives each variant's median seconds and the median of its
+same-round ratios to the floor, is printed and saved as JSON in benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -268,31 +270,52 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tilefuse-bench-"))
     try:
         layout_path = make_tiles(work, grid, args.tile, compression=args.tile_compression)
-        rows = {}
-        for variant in args.variants.split(","):
-            python = sys.executable
-            if variant.startswith("mvs"):
-                if not MVS_PYTHON.exists():
-                    rows[variant] = {"error": "benchmarks/.venv missing (make bench installs it)"}
-                    continue
-                python = str(MVS_PYTHON)
-            repeats = 1 if variant.startswith(("naive", "mvs")) else args.repeats
-            runs = [measure(variant, layout_path, work, python) for _ in range(repeats)]
-            good = [r for r in runs if "error" not in r]
-            if not good:
-                rows[variant] = runs[0]
-                continue
-            rows[variant] = {
-                "seconds": statistics.median(r["seconds"] for r in good),
-                "all_seconds": [round(r["seconds"], 3) for r in good],
-                "peak_rss_mb": max(r["peak_rss_mb"] for r in good),
-                "shape": good[0]["shape"],
-            }
-            print(f"  {variant}: {rows[variant]['all_seconds']} s", file=sys.stderr)
+        rows = run_rounds(args.variants.split(","), layout_path, work, args.repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(rows, grid, args)
     return 0
+
+
+def _python_for(variant: str) -> str | None:
+    if not variant.startswith("mvs"):
+        return sys.executable
+    return str(MVS_PYTHON) if MVS_PYTHON.exists() else None
+
+
+def run_rounds(variants: list[str], layout_path: Path, work: Path, repeats: int) -> dict:
+    """Run every variant once per round, ``repeats`` rounds (naive and mvs: the first only).
+
+    Interleaving keeps the floor and each variant under the same machine conditions: this
+    machine drifts by +-20% over minutes, so each variant's ratio to the floor is the median of
+    its per-round ratios, not a ratio of medians taken minutes apart.
+    """
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for round_ in range(repeats):
+        for variant in variants:
+            if round_ and variant.startswith(("naive", "mvs")):
+                continue
+            python = _python_for(variant)
+            runs[variant].append(
+                measure(variant, layout_path, work, python) if python else
+                {"error": "benchmarks/.venv missing (make bench installs it)"})
+    rows = {}
+    floors = [r.get("seconds") for r in runs.get("floor", [])]
+    for variant, results in runs.items():
+        good = [r for r in results if "error" not in r]
+        if not good:
+            rows[variant] = results[0]
+            continue
+        paired = [r["seconds"] / f for r, f in zip(results, floors) if "error" not in r and f]
+        rows[variant] = {
+            "seconds": statistics.median(r["seconds"] for r in good),
+            "all_seconds": [round(r["seconds"], 3) for r in good],
+            "paired_ratios": [round(x, 3) for x in paired],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in good),
+            "shape": good[0]["shape"],
+        }
+        print(f"  {variant}: {rows[variant]['all_seconds']} s", file=sys.stderr)
+    return rows
 
 
 def _speedups(rows: dict) -> None:
@@ -313,11 +336,15 @@ def report(rows: dict, grid, args) -> None:
     floor = rows.get("floor", {}).get("seconds")
     print(f"\n{grid[0] * grid[1]} tiles of {args.tile}² uint16 TIFF "
           f"({args.tile_compression or 'uncompressed'}), 10% overlap, fractional positions; "
-          f"{os.cpu_count()} cores; median of {args.repeats} (naive, mvs: 1 run)\n")
+          f"{os.cpu_count()} cores; median of {args.repeats} interleaved rounds (naive, mvs: "
+          "1 run); x floor: median of the same-round ratios\n")
     for r in rows.values():
         if "error" not in r:
             r["mpix_per_s"] = np.prod(r["shape"]) / 1e6 / r["seconds"]
-            r["ratio_to_floor"] = r["seconds"] / floor if floor else None
+            # the median of same-round ratios where there are several, else vs the median floor
+            several = len(r["paired_ratios"]) > 1
+            r["ratio_to_floor"] = (statistics.median(r["paired_ratios"]) if several else
+                                   r["seconds"] / floor if floor else None)
     print_table(rows, [("seconds", "seconds", ".2f"), ("MPix/s", "mpix_per_s", ".1f"),
                        ("peak RSS MB", "peak_rss_mb", ".0f"), ("x floor", "ratio_to_floor", ".2f")])
     _speedups(rows)
