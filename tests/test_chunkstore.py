@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numcodecs
 import numpy as np
 import pytest
@@ -144,3 +147,93 @@ def test_write_ome_zarr_same_image_through_zarr(tmp_path, monkeypatch):
     direct = zarr.open_group(tmp_path / "direct.ome.zarr").attrs.asdict()
     through = zarr.open_group(tmp_path / "zarr.ome.zarr").attrs.asdict()
     assert direct["ome"]["omero"] == through["ome"]["omero"]  # the same display windows
+
+
+def _stored(folder) -> dict:
+    """Every chunk file under an array's folder (metadata left out): relative path -> bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith((".z", "zarr.json"))}
+
+
+@pytest.mark.parametrize(("fmt", "dtype", "fill"), [
+    (3, "float32", np.nan), (2, "float32", np.nan), (3, "float64", np.nan),
+    (3, "float32", 0.0), (2, "float32", None), (2, "uint16", None), (2, "uint16", 5),
+])
+def test_empty_chunks_skipped_exactly_as_zarr_skips_them(tmp_path, fmt, dtype, fill):
+    """A NaN fill (NaN != NaN), a None fill (zarr v2: the dtype's default) and -0.0 against a
+    0.0 fill (zarr compares bits) store the same files as zarr, edge chunks included."""
+    default = 0 if fill is None else fill
+    data = np.full((10, 11), default, dtype)  # chunks (4, 4): 3 x 3, edges on both axes
+    data[0, 0] = 1  # chunk (0, 0) holds data; (0, 1), (1, 1) and the edge (2, 2) stay empty
+    data[4:8, 0:4] = -0.0 if np.dtype(dtype).kind == "f" else 1  # (1, 0): fill == -0.0
+    data[8:, 4:8] = 2  # the edge chunk (2, 1) holds data; zarr pads it with the fill
+    data[4, 8] = np.nan if np.dtype(dtype).kind == "f" else 3  # (1, 2): a NaN in data
+    arrays = []
+    for name in ("by-zarr", "by-writer"):
+        group = zarr.open_group(tmp_path / name, mode="w", zarr_format=fmt)
+        arrays.append(group.create_array("a", shape=data.shape, chunks=(4, 4), dtype=dtype,
+                                         fill_value=fill, config={"write_empty_chunks": False}))
+    by_zarr, by_writer = arrays
+    by_zarr[...] = data
+    writer = ChunkFiles.for_array(by_writer, skip_empty=True)
+    assert writer is not None
+    _write_all(writer, data, (4, 4))
+    expected = _stored(tmp_path / "by-zarr" / "a")
+    assert 0 < len(expected) < 9
+    assert _stored(tmp_path / "by-writer" / "a") == expected
+    np.testing.assert_array_equal(by_writer[...], data)
+    for block in np.ndindex(3, 3):  # unstored chunks read back as zarr reads them
+        region = tuple(slice(b * 4, (b + 1) * 4) for b in block)
+        np.testing.assert_array_equal(writer.read(block), data[region], err_msg=str(block))
+
+
+def test_a_chunk_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """fsync before rename: after a power cut the chunk is the old one or the new one, never a
+    renamed empty file."""
+    array = zarr.create_array(tmp_path / "a.zarr", shape=(8, 4), chunks=(4, 4), dtype="u2")
+    writer = ChunkFiles.for_array(array, skip_empty=False)
+    events = []
+    real_fsync, real_replace = chunkstore.os.fsync, chunkstore.os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(chunkstore.os, "fsync", fsync)
+    monkeypatch.setattr(chunkstore.os, "replace", replace)
+    _write_all(writer, np.arange(32, dtype=np.uint16).reshape(8, 4), (4, 4))
+    replaced = [i for i, (kind, _) in enumerate(events) if kind == "replace"]
+    assert len(replaced) == 2
+    for i in replaced:  # the very file renamed was synced before
+        assert ("fsync", events[i][1]) in events[:i]
+    np.testing.assert_array_equal(array[...], np.arange(32).reshape(8, 4))
+
+
+@pytest.mark.parametrize(("fmt", "options"), [(3, {}), (2, V2)])
+def test_leftover_partial_files_are_removed(tmp_path, fmt, options):
+    data = np.arange(2 * 37 * 50, dtype=np.uint16).reshape(2, 37, 50)
+    _, array = _pair(tmp_path, fmt, data, (1, 16, 16), **options)
+    writer = ChunkFiles.for_array(array, skip_empty=False)
+    _write_all(writer, data, (1, 16, 16))
+    folder = Path(writer.folder)
+    leftovers = []
+    for block in ((0, 0, 0), (1, 2, 3)):  # as a kill between write and rename leaves them
+        chunk = writer.path(block)
+        leftovers.append(chunk.with_name(f".{chunk.name}.{'ab12' * 8}.partial"))
+        leftovers[-1].write_bytes(b"half a chunk")
+    nested = folder / "c" / "9" / f".7.{'0f' * 16}.partial"
+    nested.parent.mkdir(parents=True, exist_ok=True)
+    nested.write_bytes(b"")
+    foreign = [folder / "notes.partial", folder / ".x.partial", folder / f".y.{'Z' * 32}.partial"]
+    for path in foreign:  # not named as a ChunkFiles temporary: not ours to delete
+        path.write_bytes(b"keep")
+    assert chunkstore.remove_partial_files(folder) == 3
+    assert not any(p.exists() for p in (*leftovers, nested))
+    assert all(p.exists() for p in foreign)
+    np.testing.assert_array_equal(zarr.open_array(folder)[...], data)
+    assert chunkstore.remove_partial_files(folder) == 0
+    assert chunkstore.remove_partial_files(tmp_path / "missing") == 0

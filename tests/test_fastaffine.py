@@ -32,7 +32,8 @@ def test_run_end_is_the_first_change(b, slope, s, start, length):
 
 @st.composite
 def _affine_cases(draw):
-    """A small tile under a near-identity affine (runs) onto a chunk window, state pre-filled."""
+    """A small tile under a near-identity affine (runs) onto a chunk window, state pre-filled;
+    float32 or float64 state (the accumulator), float64 whenever the tile is wider than 16 bits."""
     ny, nx = draw(st.integers(2, 40)), draw(st.integers(2, 40))
     angle = np.deg2rad(draw(st.floats(-3.5, 3.5)))
     scale = draw(st.sampled_from([1.0, 1.0, 0.99, 1.02]))
@@ -43,25 +44,29 @@ def _affine_cases(draw):
     origin = np.array([draw(st.integers(-8, 20)), draw(st.integers(-8, 20))])
     shape = (draw(st.integers(1, 30)), draw(st.integers(1, 45)))
     channels = draw(st.sampled_from([1, 2]))
-    dtype = draw(st.sampled_from([np.uint8, np.uint16, np.float32]))
+    dtype = draw(st.sampled_from([np.uint8, np.uint16, np.float32, np.uint32, np.float64]))
+    accumulator = np.float32 if np.dtype(dtype).itemsize <= 2 or dtype == np.float32 else (
+        np.float64)
+    accumulator = draw(st.sampled_from([accumulator, np.float64]))
     mode = draw(st.integers(0, 5))
     widths = np.array([draw(st.sampled_from([0.5, 2.0, 6.5])), draw(st.sampled_from([0.5, 9.0]))])
-    return affine, origin, shape, (channels, ny, nx), dtype, mode, widths
+    return affine, origin, shape, (channels, ny, nx), dtype, accumulator, mode, widths
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_affine_cases(), st.integers(0, 2**16))
 def test_runs_bit_identical_to_pixels(case, seed):
-    affine, origin, shape, tile_shape, dtype, mode, widths = case
+    affine, origin, shape, tile_shape, dtype, accumulator, mode, widths = case
     rng = np.random.default_rng(seed)
-    data = (rng.uniform(0, 200, tile_shape)).astype(dtype)
+    top = 4e9 if dtype == np.uint32 else 200
+    data = (rng.uniform(0, top, tile_shape)).astype(dtype)
     inv = np.ascontiguousarray(np.linalg.inv(affine))
     lo, hi = origin.copy(), origin + np.array(shape)
     tables = fastaffine.ramp_tables(tuple(widths))
     # State as left by earlier tiles: some pixels covered, with values and weights.
     covered = rng.random(shape) < 0.5
-    acc = np.where(covered, rng.uniform(0, 300, (tile_shape[0], *shape)), 0).astype(np.float32)
-    wsum = np.where(covered, rng.uniform(0.1, 2, shape), 0).astype(np.float32)
+    acc = np.where(covered, rng.uniform(0, 300, (tile_shape[0], *shape)), 0).astype(accumulator)
+    wsum = np.where(covered, rng.uniform(0.1, 2, shape), 0).astype(accumulator)
     results = []
     for runs in (False, True):
         state = acc.copy(), wsum.copy(), covered.copy()

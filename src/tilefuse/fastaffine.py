@@ -10,6 +10,9 @@ rows at a constant column offset. A run reads contiguous memory, so its loops co
 instructions: 2-2.5x faster than one pixel at a time on a 1-degree rotation (5-7 ns a pixel
 instead of 13-15 here), with the same values bit for bit (tested). The rest (edges where a tap
 would be clamped, steeper transforms, 3D) goes pixel by pixel.
+
+Samples are rounded once, from the float64 interpolation, to the accumulator dtype: that of the
+``acc`` array (float32, or float64 for tiles or outputs wider than 16 bits).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def _ramp(t, n, width, table):
 @jit
 def _linear_sample(data, c, s, f, shape):
     """Linear interpolation of ``data[c]`` at floor indices ``s`` and fractions ``f`` (z, y, x),
-    indices clamped to the tile (``mode="nearest"``)."""
+    indices clamped to the tile (``mode="nearest"``), in float64."""
     total = 0.0
     for dz in range(2):
         iz = min(max(s[0] + dz, 0), shape[0] - 1)
@@ -77,7 +80,7 @@ def _linear_sample(data, c, s, f, shape):
                 ix = min(max(s[2] + dx, 0), shape[2] - 1)
                 wx = f[2] if dx else 1.0 - f[2]
                 total += wz * wy * wx * data[c, iz, iy, ix]
-    return np.float32(total)
+    return total
 
 
 @jit
@@ -86,8 +89,9 @@ def add_affine(acc, wsum, covered, data, lo, hi, origin, inv, widths, tables, mo
 
     Parameters
     ----------
-    acc : float32 (c, Z, Y, X); wsum : float32 (Z, Y, X); covered : bool (Z, Y, X)
-        Chunk state, updated in place (``wsum`` is only touched by ``linear`` and ``mean``).
+    acc : (c, Z, Y, X); wsum : (Z, Y, X); covered : bool (Z, Y, X)
+        Chunk state, updated in place (``wsum`` is only touched by ``linear`` and ``mean``);
+        ``acc`` and ``wsum`` of the accumulator dtype (float32 or float64).
     data : (c, z, y, x)
         The tile's pixels, any real dtype.
     lo, hi : int64 (3,)
@@ -125,7 +129,7 @@ def add_affine(acc, wsum, covered, data, lo, hi, origin, inv, widths, tables, mo
                 iz, iy, ix = oz - origin[0], oy - origin[1], ox - origin[2]
                 fresh = not covered[iz, iy, ix]
                 for c in range(data.shape[0]):
-                    v = _linear_sample(data, c, s, f, shape)
+                    v = acc.dtype.type(_linear_sample(data, c, s, f, shape))
                     a = acc[c, iz, iy, ix]
                     if mode == 0:
                         acc[c, iz, iy, ix] = a + v * w
@@ -186,9 +190,9 @@ def _add_run(acc, wsum, covered, flat, nx, oxs, by, ay, bx, ax, o, row, col, wid
 
     Output columns ``oxs`` (float64, n) land on flat chunk pixels ``o`` .. ``o + n - 1``; the
     taps are tile row ``row`` and ``row + 1`` of ``flat`` (c, y * x), at tile column output
-    column + ``col``. ``vals`` and ``ws`` are scratch rows. The loops are written out here, not
-    in helpers: one call per run is cheap, one per pixel or per loop is not (numba passes each
-    array as a struct of fields).
+    column + ``col``. ``vals`` (accumulator dtype) and ``ws`` (float32) are scratch rows. The
+    loops are written out here, not in helpers: one call per run is cheap, one per pixel or per
+    loop is not (numba passes each array as a struct of fields).
     """
     n = oxs.size
     ny = flat.shape[1] // nx
@@ -209,7 +213,7 @@ def _add_run(acc, wsum, covered, flat, nx, oxs, by, ay, bx, ax, o, row, col, wid
             total += 1.0 * (1.0 - fy) * fx * r0[k + 1]
             total += 1.0 * fy * (1.0 - fx) * r1[k]
             total += 1.0 * fy * fx * r1[k + 1]
-            v[k] = np.float32(total)
+            v[k] = v.dtype.type(total)
         if not inside:
             return False  # only the first channel can fail (same taps): nothing added yet
         if mode == 0 and c == 0:  # weights: all 1 when both ends are past the band (the
@@ -258,7 +262,8 @@ def _add_run(acc, wsum, covered, flat, nx, oxs, by, ay, bx, ax, o, row, col, wid
 def add_affine_2d(acc, wsum, covered, data, lo, hi, origin, inv, widths, tables, mode):
     """:func:`add_affine` for 2D tiles: 4 taps instead of 8, same values.
 
-    ``acc`` (c, Y, X), ``wsum`` and ``covered`` (Y, X) C-contiguous; ``data`` (c, y, x)
+    ``acc`` (c, Y, X), ``wsum`` and ``covered`` (Y, X) C-contiguous, ``acc`` and ``wsum`` of the
+    accumulator dtype; ``data`` (c, y, x)
     C-contiguous; ``lo``, ``hi``, ``origin`` (2,) and ``inv`` (3, 3) in (y, x). Runs are used
     when a tap row lasts 16 output pixels or more (rotations up to ~3.6 degrees).
     """
@@ -276,7 +281,7 @@ def _affine_2d(acc, wsum, covered, data, lo, hi, origin, inv, widths, tables, mo
     flat = data.reshape(data.shape[0], ny * nx)
     ay, ax = inv[0, 1], inv[1, 1]
     oxs = np.arange(lo[1], hi[1]).astype(np.float64)  # output columns as float64
-    vals = np.empty(hi[1] - lo[1], np.float32)
+    vals = np.empty(hi[1] - lo[1], acc.dtype)
     ws = np.empty(hi[1] - lo[1], np.float32)
     for oy in range(lo[0], hi[0]):
         by = inv[0, 2] + inv[0, 0] * oy
@@ -312,7 +317,7 @@ def _affine_2d(acc, wsum, covered, data, lo, hi, origin, inv, widths, tables, mo
                 total += 1.0 * (1.0 - fy) * fx * data[c, y0, x1]
                 total += 1.0 * fy * (1.0 - fx) * data[c, y1, x0]
                 total += 1.0 * fy * fx * data[c, y1, x1]
-                v = np.float32(total)
+                v = accf.dtype.type(total)
                 a = accf[c, o]
                 if mode == 0:
                     accf[c, o] = a + v * w

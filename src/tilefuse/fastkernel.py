@@ -14,7 +14,10 @@ normalise, round, clip, cast):
   rotated mosaic differs, by 1 in the last place of the output dtype.
 
 Tiles are handled as ``(c, z, y, x)``; a 2D tile is a z-stack of one plane at integer position.
-Every function releases the GIL, so dask threads fuse chunks in parallel.
+Every function releases the GIL, so dask threads fuse chunks in parallel. The accumulator dtype
+(float32, or float64 for tiles or outputs wider than 16 bits) is that of the ``acc`` array: each
+compiled function is specialised for it, converting with ``acc.dtype.type(...)`` where the numpy
+backend converts to the same dtype, so float32 runs the very code it always did.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 from tilefuse.blend import cosine_ramp
 from tilefuse.compiled import jit
 from tilefuse.fastaffine import add_affine, add_affine_2d, ramp_tables
+from tilefuse.kernel import finalize, read_checked
 from tilefuse.resample import _affine_footprint, _snap, _translation_span
 
 __all__ = ["fuse_chunk_compiled"]
@@ -45,24 +49,25 @@ _LINEAR, _MEAN = 0, 1
 def _fill_row(row, r00, r10, r01, r11, wlo, whi, frac):
     """Interpolate along z then y (numpy's pass order) one row of the x window into ``row``.
 
-    ``r00`` .. ``r11`` are the tile rows at (z low/high, y low/high), 1D views.
+    ``r00`` .. ``r11`` are the tile rows at (z low/high, y low/high), 1D views; ``row``,
+    ``wlo`` and ``whi`` are of the accumulator dtype, which the taps are converted to.
     """
     if frac[0] and frac[1]:
         for j in range(row.size):
-            lo = np.float32(r00[j]) * wlo[0]
-            lo += np.float32(r10[j]) * whi[0]
-            hi = np.float32(r01[j]) * wlo[0]
-            hi += np.float32(r11[j]) * whi[0]
+            lo = row.dtype.type(r00[j]) * wlo[0]
+            lo += row.dtype.type(r10[j]) * whi[0]
+            hi = row.dtype.type(r01[j]) * wlo[0]
+            hi += row.dtype.type(r11[j]) * whi[0]
             row[j] = lo * wlo[1] + hi * whi[1]
     elif frac[0]:
         for j in range(row.size):
-            row[j] = np.float32(r00[j]) * wlo[0] + np.float32(r10[j]) * whi[0]
+            row[j] = row.dtype.type(r00[j]) * wlo[0] + row.dtype.type(r10[j]) * whi[0]
     elif frac[1]:
         for j in range(row.size):
-            row[j] = np.float32(r00[j]) * wlo[1] + np.float32(r01[j]) * whi[1]
+            row[j] = row.dtype.type(r00[j]) * wlo[1] + row.dtype.type(r01[j]) * whi[1]
     else:
         for j in range(row.size):
-            row[j] = np.float32(r00[j])
+            row[j] = row.dtype.type(r00[j])
 
 
 @jit
@@ -103,7 +108,7 @@ def _add_shifted(acc, wsum, covered, data, tshape, cshape, box0, nbox, src0, wlo
 
     Parameters
     ----------
-    acc : float32 (c * Z * Y * X,); wsum : float32 (Z * Y * X,); covered : bool (Z * Y * X,)
+    acc, wsum : accumulator dtype (c * Z * Y * X,) and (Z * Y * X,); covered : bool (Z * Y * X,)
         Chunk state ``(c, Z, Y, X)``, updated in place.
     data : (c * z * y * x,)
         The tile's pixels ``(c, z, y, x)``, any real dtype.
@@ -113,7 +118,7 @@ def _add_shifted(acc, wsum, covered, data, tshape, cshape, box0, nbox, src0, wlo
         First chunk index and extent of the tile ∩ chunk box.
     src0 : int64 (3,)
         Tile index of the first tap for box index 0 along each axis.
-    wlo, whi : float32 (3,)
+    wlo, whi : accumulator dtype (3,)
         Weights of the first and second tap on fractional axes.
     frac : bool (3,)
         Which axes are fractional (two taps); the others take one tap unchanged.
@@ -124,8 +129,8 @@ def _add_shifted(acc, wsum, covered, data, tshape, cshape, box0, nbox, src0, wlo
     """
     nx = nbox[2]
     nxw = nx + 1 if frac[2] else nx
-    row = np.empty(nxw, np.float32)
-    vals = np.empty(nx, np.float32)
+    row = np.empty(nxw, acc.dtype)
+    vals = np.empty(nx, acc.dtype)
     ty, tx = tshape[1], tshape[2]
     cy, cx = cshape[1], cshape[2]
     dz, dy = (ty * tx) if frac[0] else 0, tx if frac[1] else 0  # offsets of the second taps
@@ -163,12 +168,13 @@ def _add_shifted(acc, wsum, covered, data, tshape, cshape, box0, nbox, src0, wlo
 def _finalize_into(acc, wsum, covered, weighted, fill, lo, hi, out, integer):
     """Normalise, fill, round, clip and cast in one pass, as :func:`tilefuse.kernel.finalize`.
 
-    ``acc`` (c, n) float32, ``wsum`` and ``covered`` (n,), ``out`` (c, n) of the output dtype;
-    ``fill``, ``lo`` and ``hi`` (the integer dtype's range) are float32.
+    ``acc`` (c, n), ``wsum`` (n,) of the accumulator dtype, ``covered`` (n,), ``out`` (c, n) of
+    the output dtype; ``fill``, ``lo`` and ``hi`` (the integer dtype's range) are of the
+    accumulator dtype.
     """
     for c in range(acc.shape[0]):
         for i in range(acc.shape[1]):
-            v = np.float32(acc[c, i] / wsum[i]) if weighted else acc[c, i]
+            v = acc.dtype.type(acc[c, i] / wsum[i]) if weighted else acc[c, i]
             if not covered[i]:
                 v = fill
             if integer:
@@ -184,15 +190,17 @@ def _finalize_into(acc, wsum, covered, weighted, fill, lo, hi, out, integer):
 _PAD = {2: (1,), 3: ()}  # a 2D chunk or tile gets a z axis of length 1
 
 
-def _translation_args(pos, tile_shape, origin, chunk_shape, exact: bool, widths, mode):
+def _translation_args(pos, tile_shape, origin, chunk_shape, exact: bool, widths, mode,
+                      accumulator: np.dtype):
     """Arguments of ``_add_shifted`` for one tile, or None when it misses the chunk.
 
     ``pos``, ``tile_shape``, ``origin``, ``chunk_shape`` and ``widths`` are zyx, z included
-    for 2D (length-1 axis at 0). Mirrors :func:`tilefuse.resample._place_translation`.
+    for 2D (length-1 axis at 0); the tap weights are of the ``accumulator`` dtype. Mirrors
+    :func:`tilefuse.resample._place_translation`.
     """
     pos = _snap(np.asarray(pos, dtype=np.float64))
     box0, nbox, src0 = (np.zeros(3, np.int64) for _ in range(3))
-    wlo, whi = np.zeros(3, np.float32), np.ones(3, np.float32)
+    wlo, whi = np.zeros(3, accumulator), np.ones(3, accumulator)
     frac = np.zeros(3, np.bool_)
     ramps = []
     for ax in range(3):
@@ -206,7 +214,7 @@ def _translation_args(pos, tile_shape, origin, chunk_shape, exact: bool, widths,
         f = 0.0 if exact else p - i
         src0[ax] = lo - i - (1 if f else 0)
         if f:
-            frac[ax], wlo[ax], whi[ax] = True, np.float32(f), np.float32(1 - f)
+            frac[ax], wlo[ax], whi[ax] = True, accumulator.type(f), accumulator.type(1 - f)
         if mode == _LINEAR and widths[ax] is not None:
             coords = np.arange(lo, hi, dtype=np.float64) - p
             ramps.append(cosine_ramp(coords, n, widths[ax]))
@@ -239,6 +247,7 @@ def fuse_chunk_compiled(
     blend: str = "linear",
     widths: Sequence[float] = (),
     fill: float = 0,
+    accumulator: np.dtype | type = np.float32,
 ) -> np.ndarray:
     """:func:`tilefuse.kernel.fuse_chunk` with the compiled kernels (same arguments and result).
 
@@ -246,15 +255,16 @@ def fuse_chunk_compiled(
     -------
     numpy.ndarray, shape (n_channels, *chunk_shape), ``dtype``
     """
+    accumulator = np.dtype(accumulator)
     ndim = len(chunk_shape)
     pad = _PAD[ndim]
     shape3 = (*pad, *chunk_shape)
     origin3 = np.array([0] * len(pad) + [int(o) for o in chunk_origin], np.int64)
     mode = _MODES[blend]
     widths3 = [None] * len(pad) + list(widths) if mode == _LINEAR else [None] * 3
-    acc = np.zeros((n_channels, *shape3), np.float32)
+    acc = np.zeros((n_channels, *shape3), accumulator)
     weighted = mode in (_LINEAR, _MEAN)
-    wsum = np.zeros(shape3 if weighted else (1, 1, 1), np.float32)
+    wsum = np.zeros(shape3 if weighted else (1, 1, 1), accumulator)
     covered = np.zeros(shape3, np.bool_)
     for tile in tiles:
         _add_tile(tile, acc, wsum, covered, origin3, shape3, ndim, widths3, mode)
@@ -271,7 +281,7 @@ def _add_tile(tile, acc, wsum, covered, origin3, shape3, ndim, widths3, mode) ->
         if args is None:
             return
         lo, hi, inv = args
-        data = tile.read()
+        data = read_checked(tile, acc.dtype)
         data = data.reshape(data.shape[0], *tile_shape3)
         w = np.array([0.5 if v is None else max(float(v), 0.5) for v in widths3])
         if ndim == 2:
@@ -286,31 +296,31 @@ def _add_tile(tile, acc, wsum, covered, origin3, shape3, ndim, widths3, mode) ->
         return
     pos = np.concatenate([np.zeros(len(pad)), tile.affine[:-1, -1]])
     args = _translation_args(pos, tile_shape3, origin3, shape3, tile.path == "slice",
-                             widths3, mode)
+                             widths3, mode, acc.dtype)
     if args is None:
         return
-    data = np.ascontiguousarray(tile.read()).reshape(-1)
+    data = np.ascontiguousarray(read_checked(tile, acc.dtype)).reshape(-1)
     _add_shifted(acc.reshape(-1), wsum.reshape(-1), covered.reshape(-1), data,
                  np.array(tile_shape3, np.int64), np.array(shape3, np.int64), *args, mode)
 
 
 def _finalize(acc, wsum, covered, weighted, dtype, fill) -> np.ndarray:
     dtype = np.dtype(dtype)
+    kind = acc.dtype.type
     n = covered.size
-    if dtype.kind in "ui" and dtype.itemsize <= 2:
+    exact_range = dtype.itemsize <= 2 or (kind is np.float64 and dtype.itemsize <= 4)
+    if dtype.kind in "ui" and exact_range:  # the integer range is exact in the accumulator
         info = np.iinfo(dtype)
-        lo, hi, integer = np.float32(info.min), np.float32(info.max), True
+        lo, hi, integer = kind(info.min), kind(info.max), True
     elif dtype.kind == "f":
-        lo, hi, integer = np.float32(0), np.float32(0), False
-    else:  # bool and wide integers: the numpy path's exact casting rules
-        from tilefuse.kernel import finalize
-
+        lo, hi, integer = kind(0), kind(0), False
+    else:  # bool and 64-bit integers: the numpy path's casting rules
         with np.errstate(invalid="ignore", divide="ignore"):
             values = acc / wsum if weighted else acc
         return finalize(values, covered, dtype, fill)
     out = np.empty((acc.shape[0], n), dtype)
     _finalize_into(acc.reshape(acc.shape[0], n), wsum.reshape(-1), covered.reshape(n), weighted,
-                   np.float32(fill), lo, hi, out, integer)
+                   kind(fill), lo, hi, out, integer)
     return out
 
 

@@ -19,7 +19,13 @@ import numpy as np
 from tilefuse.blend import BLENDS
 from tilefuse.errors import InputError
 from tilefuse.geometry import ChunkPlan, neighbour_overlaps, plan_chunks, union_box
-from tilefuse.kernel import ChunkTile, fuse_chunk, resolve_backend
+from tilefuse.kernel import (
+    ChunkTile,
+    accumulator_dtype,
+    check_fill,
+    fuse_chunk,
+    resolve_backend,
+)
 from tilefuse.layout import Layout
 from tilefuse.resample import classify
 from tilefuse.tileio import read_tile
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 1024
 DEFAULT_CACHE_BYTES = 512 * 2**20
+_FLOAT32 = np.dtype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,9 @@ class FusionPlan:
         Tile cache budget per worker process.
     backend : {"numpy", "numba"}
         Chunk kernel (see :func:`tilefuse.kernel.resolve_backend`).
+    accumulator : numpy.dtype
+        float32, or float64 when the tiles or the output are wider than 16 bits
+        (:func:`tilefuse.kernel.accumulator_dtype`).
     """
 
     layout: Layout
@@ -74,6 +84,7 @@ class FusionPlan:
     paths: tuple[str, ...]
     cache_bytes: int
     backend: str = "numpy"
+    accumulator: np.dtype = _FLOAT32
 
     @property
     def n_channels(self) -> int:
@@ -133,9 +144,11 @@ def plan_fusion(
     blend_width : float or sequence of float, optional
         Feathering width in pixels per axis (default: the median neighbour overlap).
     dtype : dtype, optional
-        Output dtype (default: the tiles'). Values are rounded, never truncated.
+        Output dtype (default: the tiles'). Values are rounded, never truncated. Tiles and
+        outputs wider than 16 bits are accumulated in float64, so uint32, int32 and float64
+        values come through exactly; 64-bit integer and complex tiles are refused.
     fill : float
-        Value of pixels no tile covers.
+        Value of pixels no tile covers; for an integer output a whole number in its range.
     cache_bytes : int
         Decoded-tile cache budget per worker process.
     backend : {"auto", "numpy", "numba"}
@@ -149,6 +162,12 @@ def plan_fusion(
     Returns
     -------
     FusionPlan
+
+    Raises
+    ------
+    InputError
+        An unknown blend, a bad chunk shape, a dtype that cannot be fused exactly (named), or a
+        fill value the output dtype cannot hold.
     """
     if isinstance(layout, TimeSeries):
         raise InputError("plan_fusion and fuse take one Layout; give a TimeSeries to plan_series "
@@ -163,15 +182,18 @@ def plan_fusion(
     else:
         widths = tuple(float(w) for w in blend_width)
     out_dtype = np.dtype(dtype) if dtype is not None else layout.dtype
+    accumulator = accumulator_dtype(layout.dtype, out_dtype)
+    check_fill(fill, out_dtype)
     paths = tuple(classify(t.affine) for t in layout.tiles)
     backend = resolve_backend(backend)
     log.info(
-        "plan: %d tiles -> mosaic %s in %d chunks of %s; blend %s; paths %s; %s kernel",
+        "plan: %d tiles -> mosaic %s in %d chunks of %s; blend %s; paths %s; %s kernel, "
+        "%s accumulator",
         len(layout.tiles), chunks.shape, chunks.n_chunks, chunks.chunk_shape, blend,
-        {p: paths.count(p) for p in set(paths)}, backend,
+        {p: paths.count(p) for p in set(paths)}, backend, accumulator,
     )
     return FusionPlan(layout, chunks, blend, widths, out_dtype, fill, paths, int(cache_bytes),
-                      backend)
+                      backend, accumulator)
 
 
 @dataclass(frozen=True)
@@ -189,6 +211,7 @@ class ChunkJob:
     cache_bytes: int
     squeeze_channel: bool
     backend: str = "numpy"
+    accumulator: np.dtype = _FLOAT32
 
     def run(self) -> np.ndarray:
         """Fuse this chunk; shape ``(c, *shape)``, or ``shape`` for single-channel output."""
@@ -199,6 +222,7 @@ class ChunkJob:
         out = fuse_chunk(
             self.origin, self.shape, tiles, n_channels=self.n_channels, dtype=self.dtype,
             blend=self.blend, widths=self.widths, fill=self.fill, backend=self.backend,
+            accumulator=self.accumulator,
         )
         return out[0] if self.squeeze_channel else out
 
@@ -218,7 +242,7 @@ def chunk_job(plan: FusionPlan, block: Sequence[int]) -> ChunkJob:
     return ChunkJob(
         origin, tuple(int(s) for s in shape), tiles, plan.n_channels, plan.dtype, plan.blend,
         plan.widths, plan.fill, plan.cache_bytes, squeeze_channel=plan.n_channels == 1,
-        backend=plan.backend,
+        backend=plan.backend, accumulator=plan.accumulator,
     )
 
 

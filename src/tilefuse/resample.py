@@ -8,6 +8,9 @@ Each tile takes the cheapest exact path:
 - any other affine: linear interpolation (``scipy.ndimage.map_coordinates``, order 1) at
   coordinates computed from *global* mosaic indices, on the tile ∩ chunk box only.
 
+Interpolated values are computed in the accumulator dtype (float32, or float64 for tiles or
+outputs wider than 16 bits; see :func:`tilefuse.kernel.accumulator_dtype`).
+
 An output pixel is covered by a tile when its position in tile coordinates lies inside the tile's
 pixel centres, ``0 <= t <= n - 1`` on every axis. The value of a pixel never depends on where the
 chunk boundaries fall, so fusing with any chunk size gives the same mosaic bit for bit.
@@ -34,7 +37,7 @@ class Placement:
     box : tuple of slice
         Region of the chunk the tile reaches, one slice per spatial axis.
     values : numpy.ndarray, shape (c, *box_shape)
-        Resampled pixels; the tile's dtype on the slice path, float32 otherwise.
+        Resampled pixels; the tile's dtype on the slice path, the accumulator dtype otherwise.
     coords : tuple of numpy.ndarray
         Tile coordinate of each pixel of ``box``: per-axis 1D vectors for translations,
         full ``box_shape`` arrays for general affines. Used for blend weights.
@@ -77,10 +80,11 @@ def _translation_span(pos: float, n: int, c0: int, cn: int) -> tuple[int, int] |
     return (lo, hi) if hi > lo else None
 
 
-def _place_translation(data, pos, chunk_origin, chunk_shape, exact: bool) -> Placement | None:
+def _place_translation(data, pos, chunk_origin, chunk_shape, exact: bool,
+                       accumulator: np.dtype) -> Placement | None:
     pos = _snap(np.asarray(pos, dtype=np.float64))
     spans = []
-    for p, n, c0, cn in zip(pos, data.shape[1:], chunk_origin, chunk_shape):
+    for p, n, c0, cn in zip(pos, data.shape[1:], chunk_origin, chunk_shape, strict=True):
         span = _translation_span(float(p), n, int(c0), int(cn))
         if span is None:
             return None
@@ -91,17 +95,20 @@ def _place_translation(data, pos, chunk_origin, chunk_shape, exact: bool) -> Pla
         ip = np.round(pos).astype(np.int64)
         src = tuple(slice(lo - i, hi - i) for (lo, hi), i in zip(spans, ip))
         return Placement(box, data[(slice(None), *src)], coords, None)
-    values = _shift_linear(data, pos, spans)
+    values = _shift_linear(data, pos, spans, accumulator)
     return Placement(box, values, coords, None)
 
 
-def _shift_linear(data: np.ndarray, pos: np.ndarray, spans: list) -> np.ndarray:
+def _shift_linear(data: np.ndarray, pos: np.ndarray, spans: list,
+                  accumulator: np.dtype) -> np.ndarray:
     """Separable linear interpolation of ``data`` (c, *n) onto integer indices ``spans``.
 
     Along an axis with position ``p = i + f`` (``0 < f < 1``), output index ``o`` samples tile
     coordinate ``t = o - p`` between pixels ``k - 1`` and ``k`` with ``k = o - i``, so its value
-    is ``f * data[k - 1] + (1 - f) * data[k]``.
+    is ``f * data[k - 1] + (1 - f) * data[k]``, computed in ``accumulator`` (float32 or
+    float64), axis after axis.
     """
+    kind = accumulator.type
     ip = np.floor(pos).astype(np.int64)  # pos is snapped: frac is 0 or in [_EPS, 1 - _EPS]
     frac = pos - ip
     src, integer_axes = [slice(None)], []
@@ -118,11 +125,11 @@ def _shift_linear(data: np.ndarray, pos: np.ndarray, spans: list) -> np.ndarray:
         a = [slice(None)] * out.ndim
         b = [slice(None)] * out.ndim
         a[ax + 1], b[ax + 1] = slice(None, -1), slice(1, None)
-        upper = np.multiply(out[tuple(b)], np.float32(1 - f), dtype=np.float32)
-        lower = np.multiply(out[tuple(a)], np.float32(f), dtype=np.float32)
+        upper = np.multiply(out[tuple(b)], kind(1 - f), dtype=accumulator)
+        lower = np.multiply(out[tuple(a)], kind(f), dtype=accumulator)
         lower += upper
         out = lower
-    return out if out.dtype == np.float32 else out.astype(np.float32)
+    return out if out.dtype == accumulator else out.astype(accumulator)
 
 
 def _affine_footprint(affine, shape, chunk_origin, chunk_shape) -> tuple | None:
@@ -138,7 +145,8 @@ def _affine_footprint(affine, shape, chunk_origin, chunk_shape) -> tuple | None:
     return None if np.any(hi <= lo) else (lo, hi)
 
 
-def _place_affine(data, affine, chunk_origin, chunk_shape, order: int) -> Placement | None:
+def _place_affine(data, affine, chunk_origin, chunk_shape, order: int,
+                  accumulator: np.dtype) -> Placement | None:
     shape = data.shape[1:]
     span = _affine_footprint(affine, shape, chunk_origin, chunk_shape)
     if span is None:
@@ -159,7 +167,7 @@ def _place_affine(data, affine, chunk_origin, chunk_shape, order: int) -> Placem
         mask &= t <= n - 1 + _EPS
     if not mask.any():
         return None
-    values = np.empty((data.shape[0], *box_shape), dtype=np.float32)
+    values = np.empty((data.shape[0], *box_shape), dtype=accumulator)
     for ch in range(data.shape[0]):
         ndimage.map_coordinates(data[ch], grid, output=values[ch], order=order, mode="nearest")
     coords = tuple(grid)
@@ -175,6 +183,7 @@ def place_tile(
     *,
     path: str | None = None,
     order: int = 1,
+    accumulator: np.dtype | type = np.float32,
 ) -> Placement | None:
     """Resample one tile onto one output chunk.
 
@@ -192,6 +201,8 @@ def place_tile(
         Precomputed :func:`classify` result.
     order : int
         Interpolation order for the affine path (1 = linear).
+    accumulator : {float32, float64}
+        Dtype of interpolated values (:func:`tilefuse.kernel.accumulator_dtype`).
 
     Returns
     -------
@@ -199,7 +210,9 @@ def place_tile(
         None when the tile does not reach the chunk.
     """
     path = path or classify(affine)
+    accumulator = np.dtype(accumulator)
     if path == "affine":
-        return _place_affine(data, affine, chunk_origin, chunk_shape, order)
+        return _place_affine(data, affine, chunk_origin, chunk_shape, order, accumulator)
     pos = affine[:-1, -1]
-    return _place_translation(data, pos, chunk_origin, chunk_shape, exact=path == "slice")
+    return _place_translation(data, pos, chunk_origin, chunk_shape, path == "slice",
+                              accumulator)

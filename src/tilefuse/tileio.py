@@ -4,6 +4,12 @@ A source describes *how* to read one tile (a path and a series, or an in-memory 
 no open file, so it can travel to any worker. :func:`read_tile` decodes through a byte-bounded
 LRU cache shared by the threads of one process, so a tile touching four output chunks is decoded
 once, not four times.
+
+The cache keys pixels by what they are, not by where they were: an in-memory tile by a token
+drawn when its :class:`ArraySource` is made (never ``id()``, which a later array may reuse), a
+file by its path with its size and modification time at read time (a tile re-exported during a
+long session is decoded again). It hands out read-only views of its own and never changes the
+flags of a caller's array.
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -210,7 +217,12 @@ class FileSource:
 
     @property
     def key(self) -> tuple:
+        """What this tile is: its files, series and channels (stable across runs)."""
         return ("file", self.paths, self.series, self.channels)
+
+    def stamp(self) -> tuple:
+        """Size and modification time (ns) of each file now: changes when a file is rewritten."""
+        return _file_stamps(self.paths)
 
     def read(self) -> np.ndarray:
         """Decode the tile, shape ``(c, *spatial)``."""
@@ -260,7 +272,12 @@ class PlaneStackSource:
 
     @property
     def key(self) -> tuple:
+        """What this tile is: its plane files and channels (stable across runs)."""
         return ("planes", self.planes, self.channels)
+
+    def stamp(self) -> tuple:
+        """Size and modification time (ns) of every plane file now."""
+        return _file_stamps([p for plane in self.planes for p in plane])
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -299,21 +316,51 @@ class PlaneStackSource:
         return data
 
 
+def _file_stamps(paths) -> tuple:
+    """``(size, mtime_ns)`` per file, ``None`` for one that is missing (reading names it)."""
+    stamps = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamps.append(None)
+        else:
+            stamps.append((st.st_size, st.st_mtime_ns))
+    return tuple(stamps)
+
+
 def _describe(data: np.ndarray) -> str:
     """``"64 x 80 uint16"`` for a ``(c, y, x)`` plane."""
     return " x ".join(map(str, data.shape[1:])) + f" {data.dtype}"
 
 
+def _new_token() -> str:
+    return uuid.uuid4().hex
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class ArraySource:
-    """A tile held in memory (numpy) or lazily (dask), shape ``(c, *spatial)``."""
+    """A tile held in memory (numpy) or lazily (dask, or any array-like), shape ``(c, *spatial)``.
+
+    Attributes
+    ----------
+    array : array-like, shape (c, *spatial)
+        Never modified, its flags included.
+    ident : int
+        The tile's index in its layout (for messages).
+    token : str
+        Drawn when the source is made and kept when it is pickled to a worker: the cache key
+        of these pixels. Two sources never share one, even when a freed array's ``id()`` is
+        reused by a new one.
+    """
 
     array: object
     ident: int = 0
+    token: str = field(default_factory=_new_token)
 
     @property
     def key(self) -> tuple:
-        return ("array", id(self.array), self.ident)
+        return ("array", self.token, self.ident)
 
     def read(self) -> np.ndarray:
         data = self.array
@@ -322,19 +369,38 @@ class ArraySource:
         return np.asarray(data)
 
 
+def _stamp(source) -> tuple:
+    """The state of the files behind ``source`` (:meth:`FileSource.stamp`); a source that wraps
+    another (``.source``, e.g. an intensity correction) has its inner source's; none for arrays."""
+    for _ in range(16):
+        stamp = getattr(source, "stamp", None)
+        if callable(stamp):
+            return stamp()
+        source = getattr(source, "source", None)
+        if source is None:
+            break
+    return ()
+
+
 class _TileCache:
-    """Byte-bounded LRU cache of decoded tiles, safe for the threads of one process."""
+    """Byte-bounded LRU cache of decoded tiles, safe for the threads of one process.
+
+    Entries are keyed by ``(source.key, stamp)``: a file rewritten since it was cached has a new
+    stamp, so it is decoded again and its stale pixels are dropped.
+    """
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit = limit_bytes
         self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._stamps: dict[tuple, tuple] = {}  # source.key -> the stamp of its cached entry
         self._bytes = 0
         self._lock = threading.Lock()
         self._loading: dict[tuple, threading.Lock] = {}
         self.decodes = 0
 
     def get(self, source) -> np.ndarray:
-        key = source.key
+        tile_key = source.key
+        key = (tile_key, _stamp(source))
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -344,22 +410,38 @@ class _TileCache:
             with self._lock:
                 if key in self._items:
                     return self._items[key]
-            data = source.read()
-            data.setflags(write=False)
+            try:
+                data = source.read().view()  # our own view: the caller's flags stay as they are
+            except BaseException:
+                with self._lock:
+                    self._loading.pop(key, None)
+                raise
+            data.flags.writeable = False
             with self._lock:
                 self.decodes += 1
                 self._loading.pop(key, None)
+                stale = self._stamps.pop(tile_key, None)  # the same tile, as it was before
+                if stale is not None and (tile_key, stale) in self._items:
+                    self._bytes -= self._items.pop((tile_key, stale)).nbytes
                 if data.nbytes <= self.limit:
                     self._items[key] = data
+                    self._stamps[tile_key] = key[1]
                     self._bytes += data.nbytes
-                    while self._bytes > self.limit:
-                        _, old = self._items.popitem(last=False)
-                        self._bytes -= old.nbytes
+                    self._evict()
         return data
+
+    def _evict(self) -> None:
+        """Drop the least recently used tiles until the budget holds (lock held)."""
+        while self._bytes > self.limit and self._items:
+            (tile_key, stamp), old = self._items.popitem(last=False)
+            if self._stamps.get(tile_key) == stamp:
+                del self._stamps[tile_key]
+            self._bytes -= old.nbytes
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._stamps.clear()
             self._bytes = 0
             self.decodes = 0
 
@@ -371,9 +453,7 @@ def set_cache_limit(limit_bytes: int) -> None:
     """Set this process's tile cache budget in bytes (shrinks the cache at once)."""
     with _CACHE._lock:
         _CACHE.limit = int(limit_bytes)
-        while _CACHE._bytes > _CACHE.limit and _CACHE._items:
-            _, old = _CACHE._items.popitem(last=False)
-            _CACHE._bytes -= old.nbytes
+        _CACHE._evict()
 
 
 def cache_stats() -> dict:
@@ -391,9 +471,14 @@ def read_tile(source, cache_limit: int | None = None) -> np.ndarray:
 
     Parameters
     ----------
-    source : FileSource or ArraySource
+    source : FileSource, PlaneStackSource, ArraySource or a source wrapping one
     cache_limit : int, optional
         Budget in bytes for this process's cache; applied before reading when given.
+
+    Returns
+    -------
+    numpy.ndarray, shape (c, *spatial)
+        Read-only, shared with other readers of the same tile in this process.
     """
     if cache_limit is not None and cache_limit != _CACHE.limit:
         set_cache_limit(cache_limit)

@@ -1,0 +1,178 @@
+"""The decoded-tile cache never serves another tile's pixels, nor yesterday's, and leaves the
+caller's arrays alone."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tifffile
+
+from tilefuse import fuse, layout_from_arrays
+from tilefuse.readers import read_layout
+from tilefuse.tileio import (
+    ArraySource,
+    FileSource,
+    PlaneStackSource,
+    cache_stats,
+    clear_cache,
+    read_tile,
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    clear_cache()
+    yield
+    clear_cache()
+
+
+class _Lazy:
+    """A (1, 8, 8) array-like tile made on demand (as zarr, h5py or xarray tiles are): the cache
+    holds the pixels it gives, not the object itself, so once the tile is dropped its ``id()``
+    is free for the next object."""
+
+    __slots__ = ("value",)
+    shape, ndim, dtype = (1, 8, 8), 3, np.dtype(np.uint16)
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.full(self.shape, self.value, dtype or self.dtype)
+
+
+def _lazy_with_the_id_of(old: int, value: int, keep: list) -> _Lazy | None:
+    """A new tile whose ``id()`` is ``old``, or None if CPython never reuses it."""
+    for _ in range(2000):
+        candidate = _Lazy(value)
+        if id(candidate) == old:
+            return candidate
+        keep.append(candidate)  # hold it, so the next one is made elsewhere
+    return None
+
+
+def test_a_new_array_that_reuses_an_id_gets_its_own_pixels():
+    first = _Lazy(1)
+    np.testing.assert_array_equal(read_tile(ArraySource(first)), 1)
+    old = id(first)
+    del first  # freed at once (reference counting): its address is free for the next _Lazy
+    keep: list = []
+    second = _lazy_with_the_id_of(old, 2, keep)
+    if second is None:
+        pytest.skip("CPython did not reuse the address of a freed array here")
+    np.testing.assert_array_equal(read_tile(ArraySource(second)), 2)
+
+
+def test_layouts_of_arrays_that_reuse_an_id_fuse_their_own_pixels():
+    """The same through the public API: fuse, drop the layout and its tiles, fuse another."""
+    layout = layout_from_arrays([_Lazy(1)], positions=[[0, 0]], channels=["a"])
+    assert np.all(fuse(layout).compute() == 1)
+    old = id(layout.tiles[0].source.array)
+    del layout
+    keep: list = []
+    second = _lazy_with_the_id_of(old, 2, keep)
+    if second is None:
+        pytest.skip("CPython did not reuse the address of a freed array here")
+    layout = layout_from_arrays([second], positions=[[0, 0]], channels=["a"])
+    assert layout.tiles[0].source.array is second
+    assert np.all(fuse(layout).compute() == 2)
+
+
+def test_the_callers_arrays_stay_writeable():
+    flat = np.full((8, 8), 5, np.uint16)
+    stack = np.full((1, 8, 8), 6, np.uint16)  # (c, y, x): the source holds this very array
+    layout = layout_from_arrays([flat, stack], positions=[[0, 0], [0, 4]])
+    fuse(layout, blend="max").compute()
+    assert flat.flags.writeable and stack.flags.writeable
+    flat[0, 0] = 9
+    stack[0, 0, 0] = 9
+    cached = read_tile(layout.tiles[1].source)
+    assert not cached.flags.writeable  # the cache's own read-only view ...
+    assert cached[0, 0, 0] == 9  # ... of the caller's memory, not a snapshot
+
+
+def test_a_source_is_decoded_once():
+    data = np.arange(64, dtype=np.uint16).reshape(1, 8, 8)
+    source = ArraySource(data)
+    read_tile(source)
+    read_tile(source)
+    assert cache_stats()["decodes"] == 1
+
+
+def _write(path, value: int, shape=(8, 8), compression=None) -> None:
+    tifffile.imwrite(path, np.full(shape, value, np.uint16), compression=compression)
+
+
+def test_a_rewritten_file_of_the_same_size_gives_the_new_pixels(tmp_path):
+    path = tmp_path / "t.tif"
+    _write(path, 1)
+    source = FileSource((str(path),))
+    np.testing.assert_array_equal(read_tile(source), 1)
+    before = os.stat(path)
+    _write(path, 2)  # same size; a later mtime, as when a user re-exports a tile
+    assert os.stat(path).st_size == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    np.testing.assert_array_equal(read_tile(source), 2)
+    assert cache_stats()["bytes"] == 8 * 8 * 2  # the stale pixels were dropped
+
+
+def test_a_rewritten_file_of_another_size_gives_the_new_pixels(tmp_path):
+    path = tmp_path / "t.tif"
+    _write(path, 1)
+    source = FileSource((str(path),))
+    np.testing.assert_array_equal(read_tile(source), 1)
+    before = os.stat(path)
+    _write(path, 3, compression="zlib")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # even with the old mtime
+    assert os.stat(path).st_size != before.st_size
+    np.testing.assert_array_equal(read_tile(source), 3)
+
+
+def test_a_rewritten_plane_of_a_stack_gives_the_new_pixels(tmp_path):
+    planes = [tmp_path / f"z{k}.tif" for k in range(3)]
+    for k, p in enumerate(planes):
+        _write(p, k)
+    source = PlaneStackSource(tuple((str(p),) for p in planes))
+    np.testing.assert_array_equal(read_tile(source)[0, :, 0, 0], [0, 1, 2])
+    before = os.stat(planes[1])
+    _write(planes[1], 7)
+    os.utime(planes[1], ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    np.testing.assert_array_equal(read_tile(source)[0, :, 0, 0], [0, 7, 2])
+
+
+def test_fusing_again_after_a_tile_file_changed(tmp_path):
+    """A long session (napari): the same layout fused again after a tile was re-exported."""
+    for name, value in (("a.tif", 10), ("b.tif", 20)):
+        _write(tmp_path / name, value, shape=(8, 10))
+    config = tmp_path / "TileConfiguration.txt"
+    config.write_text("dim = 2\na.tif; ; (0, 0)\nb.tif; ; (10, 0)\n")
+    layout = read_layout(config)
+    assert set(np.unique(fuse(layout, blend="first").compute())) == {10, 20}
+    before = os.stat(tmp_path / "b.tif")
+    _write(tmp_path / "b.tif", 30, shape=(8, 10))
+    os.utime(tmp_path / "b.tif", ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert set(np.unique(fuse(layout, blend="first").compute())) == {10, 30}
+
+
+def test_a_corrected_tile_follows_its_file(tmp_path):
+    """Sources that wrap another (intensity correction) follow the wrapped file's changes."""
+    from tilefuse.intensity.apply import corrected_layout, tile_corrections
+
+    _write(tmp_path / "a.tif", 10)
+    config = tmp_path / "TileConfiguration.txt"
+    config.write_text("dim = 2\na.tif; ; (0, 0)\n")
+    layout = corrected_layout(read_layout(config),
+                              tile_corrections(1, gains=np.array([[2.0]], np.float32)))
+    assert np.all(fuse(layout).compute() == 20)
+    before = os.stat(tmp_path / "a.tif")
+    _write(tmp_path / "a.tif", 11)
+    os.utime(tmp_path / "a.tif", ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert np.all(fuse(layout).compute() == 22)
+
+
+def test_a_missing_file_is_named_through_the_cache(tmp_path):
+    source = FileSource((str(tmp_path / "gone.tif"),))
+    with pytest.raises(FileNotFoundError, match=r"gone\.tif"):
+        read_tile(source)
