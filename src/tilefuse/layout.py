@@ -24,7 +24,13 @@ import numpy as np
 
 from tilefuse.errors import InputError
 
-__all__ = ["Layout", "Tile", "TileSource", "translation_affine"]
+__all__ = ["DEFAULT_SOURCE", "GIVEN_SOURCE", "Layout", "PixelSize", "Tile", "TileSource",
+           "translation_affine"]
+
+DEFAULT_SOURCE = "default"
+"""``PixelSize.source`` when no file states a pixel size: 1 per axis (in ``Layout.unit``)."""
+GIVEN_SOURCE = "given"
+"""``PixelSize.source`` of a pixel size passed in as plain numbers (Python, ``--pixel-size``)."""
 
 
 @runtime_checkable
@@ -57,6 +63,52 @@ def translation_affine(position: Sequence[float]) -> np.ndarray:
     affine = np.eye(pos.size + 1)
     affine[:-1, -1] = pos
     return affine
+
+
+class PixelSize(tuple):
+    """Physical size of one pixel per spatial axis (zyx), and where that size came from.
+
+    A tuple of float, equal to the plain tuple of the same numbers, with one more attribute:
+    :attr:`source`. Because the source travels *with* the numbers, a layout copied with a new
+    plain tuple (``dataclasses.replace(layout, pixel_size=(0.5, 0.5))``) is ``"given"``, and one
+    copied without touching its pixel size keeps the source it had.
+
+    Parameters
+    ----------
+    values : iterable of float
+        Sizes in zyx order.
+    source : str
+        ``"default"`` (no file states one), ``"given"`` (passed in as numbers), or what stated
+        it: ``"OME-XML"``, ``"CZI metadata"``, ``"ImageJ metadata"``, ``"TIFF resolution tags"``
+        (a layout file records the source it was saved with).
+
+    Examples
+    --------
+    >>> size = PixelSize((0.5, 0.25), "OME-XML")
+    >>> size == (0.5, 0.25), size.source, size.known
+    (True, 'OME-XML', True)
+    """
+
+    def __new__(cls, values, source: str = GIVEN_SOURCE) -> PixelSize:
+        self = super().__new__(cls, (float(v) for v in values))
+        self._source = str(source)
+        return self
+
+    @property
+    def source(self) -> str:
+        """Where the size came from (see the class docstring)."""
+        return self._source
+
+    @property
+    def known(self) -> bool:
+        """False when no file stated a pixel size and the default of 1 is used."""
+        return self._source != DEFAULT_SOURCE
+
+    def __reduce__(self) -> tuple:
+        return (PixelSize, (tuple(self), self._source))
+
+    def __repr__(self) -> str:
+        return f"PixelSize({tuple(self)!r}, source={self._source!r})"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -128,8 +180,10 @@ class Layout:
         Pixel type shared by all tiles.
     channels : tuple of str
         Channel names; every tile reads as ``(len(channels), *shape)``.
-    pixel_size : tuple of float
-        Physical size of one mosaic pixel per spatial axis, zyx order.
+    pixel_size : PixelSize
+        Physical size of one mosaic pixel per spatial axis, zyx order; a :class:`PixelSize`
+        (a tuple of float that knows its source). Given as None: 1 per axis, source
+        ``"default"``; given as plain numbers: source ``"given"``.
     unit : str
         Unit of ``pixel_size`` (an OME-NGFF unit name).
     origin : str or None
@@ -139,7 +193,7 @@ class Layout:
     tiles: tuple[Tile, ...]
     dtype: np.dtype
     channels: tuple[str, ...] = ("0",)
-    pixel_size: tuple[float, ...] | None = None
+    pixel_size: PixelSize | Sequence[float] | None = None
     unit: str = "micrometer"
     origin: str | None = None
     metadata: dict = field(default_factory=dict)
@@ -157,7 +211,14 @@ class Layout:
         object.__setattr__(self, "tiles", tuple(self.tiles))
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
         object.__setattr__(self, "channels", tuple(str(c) for c in self.channels))
-        size = (1.0,) * ndim if self.pixel_size is None else tuple(map(float, self.pixel_size))
+        if self.pixel_size is None:
+            size = PixelSize((1.0,) * ndim, DEFAULT_SOURCE)
+        else:
+            source = getattr(self.pixel_size, "source", GIVEN_SOURCE)
+            try:
+                size = PixelSize(self.pixel_size, source)
+            except (TypeError, ValueError):
+                size = ()
         if len(size) != ndim or not all(np.isfinite(s) and s > 0 for s in size):
             raise InputError(f"pixel size {self.pixel_size} must be {ndim} positive numbers")
         object.__setattr__(self, "pixel_size", size)
@@ -166,6 +227,16 @@ class Layout:
     def ndim(self) -> int:
         """Number of spatial axes (2 or 3)."""
         return self.tiles[0].ndim
+
+    @property
+    def pixel_size_source(self) -> str:
+        """Where the pixel size came from: ``"default"``, ``"given"``, ``"OME-XML"``..."""
+        return self.pixel_size.source
+
+    @property
+    def pixel_size_known(self) -> bool:
+        """False when no file stated a pixel size and 1 per axis is a default."""
+        return self.pixel_size.known
 
     @property
     def affines(self) -> np.ndarray:

@@ -134,6 +134,16 @@ class TimeSeries:
         return self.layouts[0].pixel_size
 
     @property
+    def pixel_size_source(self) -> str:
+        """Where the pixel size came from (see :attr:`Layout.pixel_size_source`)."""
+        return self.layouts[0].pixel_size_source
+
+    @property
+    def pixel_size_known(self) -> bool:
+        """False when no file stated a pixel size and 1 per axis is a default."""
+        return self.layouts[0].pixel_size_known
+
+    @property
     def unit(self) -> str:
         return self.layouts[0].unit
 

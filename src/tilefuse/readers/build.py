@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from tilefuse.errors import InputError
-from tilefuse.layout import Layout, Tile
+from tilefuse.layout import Layout, PixelSize, Tile
+from tilefuse.readers.calibration import stated_pixel_size
 from tilefuse.tileio import FileSource, PlaneStackSource, TileHeader, probe_tile
 
 __all__ = ["Entry", "find_planes", "layout_from_entries"]
@@ -42,6 +43,9 @@ class Entry:
     planes : tuple of tuple of str, optional
         A z-stack stored one file per plane: ``planes[k]`` are plane ``k``'s files (one, or one
         per channel); ``paths`` then holds the ``{z}`` templates the layout writes.
+    label : str, optional
+        The tile's name when the layout file states one (tilefuse writes them); else the
+        name is ``name`` (with ``#series`` for series other than 0).
     """
 
     name: str
@@ -50,6 +54,7 @@ class Entry:
     series: int = 0
     where: str = ""
     planes: tuple[tuple[str, ...], ...] | None = None
+    label: str | None = None
 
 
 def find_planes(template: str, where: str) -> list[str]:
@@ -118,7 +123,7 @@ def layout_from_entries(
     ndim: int,
     origin: str,
     channel_names: Sequence[str] | None = None,
-    pixel_size: Sequence[float] | None = None,
+    pixel_size: PixelSize | Sequence[float] | None = None,
     unit: str = "micrometer",
 ) -> Layout:
     """Probe every tile and build a layout, refusing inconsistent tiles.
@@ -132,11 +137,17 @@ def layout_from_entries(
         The layout's file or folder, for messages.
     channel_names : sequence of str, optional
         Names when each entry lists one file per channel.
+    pixel_size : PixelSize or sequence of float, optional
+        Zyx, in ``unit``. When None, what the first tile's file states
+        (:func:`~tilefuse.readers.calibration.stated_pixel_size`, in micrometres), else the
+        default of 1 (``layout.pixel_size_known`` is then False).
+    unit : str
+        Unit of a given ``pixel_size``.
     """
     if not entries:
         raise InputError(f"{origin}: the layout lists no tiles")
     entries = [_expand_planes(e) for e in entries]
-    names = [e.name if e.series == 0 else f"{e.name}#{e.series}" for e in entries]
+    names = [e.label or (e.name if e.series == 0 else f"{e.name}#{e.series}") for e in entries]
     seen: dict[str, str] = {}
     for name, e in zip(names, entries):
         if name in seen:
@@ -173,6 +184,13 @@ def layout_from_entries(
         channel_names = ["RGB"[i] if first.rgb else str(i) for i in range(n_channels)]
         if n_channels == 1:
             channel_names = ["0"]
+    if len(channel_names) != n_channels:
+        raise InputError(
+            f"{origin}: {len(channel_names)} channel name(s) ({', '.join(channel_names)}) for "
+            f"tiles of {n_channels} channel(s), e.g. {entries[0].name}")
+    if pixel_size is None:
+        pixel_size = stated_pixel_size(_files(entries[0])[0], ndim, entries[0].series)
+        unit = "micrometer" if pixel_size is not None else unit
     tiles = []
     for name, e, h in zip(names, entries, headers):
         if e.planes:

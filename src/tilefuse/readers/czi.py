@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tilefuse.errors import InputError
-from tilefuse.layout import Layout, Tile, translation_affine
+from tilefuse.layout import Layout, PixelSize, Tile, translation_affine
 from tilefuse.readers.ometiff import stage_to_pixels
 
 __all__ = ["CziSource", "read_czi"]
@@ -264,7 +264,7 @@ def read_czi(
     pixel = metadata.get("pixel_size_um")
     return Layout(tuple(tile_list), firsts[0].dtype,
                   tuple(_channel_names(root, channels, firsts[0].samples)),
-                  tuple(pixel) if pixel else None, "micrometer", origin=path,
+                  PixelSize(pixel, "CZI metadata") if pixel else None, "micrometer", origin=path,
                   metadata={"reader": "czi", "scene": scene, "mosaic_indices": order,
                             **metadata})
 

@@ -34,6 +34,16 @@ def layout_from_arrays(
         Tile index -> mosaic index, zyx order; instead of ``positions``.
     channels : sequence of str, optional
         Channel names when the tiles carry a leading channel axis.
+    pixel_size : sequence of float, optional
+        Zyx, in ``unit``; None: 1 per axis, recorded as a default
+        (``layout.pixel_size_known`` is False).
+
+    Notes
+    -----
+    Such a layout lives only in this process: :func:`~tilefuse.readers.write_csv_layout` and
+    :func:`~tilefuse.readers.write_tileconfig` refuse it with an :class:`InputError` (a layout
+    file can only name tiles stored in files). Save the tiles (e.g. ``tifffile.imwrite``) and
+    read them as a layout to get one that can be written and read back.
     """
     if (positions is None) == (affines is None):
         raise InputError("give exactly one of positions or affines")

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from tilefuse.errors import InputError
-from tilefuse.layout import Layout, translation_affine
+from tilefuse.layout import Layout, PixelSize, translation_affine
 from tilefuse.readers.build import Entry, layout_from_entries
 from tilefuse.readers.text import finite_number
 
-__all__ = ["length_to_um", "ome_pixel_size_um", "read_ome_tiff", "stage_to_pixels"]
+__all__ = ["length_to_um", "ome_pixel_size_um", "parse_ome_images", "read_ome_tiff",
+           "stage_to_pixels"]
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,14 @@ def _parse_image(image: ET.Element, series: int, where: str) -> _OmeImage:
                      channels)
 
 
-def _parse_xml(xml: str, path: str) -> list[_OmeImage]:
+def parse_ome_images(xml: str, path: str) -> list[_OmeImage]:
+    """What each OME ``Image`` of an OME-XML document says about its tile, in document order.
+
+    Raises
+    ------
+    InputError
+        Malformed XML, an Image without Pixels, a length in an unknown unit.
+    """
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as exc:
@@ -161,7 +169,7 @@ def _read_images(path: str) -> list[_OmeImage]:
     if not xml:
         raise InputError(f"{path}: no OME-XML metadata, so no stage positions; "
                          + _NO_POSITIONS_HINT)
-    images = _parse_xml(xml, path)
+    images = parse_ome_images(xml, path)
     if not images:
         raise InputError(f"{path}: the OME-XML describes no images")
     if len(images) != n_series:
@@ -269,8 +277,10 @@ def read_ome_tiff(
         Entry(name, (p,), translation_affine(pos), img.series, f"{p} image {img.series}")
         for name, (p, img), pos in zip(names, found, positions)
     ]
+    source = "OME-XML" if ndim == 2 or all(img.pixel_um[2] for _, img in found) else (
+        "OME-XML; PhysicalSizeZ not stated, 1 µm")
     layout = layout_from_entries(entries, ndim=ndim, origin=origin,
-                                 pixel_size=tuple(pixel[::-1]), unit="micrometer")
+                                 pixel_size=PixelSize(pixel[::-1], source), unit="micrometer")
     channels = found[0][1].channels
     if len(channels) == len(layout.channels) and all(channels):
         layout = replace(layout, channels=channels)

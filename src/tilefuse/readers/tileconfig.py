@@ -9,27 +9,56 @@ Format::
 
 Spacing is lenient (``tile.tif;;(0,0)``). Paths are relative to the layout file's folder. A file
 name with ``{z}`` is a z-stack stored one file per plane (as tilefuse writes ``{z}`` patterns).
+
+What tilefuse writes (:func:`write_tileconfig`) stays a file Fiji opens: one line per tile with
+its first file (Fiji's format has one file per tile) and the position of its first pixel, written
+exactly (``repr`` of each float). What the format cannot hold goes into ``#`` lines, which Fiji
+skips and tilefuse reads back:
+
+- ``# tilefuse.KEY = VALUE`` lines: dtype, channel names, pixel size, unit
+  (:mod:`tilefuse.readers.sidecar`);
+- ``# tilefuse.tile = {...}`` right after a tile's line: ``"more_files"`` (the tile's further
+  files, one per channel), ``"linear_xyz"`` (the rows of the affine's linear part, x, y[, z],
+  for rotated or scaled tiles: the line's position stays the translation) and ``"name"``.
+
+So tilefuse reads its TileConfiguration back to the same tiles, channels, affines, pixel size and
+unit, while Fiji sees the first channel of each tile at its position (translation only). For
+multi-channel or rotated tiles the CSV layout (:mod:`tilefuse.readers.csv`) is the format other
+programs read in full; a time series can only be written as a CSV (a ``t`` column).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from tilefuse.errors import InputError
 from tilefuse.layout import Layout, translation_affine
-from tilefuse.readers.build import Entry, layout_from_entries
+from tilefuse.readers.build import Entry
+from tilefuse.readers.sidecar import (
+    Header,
+    build_layout,
+    header_lines,
+    parse_key,
+    relative_name,
+    series_of,
+    tile_files,
+)
 from tilefuse.readers.text import read_text_lines
 from tilefuse.tileio import resolve
+from tilefuse.timeseries import TimeSeries
 
-__all__ = ["read_tileconfig", "write_tileconfig"]
+__all__ = ["parse_tileconfig", "read_tileconfig", "write_tileconfig"]
 
 _DIM = re.compile(r"^dim\s*=\s*(\S+)\s*$", re.IGNORECASE)
 _MULTI = re.compile(r"^multiseries\s*=\s*(\S+)\s*$", re.IGNORECASE)
 _COORDS = re.compile(r"^\(\s*(.*?)\s*\)$")
+_NOT_IN_NAMES = (";", "#", "\n", "\r")
 
 
 def _parse_coords(text: str, where: str) -> list[float]:
@@ -56,14 +85,57 @@ def _parse_series(text: str, multiseries: bool, where: str) -> int:
     return int(text)
 
 
-def parse_tileconfig(path: str | os.PathLike) -> tuple[int, list[Entry]]:
-    """Parse a TileConfiguration into its dimensionality and entries (nothing probed)."""
+def _flip(ndim: int) -> np.ndarray:
+    """The permutation that reverses ``ndim`` spatial axes (x, y, z <-> z, y, x)."""
+    return np.eye(ndim)[::-1]
+
+
+def _with_tile_extras(entry: Entry, extras: dict, base: Path, where: str) -> Entry:
+    """A tile line's entry completed by the ``# tilefuse.tile`` line that follows it."""
+    unknown = set(extras) - {"more_files", "linear_xyz", "name"}
+    if unknown:
+        raise InputError(f"{where}: tilefuse.tile has unknown keys {sorted(unknown)}")
+    more = extras.get("more_files", [])
+    if not isinstance(more, list) or not all(isinstance(f, str) and f for f in more):
+        raise InputError(f"{where}: tilefuse.tile more_files must be a list of file names")
+    affine = entry.affine.copy()
+    if "linear_xyz" in extras:
+        ndim = affine.shape[0] - 1
+        try:
+            linear = np.array(extras["linear_xyz"], dtype=np.float64)
+        except (TypeError, ValueError):
+            linear = np.empty(0)
+        if linear.shape != (ndim, ndim) or not np.all(np.isfinite(linear)):
+            raise InputError(f"{where}: tilefuse.tile linear_xyz must be {ndim} rows of {ndim} "
+                             f"numbers (x, y{', z' if ndim == 3 else ''}), got "
+                             f"{extras['linear_xyz']!r}")
+        affine[:-1, :-1] = _flip(ndim) @ linear @ _flip(ndim)
+    name = extras.get("name")
+    if name is not None and not isinstance(name, str):
+        raise InputError(f"{where}: tilefuse.tile name must be a string")
+    paths = (*entry.paths, *(resolve(f, base) for f in more))
+    return replace(entry, paths=paths, affine=affine, label=name or entry.label)
+
+
+def parse_tileconfig(path: str | os.PathLike) -> tuple[int, list[Entry], Header]:
+    """Parse a TileConfiguration: its dimensionality, entries and ``# tilefuse.`` keys
+    (nothing probed)."""
     path = str(path)
     base = Path(path).parent
-    dim, multiseries, entries = None, False, []
+    dim, multiseries, entries, header = None, False, [], {}
     for lineno, line in read_text_lines(path):
         where = f"{path}:{lineno}"
-        text = line.split("#", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+        if line.lstrip().startswith("#"):
+            if (found := parse_key(line, where)) is None:
+                continue
+            if found[0] != "tile":
+                header[found[0]] = (found[1], where)
+            elif not entries:
+                raise InputError(f"{where}: tilefuse.tile line before any tile line")
+            else:
+                entries[-1] = _with_tile_extras(entries[-1], found[1], base, where)
+            continue
+        text = line.split("#", 1)[0].strip()
         if not text:
             continue
         if m := _DIM.match(text):
@@ -94,74 +166,80 @@ def parse_tileconfig(path: str | os.PathLike) -> tuple[int, list[Entry]]:
         raise InputError(f"{path}: no 'dim = 2' or 'dim = 3' line; is this a TileConfiguration?")
     if not entries:
         raise InputError(f"{path}: the layout lists no tiles")
-    return dim, entries
+    return dim, entries, header
 
 
 def read_tileconfig(path: str | os.PathLike) -> Layout:
     """Read a Fiji/BigStitcher TileConfiguration into a :class:`Layout`.
 
+    Entries naming a ``.czi`` file place that file's tiles (series in mosaic ``M`` order).
+
     Raises
     ------
     InputError
-        A malformed line (``file:line`` and what was expected), an inconsistent tile set.
+        A malformed line (``file:line`` and what was expected), an inconsistent tile set, tiles
+        that differ from what the ``# tilefuse.`` lines say they were.
     FileNotFoundError
         The layout or a tile file is missing.
     """
-    dim, entries = parse_tileconfig(path)
-    if any(e.paths[0].lower().endswith(".czi") for e in entries):
-        return _czi_series(entries, str(path))
-    return layout_from_entries(entries, ndim=dim, origin=str(path))
+    dim, entries, header = parse_tileconfig(path)
+    return build_layout(entries, ndim=dim, origin=str(path), header=header)
 
 
-def _czi_series(entries: list[Entry], origin: str) -> Layout:
-    """Entries naming the series (tiles) of one CZI file, placed by the TileConfiguration."""
-    from dataclasses import replace
-
-    from tilefuse.readers.czi import read_czi
-
-    files = {e.paths[0] for e in entries}
-    if len(files) != 1:
-        raise InputError(f"{origin}: lists several files with a CZI among them; a layout may "
-                         "place the series of one CZI file")
-    base = read_czi(files.pop())
-    tiles = []
-    for e in entries:
-        if e.series >= len(base.tiles):
-            raise InputError(f"{e.where}: series {e.series}, but the CZI has "
-                             f"{len(base.tiles)} tiles")
-        tiles.append(base.tiles[e.series].with_affine(e.affine))
-    return replace(base, tiles=tuple(tiles), origin=origin)
-
-
-def _relative_name(tile_path: str, folder: Path) -> str:
-    try:
-        return os.path.relpath(tile_path, folder)
-    except ValueError:  # another drive on Windows
-        return os.path.abspath(tile_path)
+def _tile_lines(layout: Layout, folder: Path, multiseries: bool) -> list[str]:
+    """Each tile's Fiji line, and a ``# tilefuse.tile`` line for what Fiji cannot hold."""
+    lines = []
+    for tile in layout.tiles:
+        files = [relative_name(p, folder) for p in tile_files(tile)]
+        bad = next((f for f in files if any(c in f for c in _NOT_IN_NAMES)), None)
+        if bad is not None:
+            raise InputError(f"tile {tile.name}: file name {bad!r} holds ';', '#' or a line "
+                             "break, which a TileConfiguration cannot hold; write a CSV layout")
+        series = series_of(tile)
+        coords = ", ".join(repr(float(v)) for v in tile.position[::-1])
+        lines.append(f"{files[0]}; {series if multiseries else ''}; ({coords})")
+        extras: dict[str, object] = {}
+        if len(files) > 1:
+            extras["more_files"] = files[1:]
+        if not tile.is_translation:
+            linear = _flip(tile.ndim) @ tile.affine[:-1, :-1] @ _flip(tile.ndim)
+            extras["linear_xyz"] = [[float(v) for v in row] for row in linear]
+        default_name = files[0] if series == 0 else f"{files[0]}#{series}"
+        if tile.name != default_name:
+            extras["name"] = tile.name
+        if extras:
+            lines.append(f"# tilefuse.tile = {json.dumps(extras, ensure_ascii=False)}")
+    return lines
 
 
 def write_tileconfig(layout: Layout, path: str | os.PathLike) -> Path:
-    """Write the tiles' translations as a TileConfiguration Fiji and BigStitcher can reuse.
+    """Write a TileConfiguration that Fiji and BigStitcher open and tilefuse reads back whole.
 
-    Tile paths are written relative to the new file's folder. Tiles with a non-translation affine
-    are written at the position of their first pixel with a comment saying so.
+    Tile paths are relative to the new file's folder; positions are the tiles' first pixels,
+    exact. Channel files after the first, rotations/scales and names go into ``# tilefuse.``
+    comment lines (see the module docstring), as do dtype, channel names, pixel size and unit.
+
+    Raises
+    ------
+    InputError
+        ``layout`` is a time series (write a CSV layout), a tile is not stored in a file (an
+        in-memory layout), or a file name holds ``;`` or ``#``; nothing is written then.
     """
+    if isinstance(layout, TimeSeries):
+        raise InputError(f"{path}: a time series is saved as a CSV layout with a t column "
+                         "(write_csv_layout), not as a TileConfiguration")
     path = Path(path)
     folder = path.parent.resolve()
-    multiseries = any(getattr(t.source, "series", 0) for t in layout.tiles)
+    multiseries = any(series_of(t) for t in layout.tiles)
+    tiles = _tile_lines(layout, folder, multiseries)  # refuses in-memory tiles first
     lines = [
         "# Written by tilefuse: tile positions in pixels (top-left corner, x = column)",
+        "# Fiji reads the tile lines (each tile's first file); tilefuse also reads the "
+        "'# tilefuse.' lines (all channel files, rotations, pixel size)",
+        *header_lines(layout),
         f"dim = {layout.ndim}",
     ]
     if multiseries:
         lines.append("multiseries = true")
-    if not all(t.is_translation for t in layout.tiles):
-        lines.append("# some tiles are rotated/scaled: their first pixel's position is written")
-    for tile in layout.tiles:
-        paths = getattr(tile.source, "paths", None)
-        name = _relative_name(paths[0], folder) if paths else tile.name
-        series = getattr(tile.source, "series", 0)
-        coords = ", ".join(f"{v:.4f}" for v in tile.position[::-1])
-        lines.append(f"{name}; {series if multiseries else ''}; ({coords})")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text("\n".join([*lines, *tiles]) + "\n", encoding="utf-8")
     return path
