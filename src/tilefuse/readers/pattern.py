@@ -22,11 +22,16 @@ and the same channels.
 Nominal positions: ``(row, col) * step`` with ``step = round(tile_shape * (1 - overlap))`` pixels
 per axis (integer steps, as in :func:`tilefuse.testing.grid_positions`), the tile shape taken from
 the first tile's header.
+
+A grid position without a file stays empty in the mosaic; one WARNING (logger
+``tilefuse.readers.pattern``) names every such position and the file expected there (the
+first ten, then how many more).
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
@@ -36,11 +41,14 @@ import numpy as np
 
 from tilefuse.errors import InputError
 from tilefuse.layout import Layout, translation_affine
+from tilefuse.readers._pattern_gaps import log_gaps
 from tilefuse.readers.build import Entry, layout_from_entries
 from tilefuse.tileio import probe_tile
 from tilefuse.timeseries import TimeSeries
 
 __all__ = ["ORDERS", "grid_index_to_rc", "read_pattern"]
+
+log = logging.getLogger(__name__)
 
 ORDERS = ("row-major", "column-major", "snake-rows", "snake-cols")
 _FIELDS = ("row", "col", "index", "channel", "z", "t")
@@ -416,6 +424,11 @@ def read_pattern(
         No file matches, a grid position is taken twice, a channel or plane file is missing,
         tiles with different plane counts, time points with different tiles or channels, an
         index outside the grid, ``{index}`` without a grid, vendor files, bad options.
+
+    Notes
+    -----
+    Grid positions without a file are not an error: they are logged as one WARNING that
+    names each position and the file name the pattern expected there.
     """
     _check_options(order, overlap, z_step)
     folder = Path(folder)
@@ -426,6 +439,9 @@ def read_pattern(
     _refuse_vendor_files(matches, fields, pattern)
     rcs = _grid_rc(matches, fields, grid_rc, order, first_index, pattern)
     keys = _tile_order(matches, rcs, fields)
+    acquisition = None if "index" not in fields else {
+        grid_index_to_rc(k, grid_rc, order): k for k in range(grid_rc[0] * grid_rc[1])}
+    log_gaps(log, [m.fields for m in matches], keys, grid_rc, acquisition, first_index, pattern)
     grouped = [(name, *_group(ms, rs, fields)) for name, ms, rs in _by_time(matches, rcs,
                                                                            "t" in fields)]
     _check_times(grouped, keys)
@@ -472,14 +488,16 @@ def _pixel_size(
     full = _ome_pixel_size(path, 3)
     if z_step is None and (full is not None or not planes):
         return full
-    y, x = _ome_pixel_size(path, 2) or (1.0, 1.0)
-    return (float(1.0 if z_step is None else z_step) * y, y, x)
+    from tilefuse.layout import DEFAULT_SOURCE, PixelSize
+
+    lateral = _ome_pixel_size(path, 2)
+    y, x = lateral or (1.0, 1.0)
+    source = lateral.source if lateral is not None else DEFAULT_SOURCE
+    return PixelSize((float(1.0 if z_step is None else z_step) * y, y, x), source)
 
 
 def _ome_pixel_size(path: str, ndim: int) -> tuple[float, ...] | None:
-    """Physical pixel size (zyx, µm) from an OME-TIFF tile, or None when it has none."""
-    if not path.lower().endswith((".ome.tif", ".ome.tiff")):
-        return None
-    from tilefuse.readers.ometiff import ome_pixel_size_um
+    """Pixel size (zyx, µm) a tile states (OME-XML, ImageJ, TIFF resolution), or None."""
+    from tilefuse.readers.calibration import stated_pixel_size
 
-    return ome_pixel_size_um(path, ndim)
+    return stated_pixel_size(path, ndim)

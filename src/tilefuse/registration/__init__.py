@@ -6,7 +6,12 @@ clears a threshold learned from random non-overlapping crops (the chance level, 
 bounds), and places all tiles by a weighted least-squares solve that drops inconsistent links
 (:mod:`~tilefuse.registration.solve`). Only translations change; the linear part of each affine
 is kept. Tiles without an accepted link to the main group keep their stage positions, moved with
-the rest, and a warning is logged. :class:`RegistrationReport` records every decision.
+the rest, and a warning is logged. When no link is accepted at all the tiles most likely do not
+match where the layout puts them (wrong order, overlap or search radius): :func:`register` then
+raises :class:`~tilefuse.errors.InputError` unless stage positions are explicitly allowed.
+Links whose best match lies beyond the search window, and a low share of accepted links, are
+logged as warnings with what to try (also in :meth:`RegistrationReport.summary_lines`).
+:class:`RegistrationReport` records every decision.
 
 Examples
 --------
@@ -30,10 +35,17 @@ import numpy as np
 
 from tilefuse.errors import InputError
 from tilefuse.layout import Layout
-from tilefuse.registration.pairwise import Measurement, Pair, find_pairs, make_pair, measure_crops
+from tilefuse.registration.pairwise import (
+    OUTSIDE_REACH,
+    Measurement,
+    Pair,
+    find_pairs,
+    make_pair,
+    measure_crops,
+)
 from tilefuse.registration.report import LinkRecord, RegistrationReport, TileRecord
 from tilefuse.registration.solve import Solution, link_weights, solve_positions
-from tilefuse.tileio import read_tile
+from tilefuse.registration.threshold import link_threshold, null_scores, tile_pixels
 from tilefuse.timeseries import TimeSeries
 
 __all__ = ["LinkRecord", "RegistrationReport", "TileRecord", "register", "register_series"]
@@ -42,10 +54,6 @@ log = logging.getLogger(__name__)
 
 MAX_SHIFT_FRACTION = 0.15
 MIN_MAX_SHIFT = 10.0
-NCC_FLOOR = 0.2
-NCC_CAP = 0.6
-NULL_QUANTILE = 0.95
-NULL_SAMPLES = (24, 48)
 EMPTY_FRACTION = 0.1
 
 
@@ -57,6 +65,7 @@ def register(
     min_overlap_px: int = 8,
     workers: int | None = None,
     downsample: int = 1,
+    allow_stage_positions: bool = False,
 ) -> tuple[Layout, RegistrationReport]:
     """Refine tile positions so that overlapping tiles agree.
 
@@ -75,10 +84,14 @@ def register(
     workers : int, optional
         Threads measuring pairs; default ``os.cpu_count()``.
     downsample : int
-        Compare overlaps binned ``downsample`` x ``downsample`` in y and x (z is kept): for
-        large tiles, about ``downsample**2`` times less work per pair for errors about
-        ``downsample`` times larger (see ``benchmarks/bench_pairs.py``). Every value in, and in
-        the report, stays in full-resolution pixels.
+        Search overlaps binned ``downsample`` x ``downsample`` in y and x (z is kept), then
+        refine each shift at full resolution within ``downsample + 1`` px of that estimate:
+        for large tiles far less work per pair, while shifts, positions and residuals keep
+        full-resolution quality (see ``benchmarks/bench_pairs.py``). Every value in, and in
+        the report, is in full-resolution pixels.
+    allow_stage_positions : bool
+        When no link is accepted, return the stage positions (with a warning) instead of
+        raising :class:`~tilefuse.errors.InputError`.
 
     Returns
     -------
@@ -90,7 +103,9 @@ def register(
     ------
     InputError
         ``channel``, ``max_shift``, ``min_overlap_px``, ``workers`` or ``downsample`` is out of
-        range.
+        range; or tiles overlap but not one link (leaving out those over empty background) is
+        accepted, unless ``allow_stage_positions``. The message says how many links were
+        tried, why they were rejected and what to try.
     """
     _check(layout, max_shift, channel, min_overlap_px, workers, downsample)
     indices = find_pairs(layout, min_overlap_px)
@@ -98,23 +113,24 @@ def register(
     pairs = [make_pair(layout, a, b, math.ceil(radius)) for a, b in indices]
     log.info("registering %d tiles: %d overlapping pairs, max shift %.1f px%s",
              len(layout.tiles), len(pairs), radius,
-             f", measured at 1/{downsample} resolution" if downsample > 1 else "")
+             f", searched at 1/{downsample} resolution, refined at full" if downsample > 1 else "")
     min_extent = max(2, int(min_overlap_px) // 2)
     measure = functools.partial(measure_crops, min_extent=min_extent, downsample=int(downsample))
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         found = list(pool.map(lambda p: _measure(layout, p, channel, radius, measure), pairs))
-        null = _null_scores(layout, pairs, channel, radius, measure, pool)
-    threshold = _threshold(null)
+        null = null_scores(layout, pairs, channel, radius, measure, pool)
+    threshold = link_threshold(null)
     reasons = _decide(layout, pairs, found, threshold, radius)
     solution = _solve(layout, pairs, found, reasons, radius)
     report = _report(layout, pairs, found, reasons, solution, threshold, radius, len(null))
     report.downsample = int(downsample)
+    _refuse_no_link(report, channel, allow_stage_positions)
     _log_fallbacks(report)
     return layout.with_positions(solution.positions), report
 
 
 def register_series(
-    series: TimeSeries, *, timepoint: int = 0, **options
+    series: TimeSeries, *, timepoint: int = 0, allow_stage_positions: bool = False, **options
 ) -> tuple[TimeSeries, dict[int, RegistrationReport]]:
     """Register a time series: on one time point when positions are shared, else each alone.
 
@@ -124,8 +140,12 @@ def register_series(
     timepoint : int
         With shared positions, the time point (counted from 0) whose pixels are registered; each
         tile's correction then moves the same tile at every time point.
+    allow_stage_positions : bool
+        As in :func:`register`: keep the stage positions of a time point where no link is
+        accepted instead of raising :class:`~tilefuse.errors.InputError`.
     **options
-        As in :func:`register` (``max_shift``, ``channel``, ``min_overlap_px``, ``workers``).
+        As in :func:`register` (``max_shift``, ``channel``, ``min_overlap_px``, ``workers``,
+        ``downsample``).
 
     Returns
     -------
@@ -144,6 +164,7 @@ def register_series(
     ...     registered.at_time(0).positions.tolist())
     ([0], True)
     """
+    options["allow_stage_positions"] = allow_stage_positions
     if series.shared:
         before = series.at_time(timepoint)
         after, report = register(before, **options)
@@ -195,80 +216,10 @@ def _overlap_thickness(layout: Layout, a: int, b: int) -> float:
     return float(extent.min())
 
 
-def _pixels(layout: Layout, index: int, channel: int) -> np.ndarray:
-    tile = layout.tiles[index]
-    return np.asarray(read_tile(tile.source)[channel]).reshape(tile.shape)
-
-
 def _measure(layout: Layout, pair: Pair, channel: int, radius: float, measure) -> Measurement:
-    crop_a = pair.crop(_pixels(layout, pair.a, channel), "a")
-    crop_b = pair.crop(_pixels(layout, pair.b, channel), "b")
+    crop_a = pair.crop(tile_pixels(layout, pair.a, channel), "a")
+    crop_b = pair.crop(tile_pixels(layout, pair.b, channel), "b")
     return measure(crop_a, crop_b, pair.nominal, radius)
-
-
-# ------------------------------------------------------------------------------------- threshold
-
-
-def _box_bounds(layout: Layout, index: int, lo: np.ndarray, hi: np.ndarray):
-    """Mosaic bounding box of the index box ``[lo, hi)`` of a tile."""
-    affine = layout.tiles[index].affine
-    corners = np.array(np.meshgrid(*zip(lo, hi - 1), indexing="ij")).reshape(lo.size, -1)
-    mapped = affine[:-1, :-1] @ corners + affine[:-1, -1:]
-    return mapped.min(axis=1), mapped.max(axis=1)
-
-
-def _threshold(null: list[float]) -> float:
-    """Correlation a link needs: a high quantile of the chance level, within [floor, cap]."""
-    if not null:
-        log.info("no room for random crop pairs; link threshold ncc %.2f", NCC_FLOOR)
-        return NCC_FLOOR
-    chance = float(np.quantile(null, NULL_QUANTILE))
-    threshold = float(np.clip(chance, NCC_FLOOR, NCC_CAP))
-    log.info("link threshold ncc %.3f (chance level %.3f from %d random crop pairs)",
-             threshold, chance, len(null))
-    if chance > NCC_CAP:
-        log.warning("random non-overlapping crops correlate up to %.2f (low-texture content): "
-                    "links are accepted from ncc %.2f and checked by the global solve only",
-                    chance, NCC_CAP)
-    return threshold
-
-
-def _null_job(layout: Layout, pairs: list[Pair], radius: float, rng: np.random.Generator):
-    """A random template pair and a crop elsewhere of the same shape, far from crop ``a``."""
-    for _ in range(50):
-        pair = pairs[int(rng.integers(len(pairs)))]
-        other = int(rng.integers(len(layout.tiles)))
-        size = pair.box_b[1] - pair.box_b[0]
-        room = np.asarray(layout.tiles[other].shape) - size
-        if np.any(room < 0):
-            continue
-        lo = np.array([int(rng.integers(0, r + 1)) for r in room])
-        a_lo, a_hi = _box_bounds(layout, pair.a, pair.box_a[0], pair.box_a[1])
-        c_lo, c_hi = _box_bounds(layout, other, lo, lo + size)
-        if np.any((a_hi + radius < c_lo) | (c_hi + radius < a_lo)):
-            return pair, other, lo
-    return None
-
-
-def _null_scores(layout, pairs, channel, radius, measure, pool) -> list[float]:
-    """Best correlations found between crops that do not overlap (the chance level)."""
-    if not pairs:
-        return []
-    rng = np.random.default_rng(0)
-    n = int(np.clip(2 * len(pairs), *NULL_SAMPLES))
-    jobs = [job for job in (_null_job(layout, pairs, radius, rng) for _ in range(n)) if job]
-
-    def score(job) -> float:
-        pair, other, lo = job
-        crop_a = pair.crop(_pixels(layout, pair.a, channel), "a")
-        size = pair.box_b[1] - pair.box_b[0]
-        crop_c = _pixels(layout, other, channel)[tuple(slice(s, s + k) for s, k in
-                                                        zip(lo, size))]
-        found = measure(crop_a, crop_c, pair.nominal, radius, refine=False)
-        usable = found.shift is not None and not found.edge and np.isfinite(found.ncc)
-        return found.ncc if usable else 0.0
-
-    return list(pool.map(score, jobs))
 
 
 # ------------------------------------------------------------------------------------- decisions
@@ -348,6 +299,7 @@ def _report(layout, pairs, found, reasons, solution: Solution, threshold, radius
             accepted=not reason,
             reason=reason,
             residual=residual,
+            beyond=_beyond(pair, m, reason, radius),
         ))
     sizes = np.bincount(solution.component)
     tiles = []
@@ -365,6 +317,34 @@ def _report(layout, pairs, found, reasons, solution: Solution, threshold, radius
     return RegistrationReport(links, tiles, threshold, radius, solution.limit, n_null)
 
 
+def _beyond(pair: Pair, m: Measurement, reason: str, radius: float) -> float | None:
+    """How far the better match of a link rejected at ``max_shift`` lies (None otherwise)."""
+    if "max_shift" not in reason:
+        return None
+    far = [float(np.abs(s - pair.nominal).max()) for s in (m.outside_shift, m.shift)
+           if s is not None]
+    far = [d for d in far if d > radius]
+    return max(far) if far else OUTSIDE_REACH * radius
+
+
+def _refuse_no_link(report: RegistrationReport, channel: int, allow: bool) -> None:
+    """Raise when tiles overlap but no link (over image content) was accepted."""
+    s = report.summary
+    empty = sum(not lk.accepted and "empty" in lk.reason for lk in report.links)
+    if s["links_accepted"] or s["links_tried"] == empty or allow:
+        return  # allowed: RegistrationReport.advice says it, as a warning
+    hint = report.window_hint()
+    radius = (f"--max-shift, e.g. {hint[2]}" if hint else
+              f"--max-shift, now {report.max_shift:.0f} px")
+    raise InputError(
+        f"registration accepted 0 of {s['links_tried']} links ({report.rejections()}): the "
+        "tiles do not match where the layout puts them, so the mosaic would be scrambled. "
+        f"Check the tile order (--order), the overlap (--overlap), the search radius ({radius})"
+        f" and the channel (--channel, now {channel}); or fuse at the stage positions "
+        "(--keep-stage-positions, allow_stage_positions=True)"
+    )
+
+
 def _log_fallbacks(report: RegistrationReport) -> None:
     stage = [t for t in report.tiles if t.placed_by == "stage"]
     if stage:
@@ -372,5 +352,6 @@ def _log_fallbacks(report: RegistrationReport) -> None:
         log.warning("%d of %d tiles have no accepted link to the main group and keep their "
                     "stage positions (moved with the rest): %s", len(stage), len(report.tiles),
                     names)
+    advice = report.advice()
     for line in report.summary_lines():
-        log.info("%s", line)
+        log.log(logging.WARNING if line in advice else logging.INFO, "%s", line)

@@ -22,8 +22,14 @@ from scipy.spatial import cKDTree
 from tilefuse.geometry import tile_bounds
 from tilefuse.layout import Layout
 from tilefuse.registration import search
-from tilefuse.registration.search import ncc_map, overlap_slices, score_maps
-from tilefuse.registration.subpixel import noise_sigma, refine_subpixel
+from tilefuse.registration.search import (
+    gradient_energy,
+    limit_region,
+    ncc_map,
+    overlap_slices,
+    score_maps,
+)
+from tilefuse.registration.subpixel import REFINE_MAX_PIXELS, noise_sigma, refine_subpixel
 
 __all__ = [
     "Measurement",
@@ -201,9 +207,13 @@ def measure_crops(
     refine : bool
         Refine to sub-pixel precision; otherwise stop at the best whole-pixel shift.
     downsample : int
-        Measure on ``downsample`` x ``downsample`` binned y and x (z is kept): about
-        ``downsample**2`` times faster, with errors about ``downsample`` times larger. The
-        result is in full-resolution pixels either way.
+        Search on ``downsample`` x ``downsample`` binned y and x (z is kept), then, with
+        ``refine``, search again at full resolution within ``downsample + 1`` pixels of that
+        estimate (on at most ``REFINE_MAX_PIXELS`` of the overlap) and refine there: the
+        shift and its covariance are full-resolution measurements; ``ncc``, ``overlap``,
+        ``std_a``/``std_b`` and the beyond-the-radius candidate stay those of the binned
+        search (the link threshold is learned at that resolution). The result is in
+        full-resolution pixels either way.
 
     Returns
     -------
@@ -217,7 +227,9 @@ def measure_crops(
         found = _scaled(_search(bin_lateral(crop_a, downsample),
                                 bin_lateral(crop_b, downsample), np.asarray(nominal) / factors,
                                 radius / downsample, max(1, -(-min_extent // downsample)),
-                                refine), factors)
+                                False), factors)
+        if refine and found.shift is not None:
+            found = _full_resolution(crop_a, crop_b, found, downsample, min_extent)
     return replace(found, edge=found.edge.format(radius=radius, min_extent=min_extent))
 
 
@@ -262,6 +274,40 @@ def _search(crop_a, crop_b, nominal, radius: float, min_extent: int, refine: boo
     cov = cov + search.ambiguity(misfit, inside, best, noise2 * np.sqrt(2 * count))
     return Measurement(shift, float(scores[best]), "", count, std_a, std_b, out_shift, out_ncc,
                        cov, edge)
+
+
+def _full_resolution(crop_a, crop_b, coarse: Measurement, downsample: int,
+                     min_extent: int) -> Measurement:
+    """A binned measurement searched again at full resolution, ``downsample + 1`` px about it.
+
+    Both crops are cut to their overlap at the binned shift (at most ``REFINE_MAX_PIXELS`` of
+    it, where crop ``b`` has the most gradient energy) grown by that window, so that every
+    overlap within it is whole and the search and the sub-pixel refinement cost about the same
+    whatever the tile size. When the
+    full-resolution optimum is on the edge of that search (the binned shift was off by more
+    than the window, or the overlap is thinner than ``min_extent``) or missing, so is the
+    result: the link is then rejected, as it would be at full resolution, instead of kept at
+    binned precision.
+    """
+    a, b = np.asarray(crop_a), np.asarray(crop_b)
+    window = downsample + 1
+    start = np.rint(coarse.shift).astype(np.int64)
+    regions = overlap_slices(a.shape, b.shape, start)
+    if regions is None:
+        return coarse
+    sl_a, sl_b = limit_region(regions, REFINE_MAX_PIXELS.get(a.ndim, 2**15),
+                              gradient_energy(b[regions[1]]))
+    grown_a, grown_b = (tuple(slice(max(0, s.start - window), min(n, s.stop + window))
+                              for s, n in zip(sl, shape, strict=True))
+                        for sl, shape in ((sl_a, a.shape), (sl_b, b.shape)))
+    offset = np.array([sb.start - sa.start for sa, sb in zip(grown_a, grown_b, strict=True)])
+    fine = _search(a[grown_a], b[grown_b], coarse.shift + offset, window, min_extent, True)
+    if fine.shift is None:
+        return replace(coarse, shift=None, reason=f"{fine.reason} at full resolution")
+    edge = fine.edge
+    if "max_shift" in edge:  # the window, not the search radius
+        edge = f"more than {window} px from the estimate at 1/{downsample} resolution"
+    return replace(coarse, shift=fine.shift - offset, cov=fine.cov, edge=edge or coarse.edge)
 
 
 def bin_lateral(image: np.ndarray, factor: int) -> np.ndarray:

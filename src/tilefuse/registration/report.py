@@ -16,6 +16,11 @@ from dataclasses import asdict, dataclass, field
 __all__ = ["LinkRecord", "RegistrationReport", "TileRecord"]
 
 _MAX_NAMES = 5
+LOW_ACCEPTANCE = 0.5
+HINT_MARGIN = 1.2
+HINT_STEP = 5
+TRY = ("check the tile order (--order), overlap (--overlap), search radius (--max-shift) and "
+       "channel (--channel)")
 
 
 def _clean(value):
@@ -51,6 +56,10 @@ class LinkRecord:
         Why the link was rejected; empty when accepted.
     residual : float or None
         ``|solved offset - measured|`` after the solve, pixels (also for rejected links).
+    beyond : float or None
+        Set when the link was rejected at the edge of the search window (``max_shift``): how
+        far from the stage offset (pixels, largest axis) the better match lies, where the
+        search looked beyond the window, else the reach of that look; None otherwise.
     """
 
     tiles: tuple[int, int]
@@ -61,6 +70,7 @@ class LinkRecord:
     accepted: bool
     reason: str = ""
     residual: float | None = None
+    beyond: float | None = None
 
 
 @dataclass
@@ -108,7 +118,8 @@ class RegistrationReport:
     null_samples : int
         Number of random non-overlapping crop pairs behind the threshold.
     downsample : int
-        Lateral binning the overlaps were compared at (1: full resolution).
+        Lateral binning the overlaps were searched at (1: full resolution); every link was
+        then refined at full resolution.
     """
 
     links: list[LinkRecord] = field(default_factory=list)
@@ -184,20 +195,66 @@ class RegistrationReport:
         lines = [
             f"links: {s['links_accepted']} of {s['links_tried']} accepted "
             f"(ncc threshold {self.threshold:.2f}, max shift {self.max_shift:.1f} px"
-            + (f", measured at 1/{self.downsample} resolution)" if self.downsample > 1 else ")"),
+            + (f", searched at 1/{self.downsample} resolution, refined at full)"
+               if self.downsample > 1 else ")"),
             f"tiles: {s['tiles_by_image']} placed by image, "
             f"{s['tiles_by_stage']} by stage position",
         ]
         if s["residual_rms"] is not None:
             lines.append(f"residuals: rms {s['residual_rms']:.2f} px, "
                          f"max {s['residual_max']:.2f} px")
-        reasons = Counter(_reason_kind(lk.reason) for lk in self.links if not lk.accepted)
-        if reasons:
-            lines.append("rejected: " + ", ".join(f"{n} {k}" for k, n in reasons.most_common()))
+        if any(not lk.accepted for lk in self.links):
+            lines.append("rejected: " + self.rejections())
         stage = [t.name for t in self.tiles if t.placed_by == "stage"]
         if stage:
             more = f" and {len(stage) - _MAX_NAMES} more" if len(stage) > _MAX_NAMES else ""
             lines.append("placed by stage position: " + ", ".join(stage[:_MAX_NAMES]) + more)
+        return lines + self.advice()
+
+    def rejections(self) -> str:
+        """Rejected links by kind, most common first: "38 low correlation, 2 beyond max shift"."""
+        reasons = Counter(_reason_kind(lk.reason) for lk in self.links if not lk.accepted)
+        return ", ".join(f"{n} {k}" for k, n in reasons.most_common())
+
+    def window_hint(self) -> tuple[int, float, int] | None:
+        """Links rejected at the edge of the search window, and a ``max_shift`` that fits them.
+
+        Returns
+        -------
+        (int, float, int) or None
+            How many links hit the window, how far (pixels) the farthest better match lies from
+            its stage offset, and a larger ``max_shift`` to try (``HINT_MARGIN`` times that, up
+            to a multiple of ``HINT_STEP``); None when no link hit the window.
+        """
+        beyond = [lk.beyond for lk in self.links if lk.beyond is not None and not lk.accepted]
+        if not beyond:
+            return None
+        far = max(beyond)
+        larger = max(HINT_MARGIN * far, self.max_shift + HINT_STEP)
+        return len(beyond), far, HINT_STEP * math.ceil(larger / HINT_STEP)
+
+    def advice(self) -> list[str]:
+        """What looks wrong and what to try: links beyond the window, few links accepted.
+
+        An empty list when nothing does. Links rejected for empty background are not counted
+        against the acceptance (sparse samples are normal).
+        """
+        lines = []
+        hint = self.window_hint()
+        if hint is not None:
+            n, far, larger = hint
+            lines.append(f"{n} link{'s' * (n > 1)} hit the edge of the search window (max shift "
+                         f"{self.max_shift:.1f} px), best match{'es' * (n > 1)} up to "
+                         f"{far:.0f} px from the stage offset: try --max-shift {larger}")
+        s = self.summary
+        empty = sum(not lk.accepted and "empty" in lk.reason for lk in self.links)
+        judged = s["links_tried"] - empty
+        if judged > 0 and s["links_accepted"] < LOW_ACCEPTANCE * judged:
+            head = (f"only {s['links_accepted']} of {s['links_tried']} links accepted"
+                    if s["links_accepted"] else
+                    f"none of the {s['links_tried']} links accepted, tiles at their stage "
+                    "positions")
+            lines.append(f"{head} ({self.rejections()}): {TRY}")
         return lines
 
 

@@ -7,7 +7,8 @@ squared difference): the cross products come from one zero-padded FFT cross-corr
 and sums of squares of each overlap from separable running sums, so the score map costs about as
 much as a phase correlation and no candidate peak can be missed or misread. The helpers below
 pick the best shift from the maps, flag a best shift on the edge of the search, and measure how
-far shifts that fit about as well spread (ridges, repeats).
+far shifts that fit about as well spread (ridges, repeats). :func:`overlap_slices` and
+:func:`limit_region` cut the overlap at a shift, down to a pixel budget where it tells most.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import fft as sfft
 
-__all__ = ["ncc_map", "overlap_slices", "score_maps"]
+__all__ = ["gradient_energy", "limit_region", "ncc_map", "overlap_slices", "score_maps"]
 
 SELECT_TOL = 0.1
 SAME_EXPOSURE_NOISE = 1.5
@@ -37,6 +38,51 @@ def overlap_slices(
         sl_a.append(slice(lo, hi))
         sl_b.append(slice(lo - s, hi - s))
     return tuple(sl_a), tuple(sl_b)
+
+
+def limit_region(regions, max_pixels: int, weight: np.ndarray | None = None):
+    """Shrink the overlap region, longest axes first, to ``max_pixels``.
+
+    Parameters
+    ----------
+    regions : (tuple of slice, tuple of slice)
+        The overlap's slices of crop ``a`` and of crop ``b`` (same shape).
+    max_pixels : int
+    weight : numpy.ndarray, optional
+        Shape of the region: how much each pixel tells (e.g. gradient energy). Without it the
+        region shrinks about its centre; with it each cut keeps the window of most weight, so
+        that a sparse overlap keeps its content.
+
+    Returns
+    -------
+    (tuple of slice, tuple of slice)
+    """
+    sl_a, sl_b = list(regions[0]), list(regions[1])
+    origin = [s.start for s in sl_a]
+    while np.prod([s.stop - s.start for s in sl_a]) > max_pixels:
+        axis = int(np.argmax([s.stop - s.start for s in sl_a]))
+        n = sl_a[axis].stop - sl_a[axis].start
+        keep = max(2, int(n * 0.75))
+        cut = (n - keep) // 2
+        if weight is not None:
+            inner = tuple(slice(s.start - o, s.stop - o) for s, o in zip(sl_a, origin,
+                                                                           strict=True))
+            others = tuple(k for k in range(weight.ndim) if k != axis)
+            profile = np.concatenate([[0.0], np.cumsum(weight[inner].sum(axis=others))])
+            cut = int(np.argmax(profile[keep:] - profile[: n - keep + 1]))
+        for sl in (sl_a, sl_b):
+            sl[axis] = slice(sl[axis].start + cut, sl[axis].start + cut + keep)
+    return tuple(sl_a), tuple(sl_b)
+
+
+def gradient_energy(image: np.ndarray) -> np.ndarray:
+    """Squared forward differences summed over the axes, same shape as ``image`` (float64)."""
+    image = np.asarray(image, dtype=np.float64)
+    out = np.zeros(image.shape)
+    for axis in range(image.ndim):
+        diff = np.diff(image, axis=axis)
+        out[(slice(None),) * axis + (slice(0, diff.shape[axis]),)] += diff * diff
+    return out
 
 
 def _box_sums(image: np.ndarray, lo: list[np.ndarray], hi: list[np.ndarray]) -> np.ndarray:

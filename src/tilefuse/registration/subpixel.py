@@ -21,11 +21,12 @@ from scipy import ndimage
 
 from tilefuse.registration.search import (
     SAME_EXPOSURE_NOISE,
+    limit_region,
     overlap_slices,
     prefer_same_exposure,
 )
 
-__all__ = ["noise_sigma", "refine_subpixel", "serial_gram"]
+__all__ = ["REFINE_MAX_PIXELS", "noise_sigma", "refine_subpixel", "serial_gram"]
 
 MAX_TRAVEL = 2.5
 _REFINE_MARGIN = 3
@@ -33,7 +34,7 @@ _TAPS = np.arange(-2, 3)
 _BLAS_SERIAL = 2**18
 _BLAS_ROWS = 1024
 _GRADIENT_SIGMA = 1.5
-_REFINE_MAX_PIXELS = {2: 2**17, 3: 2**15}
+REFINE_MAX_PIXELS = {2: 2**17, 3: 2**15}
 _STENCIL_START = 1.0
 _STENCIL_MIN = 0.125
 _STENCIL_ITERS = 16
@@ -355,7 +356,7 @@ def refine_subpixel(
         noise2_b = noise_sigma(crop_b) ** 2
     regions = overlap_slices(crop_a.shape, crop_b.shape, start, margin=_REFINE_MARGIN)
     if regions is not None:
-        regions = _limit_region(regions, _REFINE_MAX_PIXELS.get(start.size, 2**15))
+        regions = limit_region(regions, REFINE_MAX_PIXELS.get(start.size, 2**15))
     if regions is None or any(s.stop - s.start < 3 for s in regions[0]):
         return _parabola(start, scores, lo), np.eye(start.size)
     objective = _Objective(crop_a, crop_b, start, regions, noise2_b)
@@ -386,19 +387,6 @@ def _fit(objective: _Objective, crop_b, regions, start, noise2: float, photometr
     dof = max(n - start.size - (2 if photometric else 0), 1)
     cov = max(misfit, 0.0) / dof * np.linalg.inv(info)
     return start + found, ncc, cov, misfit / n
-
-
-def _limit_region(regions, max_pixels: int):
-    """Shrink the overlap region about its centre, longest axes first, to ``max_pixels``."""
-    sl_a, sl_b = list(regions[0]), list(regions[1])
-    while np.prod([s.stop - s.start for s in sl_a]) > max_pixels:
-        axis = int(np.argmax([s.stop - s.start for s in sl_a]))
-        n = sl_a[axis].stop - sl_a[axis].start
-        keep = max(2, int(n * 0.75))
-        cut = (n - keep) // 2
-        for sl in (sl_a, sl_b):
-            sl[axis] = slice(sl[axis].start + cut, sl[axis].start + cut + keep)
-    return tuple(sl_a), tuple(sl_b)
 
 
 def _parabola(start: np.ndarray, scores: np.ndarray, lo: np.ndarray) -> np.ndarray:
