@@ -26,3 +26,37 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m tilefuse ARGS`` in a subprocess, capturing output."""
     return subprocess.run([sys.executable, "-m", "tilefuse", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def run_main(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``tilefuse ARGS`` in this process (fast: no interpreter start), like :func:`run_cli`.
+
+    Returns a CompletedProcess with the exit status and what was printed. An exception that
+    escapes :func:`tilefuse.cli.main` is a test failure: the CLI must never show a traceback.
+    """
+    import contextlib
+    import io
+    import logging
+    import os
+
+    from tilefuse.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers.clear()  # main's basicConfig then logs to this call's stderr
+    old_cwd = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:  # argparse: --help, or a malformed option
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        os.chdir(old_cwd)
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    return subprocess.CompletedProcess(["tilefuse", *map(str, args)], code, out.getvalue(),
+                                       err.getvalue())

@@ -237,7 +237,7 @@ def test_tile_failing_mid_run_keeps_a_resumable_unfinished_output(two_tiles):
     out = two_tiles / "o.ome.zarr"
     _assert_user_error(run_cli("fuse", good, "-o", out), "a1.tif", "--resume")
     assert _not_a_finished_image(out)
-    _assert_user_error(run_cli("fuse", good, "-o", out), "unfinished run", "--resume")
+    _assert_user_error(run_cli("fuse", good, "-o", out), "unfinished tilefuse run", "--resume")
     (two_tiles / "a1.tif").write_bytes(data)  # fixed: the same command continues the run
     assert run_cli("fuse", good, "-o", out, "--resume", "-q").returncode == 0
     np.testing.assert_array_equal(read_ome_zarr_level(out).compute(),
@@ -271,25 +271,26 @@ def test_fused_output_validates_and_opens_in_ome_zarr(tile_folder, tmp_path, ngf
     assert scales == [[0.25 * 2**k, 0.25 * 2**k] for k in range(len(expected))]
 
 
-def test_memory_limit_chooses_the_chunk_and_warns(tile_folder, tmp_path):
-    from tilefuse.info import choose_chunk, estimate_peak_bytes, parse_bytes
+def test_memory_limit_chooses_the_chunk_and_refuses_too_little(tile_folder, tmp_path):
+    """The chunk choice and the warning themselves are tested in tests/test_memory.py."""
+    from tilefuse.info import parse_bytes
 
     assert parse_bytes("4GB") == 4 * 10**9 and parse_bytes("512MiB") == 512 * 2**20
     with pytest.raises(ValueError, match="expected"):
         parse_bytes("lots")
-    budget = estimate_peak_bytes(256 * 256, 1, 2, 2, 64 * 2**20) + 1
-    assert choose_chunk(2, 1, 2, 2, 64 * 2**20, budget) == 256
-    assert choose_chunk(2, 1, 2, 2, 64 * 2**20, 10**12) == 1024
     layout_path, _ = tile_folder
-    out = tmp_path / "m.ome.zarr"
-    result = run_cli("-v", "fuse", layout_path, "-o", out, "--memory-limit", str(budget),
-                     "--cache-mb", "64", "--workers", "2", "-q")
-    assert result.returncode == 0, result.stderr
-    assert "chunk 256 chosen" in result.stderr
-    level0 = zarr.open_array(str(out / "0"), mode="r")
-    assert level0.chunks == tuple(min(256, n) for n in level0.shape)
-    result = run_cli("fuse", layout_path, "-o", tmp_path / "w.ome.zarr", "--chunk", "4096",
-                     "--memory-limit", "300MB", "-q")
-    assert result.returncode == 0 and "above the 0.3 GB memory limit" in result.stderr
-    assert run_cli("fuse", layout_path, "-o", tmp_path / "x.ome.zarr", "--memory-limit",
-                   "1MB").returncode == 2
+    result = run_cli("fuse", layout_path, "-o", tmp_path / "x.ome.zarr", "--memory-limit", "1MB")
+    _assert_user_error(result, "is below what fusing needs")
+    assert not (tmp_path / "x.ome.zarr").exists()
+
+
+def test_a_default_pixel_size_is_announced(tile_folder, tmp_path):
+    """No file states a pixel size: the summary says 1 micrometer is a default, not a fact."""
+    from conftest import run_main
+
+    layout_path, _ = tile_folder
+    guessed = run_main("fuse", layout_path, "-o", tmp_path / "a.ome.zarr")
+    assert guessed.returncode == 0
+    assert "pixel size 1 micrometer is a default: no file states one" in guessed.stderr
+    given = run_main("fuse", layout_path, "-o", tmp_path / "b.ome.zarr", "--pixel-size", "0.3")
+    assert given.returncode == 0 and "is a default" not in given.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -418,7 +419,7 @@ def test_failure_in_level_zero_leaves_no_metadata(tmp_path):
 def test_existing_path_refused_then_overwritten(tmp_path, image):
     path = tmp_path / "exists.zarr"
     write_ome_zarr(da.from_array(image, chunks=64), path, axes="yx", levels=2)
-    with pytest.raises(FileExistsError, match="exists; pass --overwrite to replace it"):
+    with pytest.raises(FileExistsError, match=r"exists .*; pass --overwrite to replace it"):
         write_ome_zarr(da.from_array(image, chunks=64), path, axes="yx")
     new = np.ones((10, 12), dtype=np.uint8)
     write_ome_zarr(da.from_array(new), path, axes="yx", overwrite=True)
@@ -432,8 +433,10 @@ def test_existing_file_refused(tmp_path):
     path.write_text("x")
     with pytest.raises(FileExistsError):
         write_ome_zarr(da.zeros((4, 4), dtype=np.uint8), path, axes="yx")
-    write_ome_zarr(da.zeros((4, 4), dtype=np.uint8), path, axes="yx", overwrite=True)
-    assert path.is_dir()
+    # a file tilefuse did not make is never replaced, not even with overwrite
+    with pytest.raises(InputError, match="tilefuse did not make"):
+        write_ome_zarr(da.zeros((4, 4), dtype=np.uint8), path, axes="yx", overwrite=True)
+    assert path.read_text() == "x"
 
 
 def test_unwritable_parent_raises_before_computing(tmp_path):
@@ -473,3 +476,54 @@ def test_bad_options_raise_input_error(tmp_path, kwargs, match):
     with pytest.raises(InputError, match=match):
         write_ome_zarr(da.zeros((4, 4), dtype=np.uint8), tmp_path / "bad.zarr", **kwargs)
     assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_every_level_carries_its_translation(tmp_path):
+    """Level k's first pixel averages 2^k x 2^k level-0 pixels: its centre sits (2^k - 1) / 2
+    pixels after the mosaic origin, times the pixel size."""
+    image = da.zeros((3, 64, 80), dtype=np.uint16, chunks=(3, 16, 16))
+    write_ome_zarr(image, tmp_path / "t.zarr", axes="zyx", pixel_size=(2.0, 0.5, 0.25),
+                   origin=(4, 10, 20), levels=3)
+    datasets = multiscale(tmp_path / "t.zarr")["datasets"]
+    for k, dataset in enumerate(datasets):
+        scale, translation = dataset["coordinateTransformations"]
+        assert scale == {"type": "scale", "scale": [2.0, 0.5 * 2**k, 0.25 * 2**k]}
+        shift = (2**k - 1) / 2
+        assert translation == {"type": "translation",
+                               "translation": [8.0, (10 + shift) * 0.5, (20 + shift) * 0.25]}
+
+
+def test_cli_writes_the_mosaic_origin(tmp_path):
+    """A layout whose first tile sits at x=100, y=50 pixels: the image starts there."""
+    import tifffile
+
+    from conftest import run_main
+
+    tifffile.imwrite(tmp_path / "a.tif", np.ones((16, 16), np.uint8))
+    layout = tmp_path / "l.csv"
+    layout.write_text("file,x,y\na.tif,100,50\n")
+    out = tmp_path / "o.ome.zarr"
+    assert run_main("fuse", layout, "-o", out, "-q", "--pixel-size", "0.5").returncode == 0
+    [translation] = [t for t in multiscale(out)["datasets"][0]["coordinateTransformations"]
+                     if t["type"] == "translation"]
+    assert translation["translation"] == [25.0, 50.0]
+
+
+@pytest.mark.parametrize("unit", ["furlong", "", "pixel"])
+def test_unknown_units_are_refused(tmp_path, unit):
+    with pytest.raises(InputError, match="not an OME-NGFF space unit"):
+        write_ome_zarr(da.zeros((4, 4), dtype=np.uint8), tmp_path / "u.zarr", axes="yx",
+                       unit=unit)
+
+
+def test_too_many_levels_are_refused(tmp_path):
+    with pytest.raises(InputError, match="1 to 4 pyramid levels"):
+        write_ome_zarr(da.zeros((8, 5), dtype=np.uint8), tmp_path / "l.zarr", axes="yx",
+                       levels=5)
+    write_ome_zarr(da.zeros((8, 5), dtype=np.uint8), tmp_path / "l.zarr", axes="yx", levels=4)
+
+
+def test_remote_urls_are_refused(tmp_path):
+    with pytest.raises(InputError, match="remote URLs are not supported"):
+        write_ome_zarr(da.zeros((4, 4), dtype=np.uint8), "s3://bucket/m.ome.zarr", axes="yx")
+    assert not (Path.cwd() / "s3:").exists()

@@ -63,11 +63,17 @@ def test_resume_after_sigkill_is_bit_identical(layout_file, reference, tmp_path)
     np.testing.assert_array_equal(read_ome_zarr_level(out).compute(), reference)
 
 
-def test_resume_of_a_finished_or_missing_output_is_refused(layout_file, tmp_path):
+def test_resume_of_a_finished_output_does_nothing_and_of_a_missing_one_is_refused(
+    layout_file, tmp_path
+):
     out = tmp_path / "done.ome.zarr"
     assert run_cli("fuse", layout_file, "-o", out, "-q").returncode == 0
-    again = run_cli("fuse", layout_file, "-o", out, "--resume", "-q")
-    assert again.returncode == 2 and "finished image" in again.stderr
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = run_cli("fuse", layout_file, "-o", out, "--resume")
+    assert again.returncode == 0 and "already complete: nothing to resume" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    other = run_cli("fuse", layout_file, "-o", out, "--resume", "--blend", "max")
+    assert other.returncode == 2 and "finished image of another run" in other.stderr
     missing = run_cli("fuse", layout_file, "-o", tmp_path / "nope.ome.zarr", "--resume")
     assert missing.returncode == 2 and "nothing to resume" in missing.stderr
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -20,6 +21,16 @@ import numpy as np
 
 from tilefuse import __version__
 from tilefuse.allocator import retain_freed_memory
+from tilefuse.argtypes import (
+    check_fill,
+    dtype_name,
+    finite_float,
+    fraction,
+    nonnegative_int,
+    positive_float,
+    space_unit,
+)
+from tilefuse.argtypes import positive_int as _positive_int
 from tilefuse.blend import BLENDS
 from tilefuse.errors import InputError
 from tilefuse.kernel import BACKENDS, resolve_backend
@@ -34,16 +45,6 @@ USER_ERRORS = (InputError, FileNotFoundError, FileExistsError, PermissionError,
                NotADirectoryError, IsADirectoryError)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _add_layout_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("layout", help="TileConfiguration.txt, CSV layout, .czi, OME-TIFF with stage "
                                   "positions, or a folder of tiles with --pattern")
@@ -55,36 +56,42 @@ def _add_layout_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--order", default=None,
                    choices=("row-major", "column-major", "snake-rows", "snake-cols"),
                    help="how {index} runs over the grid (default row-major)")
-    g.add_argument("--overlap", type=float, default=None,
+    g.add_argument("--overlap", type=fraction, default=None,
                    help="fraction of a tile shared with a neighbour (default 0.1)")
-    g.add_argument("--first-index", type=int, default=None,
+    g.add_argument("--first-index", type=nonnegative_int, default=None,
                    help="index of the first tile (default: the smallest found)")
-    g.add_argument("--z-step", type=float, default=None, metavar="PX",
+    g.add_argument("--z-step", type=positive_float, default=None, metavar="PX",
                    help="spacing of z planes in lateral pixels (default: from OME-TIFF, else 1)")
-    p.add_argument("--timepoint", type=int, default=None, metavar="N",
+    p.add_argument("--timepoint", type=nonnegative_int, default=None, metavar="N",
                    help="time point of a time series (from 0) to register on, preview or "
                         "describe (default 0)")
     g = p.add_argument_group("stage positions (CZI, OME-TIFF)")
     g.add_argument("--flip-x", action="store_true", help="stage x runs against the camera's")
     g.add_argument("--flip-y", action="store_true", help="stage y runs against the camera's")
     g.add_argument("--swap-xy", action="store_true", help="stage x is the camera's y")
-    g.add_argument("--scene", type=int, default=None, help="CZI scene to read")
-    p.add_argument("--rotate", type=float, metavar="DEG", default=None,
+    g.add_argument("--scene", type=nonnegative_int, default=None, help="CZI scene to read")
+    p.add_argument("--rotate", type=finite_float, metavar="DEG", default=None,
                    help="rotate every tile about its centre (camera rotated against the stage)")
-    p.add_argument("--pixel-size", type=float, nargs="+", metavar="S", default=None,
+    p.add_argument("--pixel-size", type=positive_float, nargs="+", metavar="S", default=None,
                    help="physical pixel size: one value, or one per axis (z y x), default 1")
-    p.add_argument("--unit", default="micrometer", help="unit of --pixel-size (default micrometer)")
+    p.add_argument("--unit", type=space_unit, default="micrometer",
+                   help="unit of --pixel-size, an OME-NGFF name or um/nm/mm (default micrometer)")
     p.add_argument("--chunk", type=_positive_int, nargs="+", default=None, metavar="N",
                    help="output chunk size: one value or one per axis (default 1024)")
 
 
 def _add_registration_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-shift", type=float, default=None, metavar="PX",
+    p.add_argument("--max-shift", type=positive_float, default=None, metavar="PX",
                    help="largest correction of a stage position, in pixels (default: derived)")
-    p.add_argument("--channel", type=int, default=0, help="channel to register on (default 0)")
+    p.add_argument("--channel", type=nonnegative_int, default=0,
+                   help="channel to register on (default 0)")
     p.add_argument("--register-downsample", type=_positive_int, default=1, metavar="N",
-                   help="compare overlaps binned NxN in y and x: for large tiles, ~N² times "
-                        "faster, errors ~N times larger (default 1: full resolution)")
+                   help="search overlaps binned NxN in y and x, then refine each link at full "
+                        "resolution within N+1 px: faster for large tiles, full-resolution "
+                        "accuracy (default 1: no binning)")
+    p.add_argument("--keep-stage-positions", action="store_true",
+                   help="fuse at the stage positions when no link is accepted (default: "
+                        "stop with an error, the tiles most likely do not match the layout)")
     p.add_argument("--report", default=None, metavar="REPORT.json",
                    help="write the registration report (every link and tile) as JSON")
 
@@ -123,10 +130,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_registration_options(fuse)
     fuse.add_argument("--blend", choices=BLENDS, default="linear",
                       help="how overlaps combine (default linear: cosine feathering)")
-    fuse.add_argument("--blend-width", type=float, default=None, metavar="PX",
+    fuse.add_argument("--blend-width", type=positive_float, default=None, metavar="PX",
                       help="feathering width in pixels (default: the median overlap)")
-    fuse.add_argument("--fill", type=float, default=0, help="value where no tile is (default 0)")
-    fuse.add_argument("--dtype", default=None, help="output dtype (default: the tiles')")
+    fuse.add_argument("--fill", type=float, default=0,
+                      help="value where no tile is, within the output dtype (default 0)")
+    fuse.add_argument("--dtype", type=dtype_name, default=None,
+                      help="output dtype: uint8, uint16, uint32, int8, int16, int32, float32 or "
+                           "float64 (default: the tiles')")
     fuse.add_argument("--ngff", choices=("0.4", "0.5"), default="0.5",
                       help="OME-Zarr version: 0.5 (zarr v3, default) or 0.4 (zarr v2)")
     fuse.add_argument("--levels", type=_positive_int, default=None,
@@ -142,8 +152,10 @@ def _parser() -> argparse.ArgumentParser:
                            "auto (default) takes numba when installed; same mosaic either way")
     fuse.add_argument("--memory-limit", default="0.5", metavar="BYTES",
                       help="memory budget: picks the chunk size when --chunk is not given, "
-                           "warns when it is (e.g. 8GB; default 0.5 = half of RAM)")
-    fuse.add_argument("--overwrite", action="store_true", help="replace an existing output")
+                           "warns when it is (e.g. 8GB; default 0.5 = half of the job's "
+                           "memory: RAM, cgroup or SLURM limit)")
+    fuse.add_argument("--overwrite", action="store_true",
+                      help="replace an output that tilefuse wrote before (never other files)")
     fuse.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
 
     reg = sub.add_parser("register", help="refine tile positions from the image content")
@@ -154,6 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_registration_options(reg)
     reg.add_argument("--workers", "--threads", dest="workers", type=_positive_int, default=None,
                      help="threads for pairwise registration (default: all cores)")
+    reg.add_argument("--overwrite", action="store_true",
+                     help="replace an existing registered layout or report (never an input)")
     reg.add_argument("-q", "--quiet", action="store_true", help="no summary")
 
     prev = sub.add_parser("preview", help="a picture of the mosaic with tile outlines and links")
@@ -163,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="registration report: colour links by NCC, mark stage placements")
     prev.add_argument("--max-size", type=_positive_int, default=1024,
                       help="longest side of the picture in pixels (default 1024)")
+    prev.add_argument("--overwrite", action="store_true", help="replace an existing picture")
 
     flat = sub.add_parser("flatfield", help="estimate a flat field from the tiles and save it")
     _add_layout_options(flat)
@@ -170,11 +185,17 @@ def _parser() -> argparse.ArgumentParser:
     flat.add_argument("--darkfield", action="store_true", help="also estimate a dark field")
     flat.add_argument("--sample", type=_positive_int, default=64,
                       help="tiles sampled for the estimate (default 64)")
+    flat.add_argument("--overwrite", action="store_true", help="replace an existing TIFF")
 
     info = sub.add_parser("info", help="describe a layout: tiles, mosaic size, overlaps, memory")
     _add_layout_options(info)
-    info.add_argument("--workers", "--threads", dest="workers", type=_positive_int, default=None)
-    info.add_argument("--cache-mb", type=_positive_int, default=512)
+    info.add_argument("--workers", "--threads", dest="workers", type=_positive_int, default=None,
+                      help="threads the memory estimate is for (default: one per core)")
+    info.add_argument("--cache-mb", type=_positive_int, default=512,
+                      help="decoded-tile cache per process in MiB the estimate is for "
+                           "(default 512)")
+    info.add_argument("--backend", choices=BACKENDS, default="auto",
+                      help="chunk kernel the memory estimate is for (default auto)")
     return parser
 
 
@@ -222,6 +243,14 @@ def _adjust(layout: Layout, args: argparse.Namespace) -> Layout:
     return layout
 
 
+def _check_chunk(args: argparse.Namespace, layout: Layout | TimeSeries) -> None:
+    """--chunk gives one size or one per spatial axis of the layout."""
+    ndim = (layout.at_time(0) if isinstance(layout, TimeSeries) else layout).ndim
+    if args.chunk is not None and len(args.chunk) not in (1, ndim):
+        raise InputError(f"--chunk takes 1 or {ndim} values for this {ndim}D layout, "
+                         f"got {len(args.chunk)}")
+
+
 def _chunk_arg(args) -> int | tuple[int, ...] | None:
     if args.chunk is None:
         return None
@@ -229,23 +258,32 @@ def _chunk_arg(args) -> int | tuple[int, ...] | None:
 
 
 def _budget_chunk(layout, args: argparse.Namespace):
-    """--chunk, checked against --memory-limit; or the largest chunk the budget allows."""
-    from tilefuse.info import choose_chunk, estimate_peak_bytes, parse_bytes
+    """--chunk, checked against --memory-limit; or the largest chunk the budget allows.
+
+    The budget is --memory-limit: a size, or a fraction of the memory this job may use (the
+    smallest of RAM, its cgroup limits and its SLURM allocation). The estimate counts the
+    libraries, the tiles the cache will actually hold and the chunk tasks that can run at once.
+    """
+    from tilefuse.info import choose_chunk, chunk_peak, layout_memory, parse_bytes
 
     budget = parse_bytes(args.memory_limit)
     threads = args.workers or os.cpu_count() or 1
     cache = args.cache_mb * 2**20
     n_ch, itemsize = len(layout.channels), layout.dtype.itemsize
+    options = layout_memory(layout)
     chunk = _chunk_arg(args)
     if chunk is None:
-        side = choose_chunk(layout.ndim, n_ch, itemsize, threads, cache, budget, args.backend)
+        side = choose_chunk(layout.ndim, n_ch, itemsize, threads, cache, budget, args.backend,
+                            **options)
         log.info("chunk %d chosen for a %.1f GB memory budget", side, budget / 1e9)
         return side
     shape = chunk if isinstance(chunk, tuple) else (chunk,) * layout.ndim
-    need = estimate_peak_bytes(int(np.prod(shape)), n_ch, itemsize, threads, cache, args.backend)
-    if need > budget:
-        log.warning("--chunk %s needs ~%.1f GB with %d workers, above the %.1f GB memory limit",
-                    chunk, need / 1e9, threads, budget / 1e9)
+    if layout.ndim == 3 and not isinstance(chunk, tuple):
+        shape = (min(chunk, 64), *shape[1:])  # as plan_fusion caps z chunks
+    need = chunk_peak(shape, n_ch, itemsize, threads, cache, args.backend, **options)
+    if need.total > budget:
+        log.warning("--chunk %s needs ~%.0f MiB (%s), above the %.0f MiB memory limit", chunk,
+                    need.total / 2**20, need.parts(), budget / 2**20)
     return chunk
 
 
@@ -265,7 +303,8 @@ def _register(layout, args):
     from tilefuse.registration import register
 
     registered, report = register(layout, max_shift=args.max_shift, channel=args.channel,
-                                  workers=args.workers, downsample=args.register_downsample)
+                                  workers=args.workers, downsample=args.register_downsample,
+                                  allow_stage_positions=args.keep_stage_positions)
     if args.report:
         from tilefuse.preview import write_preview
 
@@ -287,7 +326,8 @@ def _register_series(series: TimeSeries, args) -> TimeSeries:
     timepoint = args.timepoint or 0
     registered, reports = register_series(series, timepoint=timepoint, max_shift=args.max_shift,
                                           channel=args.channel, workers=args.workers,
-                                          downsample=args.register_downsample)
+                                          downsample=args.register_downsample,
+                                          allow_stage_positions=args.keep_stage_positions)
     for index, report in reports.items():
         name = series.names[index]
         _write_report(registered.at_time(index), report, args,
@@ -338,17 +378,53 @@ def _layout_output(args, layout: Layout | TimeSeries) -> Path:
 
 
 def _save_layout(layout: Layout | TimeSeries, out: Path) -> Path:
-    """A TileConfiguration for one time point; a CSV with a t column for a time series."""
+    """Write ``layout`` to ``out``: a CSV layout when ``out`` ends in ``.csv`` or ``layout`` is a
+    time series (a t column), else a TileConfiguration (Fiji reads its tile lines). Either reads
+    back to the same tiles, channel files, affines, pixel size and unit."""
     from tilefuse.readers import write_csv_layout, write_tileconfig
 
-    if isinstance(layout, TimeSeries):
+    if isinstance(layout, TimeSeries) or out.suffix.lower() == ".csv":
         return write_csv_layout(layout, out)
     return write_tileconfig(layout, out)
 
 
+def _tile_files(layout: Layout | TimeSeries) -> list[str]:
+    """Every file the tiles are read from: all channel files, all z planes, all time points."""
+    from tilefuse.resume import tile_files
+
+    layouts = layout.layouts if isinstance(layout, TimeSeries) else (layout,)
+    return [path for one in layouts for tile in one.tiles for path in tile_files(tile)]
+
+
+def _inputs(args: argparse.Namespace, layout: Layout | TimeSeries) -> set[Path]:
+    """The resolved paths this run reads: never written, replaced or deleted."""
+    from tilefuse.outputs import input_files
+
+    return input_files(args.layout, _tile_files(layout))
+
+
+def _check_report(args: argparse.Namespace, inputs: set[Path]) -> None:
+    """--report NAME.json and its picture NAME.png: new files, or --overwrite; never inputs."""
+    if not args.report:
+        return
+    from tilefuse.outputs import check_file_output
+
+    overwrite = getattr(args, "overwrite", False)
+    report = check_file_output(args.report, overwrite=overwrite, inputs=inputs,
+                               what="--report", suffixes=(".json",))
+    check_file_output(report.with_suffix(".png"), overwrite=overwrite, inputs=inputs,
+                      what="--report picture")
+
+
 def cmd_register(args: argparse.Namespace) -> int:
+    from tilefuse.outputs import check_file_output
+
     layout = _load_acquisition(args)
-    out = _layout_output(args, layout)
+    inputs = _inputs(args, layout)
+    out = check_file_output(_layout_output(args, layout), overwrite=args.overwrite,
+                            inputs=inputs, what="registered layout",
+                            suffixes=(".txt", ".csv"))
+    _check_report(args, inputs)
     registered = _register(layout, args)
     _save_layout(registered, out)
     if not args.quiet:
@@ -356,25 +432,59 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(output: Path, args: argparse.Namespace) -> None:
-    from tilefuse.ngff import MANIFEST
+# File types a zarr folder must not be named as (the image would look like another format).
+_FILE_SUFFIXES = (".tif", ".tiff", ".btf", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".h5",
+                  ".hdf5", ".n5", ".czi", ".txt", ".csv", ".json", ".xml")
 
-    if args.resume and args.overwrite:
-        raise InputError("--resume and --overwrite exclude each other")
-    if args.resume and not output.exists():
-        raise FileNotFoundError(f"{output} does not exist; nothing to resume")
-    if output.exists() and not (args.overwrite or args.resume):
-        hint = " (an unfinished run: --resume continues it)" if (output / MANIFEST).exists() else ""
-        raise FileExistsError(f"{output} exists{hint}; pass --overwrite to replace it")
+
+def _check_output_name(output: Path) -> None:
+    """The fusion output's name says zarr (checked before anything is read)."""
+    if output.suffix.lower() in _FILE_SUFFIXES:
+        hint = (" (OME-TIFF output is not available yet)"
+                if output.suffix.lower() in (".tif", ".tiff", ".btf") else "")
+        raise InputError(f"-o {output}: the output is an OME-Zarr folder; name it "
+                         f"NAME.ome.zarr{hint}")
+
+
+def _check_sidecars(output: Path, args: argparse.Namespace, inputs: set[Path]) -> list[str]:
+    """The layout files written beside the output: never an input; an existing one only when
+    the output being replaced or resumed wrote it. Returns their names (for the manifest)."""
+    from tilefuse.outputs import read_manifest
+
+    paths = [_sidecar(output, ".layout.csv"), _sidecar(output, ".TileConfiguration.txt")]
+    previous = read_manifest(output) if output.is_dir() else None
+    ours = set((previous or {}).get("sidecars", ()))
+    for path in paths:
+        if Path(os.path.realpath(path)) in inputs:
+            raise InputError(f"-o {output} would save its layout as {path}, which is this run's "
+                             "input; choose another output name")
+        if (path.exists() or path.is_symlink()) and path.name not in ours:
+            raise FileExistsError(f"{path} exists and was not written by a run into {output}; "
+                                  "move it away or choose another output name")
+    return [p.name for p in paths]
+
+
+def _tile_identity(tile) -> tuple:
+    """A tile as the manifest knows it: name, resolved files, series and channels kept, shape
+    (the same tiles named by a relative or an absolute path are the same run)."""
+    from tilefuse.resume import tile_files
+
+    source = tile.source
+    files = [os.path.realpath(p) for p in tile_files(tile)]
+    return (tile.name, files or source.key, getattr(source, "series", None),
+            getattr(source, "channels", None), tile.shape)
 
 
 def run_manifest(layout, plan, args: argparse.Namespace) -> dict:
-    """What a fusion run was asked to do: a resume must be asked exactly the same."""
+    """What a fusion run was asked to do: a resume must be asked exactly the same (tile files
+    that changed since are fused again, see :mod:`tilefuse.resume`)."""
+    from tilefuse.resume import TILE_FILES_KEY, tile_digests
+
     if isinstance(layout, TimeSeries):
         return _series_manifest(layout, plan, args)
     digest = hashlib.sha256()
     for tile in layout.tiles:
-        digest.update(repr((tile.name, tile.source.key, tile.shape)).encode())
+        digest.update(repr(_tile_identity(tile)).encode())
         digest.update(np.round(tile.affine, 9).tobytes())
     digest.update(repr((str(layout.dtype), layout.channels)).encode())
     return {
@@ -384,6 +494,7 @@ def run_manifest(layout, plan, args: argparse.Namespace) -> dict:
         "blend": plan.blend,
         "blend_width": [round(w, 6) for w in plan.widths],
         "chunk": list(plan.chunks.chunk_shape),
+        "backend": resolve_backend(args.backend),
         "dtype": str(plan.dtype),
         "fill": plan.fill,
         "ngff": args.ngff,
@@ -393,6 +504,8 @@ def run_manifest(layout, plan, args: argparse.Namespace) -> dict:
         "flatfield": args.flatfield,
         "darkfield": args.darkfield,
         "match_intensity": args.match_intensity,
+        "sidecars": list(getattr(args, "sidecars", [])),
+        TILE_FILES_KEY: tile_digests([layout]),
     }
 
 
@@ -402,8 +515,11 @@ def _series_manifest(series: TimeSeries, plans: tuple, args: argparse.Namespace)
     digest = hashlib.sha256()
     for layout, plan in zip(series.layouts, plans):
         digest.update(run_manifest(layout, plan, args)["layout_sha256"].encode())
+    from tilefuse.resume import TILE_FILES_KEY, tile_digests
+
     manifest.update(layout_sha256=digest.hexdigest(), tiles=series.n_tiles,
                     timepoints=list(series.names))
+    manifest[TILE_FILES_KEY] = tile_digests(list(series.layouts))
     return manifest
 
 
@@ -422,8 +538,9 @@ def _fused(plan):
 
 
 def _save_fused_layout(layout: Layout | TimeSeries, output: Path) -> Path:
-    """The fused layout beside the output: NAME.TileConfiguration.txt and NAME.layout.csv
-    (exact affines); a time series as NAME.layout.csv with a t column. Returns the one named."""
+    """The fused layout beside the output: NAME.layout.csv and NAME.TileConfiguration.txt (for
+    Fiji); a time series as NAME.layout.csv with a t column. Both read back to the run's tiles,
+    channel files, affines (exact), pixel size and unit. Returns the one named."""
     from tilefuse.readers import write_csv_layout
 
     csv_path = write_csv_layout(layout, _sidecar(output, ".layout.csv"))
@@ -441,8 +558,11 @@ def _fuse_summary(layout: Layout | TimeSeries, plan, output: Path, seconds: floa
     else:
         what, shape = f"{len(layout.tiles)} tiles", plan.chunks.shape
     mpix = np.prod(shape) / 1e6
+    note = ("" if layout.pixel_size_known else
+            f"\npixel size {layout.pixel_size[-1]:g} {layout.unit} is a default: no file states "
+            "one; pass --pixel-size to write the real one")
     return (f"fused {what} -> {output} ({' x '.join(map(str, shape))}, {mpix:.1f} MPix) in "
-            f"{seconds:.1f} s ({mpix / seconds:.1f} MPix/s); layout saved as {saved}")
+            f"{seconds:.1f} s ({mpix / seconds:.1f} MPix/s); layout saved as {saved}{note}")
 
 
 def _warm_up_kernel(backend: str) -> None:
@@ -454,17 +574,46 @@ def _warm_up_kernel(backend: str) -> None:
     threading.Thread(target=warm_up, name="tilefuse-warm-up", daemon=True).start()
 
 
+def _resume_chunk(output: Path, args: argparse.Namespace) -> None:
+    """On --resume without --chunk, the chunk the interrupted run chose (the automatic choice
+    depends on the machine's memory, which may differ on another node)."""
+    from tilefuse.outputs import read_manifest
+
+    saved = read_manifest(output) if args.resume and args.chunk is None else None
+    if saved and saved.get("chunk"):
+        args.chunk = [int(n) for n in saved["chunk"]]
+
+
+def _dtype_of(layout: Layout | TimeSeries) -> np.dtype:
+    return (layout.at_time(0) if isinstance(layout, TimeSeries) else layout).dtype
+
+
+def _spatial_origin(plan) -> list[float]:
+    """The mosaic's first pixel in layout pixels (z, y, x), of a plan or a series' plans."""
+    first = plan[0] if isinstance(plan, tuple) else plan
+    return [float(v) for v in first.chunks.origin]
+
+
 def cmd_fuse(args: argparse.Namespace) -> int:
     from tilefuse.fuse import fused_axes, plan_fusion, plan_series
     from tilefuse.intensity import prepare_corrections
-    from tilefuse.ngff import MANIFEST, write_ome_zarr
-    from tilefuse.runner import open_runner
+    from tilefuse.ngff import is_finished_image
+    from tilefuse.outputs import check_image_output, read_manifest, refuse_url
 
     started = time.perf_counter()
+    refuse_url(args.output, "-o")  # before Path() folds "s3://b" into "s3:/b"
     output = Path(args.output)
-    _check_output(output, args)
+    _check_output_name(output)
     _warm_up_kernel(args.backend)
     layout = _load_acquisition(args)
+    _check_chunk(args, layout)
+    inputs = _inputs(args, layout)
+    check_image_output(output, overwrite=args.overwrite, resume=args.resume, inputs=inputs)
+    args.sidecars = _check_sidecars(output, args, inputs)
+    _check_report(args, inputs)
+    check_fill(args.fill, args.dtype or _dtype_of(layout))
+    _resume_chunk(output, args)
+    complete = args.resume and is_finished_image(output)
     if args.register:
         layout = _register(layout, args)
     fused_layout = _per_time(prepare_corrections, layout, flatfield=args.flatfield,
@@ -474,19 +623,9 @@ def cmd_fuse(args: argparse.Namespace) -> int:
                    blend_width=args.blend_width, dtype=args.dtype, fill=args.fill,
                    cache_bytes=args.cache_mb * 2**20, backend=args.backend)
     try:
-        with open_runner(args.scheduler, workers=args.workers, progress=not args.quiet) as (
-            compute, dashboard,
-        ):
-            if dashboard and not args.quiet:
-                print(f"dask dashboard: {dashboard}", file=sys.stderr)
-            write_ome_zarr(
-                _fused(plan), output, axes=fused_axes(layout), pixel_size=layout.pixel_size,
-                unit=layout.unit, ngff_version=args.ngff, levels=args.levels,
-                channel_names=layout.channels, overwrite=args.overwrite, compute=compute,
-                manifest=run_manifest(layout, plan, args), resume=args.resume,
-            )
+        _write(plan, layout, output, args, axes=fused_axes(layout))
     except (*USER_ERRORS, OSError, KeyboardInterrupt) as exc:
-        if not (output / MANIFEST).exists():
+        if read_manifest(output) is None or is_finished_image(output):
             raise
         note = f" (partial output kept in {output}; the same command with --resume continues it)"
         if isinstance(exc, KeyboardInterrupt):
@@ -494,6 +633,10 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         if isinstance(exc, USER_ERRORS):
             raise type(exc)(f"{exc}{note}") from exc
         raise InputError(f"cannot write {output}: {exc.strerror or exc}{note}") from exc
+    if complete:
+        if not args.quiet:
+            print(f"{output} is already complete: nothing to resume", file=sys.stderr)
+        return 0
     saved = _save_fused_layout(layout, output)
     if not args.quiet:
         seconds = time.perf_counter() - started
@@ -501,28 +644,66 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write(plan, layout: Layout | TimeSeries, output: Path, args: argparse.Namespace, *,
+           axes: tuple[str, ...]) -> None:
+    """Fuse and write the OME-Zarr image on the chosen scheduler, with progress."""
+    from tilefuse.ngff import write_ome_zarr
+    from tilefuse.outputs import read_manifest
+    from tilefuse.resume import refresh_changed_tiles
+    from tilefuse.runner import open_runner
+
+    manifest = json.loads(json.dumps(run_manifest(layout, plan, args)))
+    saved = read_manifest(output) if args.resume else None
+    if saved is not None:
+        refresh_changed_tiles(output, saved, manifest, plan)
+    with open_runner(args.scheduler, workers=args.workers, progress=not args.quiet) as (
+        compute, dashboard,
+    ):
+        if dashboard and not args.quiet:
+            print(f"dask dashboard: {dashboard}", file=sys.stderr)
+        write_ome_zarr(
+            _fused(plan), output, axes=axes, pixel_size=layout.pixel_size,
+            unit=layout.unit, ngff_version=args.ngff, levels=args.levels,
+            channel_names=layout.channels, origin=_spatial_origin(plan),
+            overwrite=args.overwrite, compute=compute, manifest=manifest, resume=args.resume,
+        )
+
+
 def cmd_flatfield(args: argparse.Namespace) -> int:
     from tilefuse.intensity import estimate_flatfield, save_flatfield
+    from tilefuse.outputs import check_file_output
 
     layout = _load(args)
+    out = check_file_output(args.output, overwrite=args.overwrite, inputs=_inputs(args, layout),
+                            what="-o", suffixes=(".tif", ".tiff"))
     flat, dark = estimate_flatfield(layout, sample=args.sample, darkfield=args.darkfield)
-    save_flatfield(args.output, flat, dark)
+    save_flatfield(out, flat, dark)
     print(f"flat field ({flat.shape}, min {flat.min():.3f}, max {flat.max():.3f}) written to "
-          f"{args.output}; use it with 'tilefuse fuse ... --flatfield {args.output}'",
-          file=sys.stderr)
+          f"{out}; use it with 'tilefuse fuse ... --flatfield {out}'", file=sys.stderr)
     return 0
 
 
+_PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
 def cmd_preview(args: argparse.Namespace) -> int:
+    from tilefuse.ngff import is_finished_image
+    from tilefuse.outputs import check_file_output, input_files
     from tilefuse.preview import preview_image
 
     source = Path(args.layout)
     is_image = source.is_dir() and any((source / n).exists() for n in ("zarr.json", ".zattrs"))
-    picture = preview_image(source if is_image else _load(args), max_size=args.max_size,
+    if is_image and not is_finished_image(source):
+        raise InputError(f"{source} is an unfinished tilefuse output (no OME metadata yet): "
+                         "finish it with the same 'tilefuse fuse' command and --resume")
+    layout = None if is_image else _load(args)
+    inputs = input_files(source, _tile_files(layout) if layout is not None else ())
+    out = check_file_output(args.output, overwrite=args.overwrite, inputs=inputs, what="-o",
+                            suffixes=_PICTURE_SUFFIXES)
+    picture = preview_image(source if layout is None else layout, max_size=args.max_size,
                             report=args.report)
-    picture.save(args.output)
-    print(f"preview written to {args.output} ({picture.size[0]} x {picture.size[1]})",
-          file=sys.stderr)
+    picture.save(out)
+    print(f"preview written to {out} ({picture.size[0]} x {picture.size[1]})", file=sys.stderr)
     return 0
 
 
@@ -530,8 +711,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     from tilefuse.info import describe, describe_series
 
     layout = _load_acquisition(args)
+    _check_chunk(args, layout)
     threads = args.workers or os.cpu_count() or 1
-    options = {"chunk": _chunk_arg(args), "threads": threads, "cache_bytes": args.cache_mb * 2**20}
+    options = {"chunk": _chunk_arg(args), "threads": threads, "cache_bytes": args.cache_mb * 2**20,
+               "backend": args.backend}
     lines = (describe_series(layout, timepoint=args.timepoint or 0, **options)
              if isinstance(layout, TimeSeries) else describe(layout, **options))
     for line in lines:
@@ -553,7 +736,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in ("tifffile", "imageio", "PIL"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:  # `tilefuse info ... | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
     except USER_ERRORS as exc:
         print(f"tilefuse {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,10 +30,21 @@ import zarr
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from tilefuse.chunkstore import ChunkFiles
+from tilefuse import __version__
+from tilefuse.chunkstore import ChunkFiles, remove_partial_files
 from tilefuse.errors import InputError
+from tilefuse.outputs import (
+    MANIFEST,
+    MANIFEST_KEY,
+    check_image_output,
+    is_finished,
+    read_manifest,
+    remove_image,
+)
+from tilefuse.units import check_unit
 
-__all__ = ["MANIFEST", "pyramid_shapes", "read_ome_zarr_level", "write_ome_zarr", "written_blocks"]
+__all__ = ["MANIFEST", "is_finished_image", "max_levels",
+           "pyramid_shapes", "read_ome_zarr_level", "write_ome_zarr", "written_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,10 @@ BATCH_CHUNKS = 8192  # chunks per dask compute when storing a level
 _PALETTE = ("00FF00", "FF00FF", "00FFFF", "FFFF00", "FF0000", "0000FF", "FFFFFF")
 _GREY = "FFFFFF"
 _HEX = re.compile(r"^#?([0-9A-Fa-f]{6})$")
+def max_levels(shape_yx: Sequence[int]) -> int:
+    """The most pyramid levels an image of `shape_yx` can have: halving y and x until both
+    are 1 pixel (more would repeat 1 x 1 levels, which viewers refuse)."""
+    return 1 + max(math.ceil(math.log2(max(int(n), 1))) for n in shape_yx)
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,6 +120,7 @@ def write_ome_zarr(
     levels: int | None = None,
     channel_names: Sequence[str] | None = None,
     channel_colors: Sequence[str] | None = None,
+    origin: Sequence[float] | None = None,
     overwrite: bool = False,
     name: str | None = None,
     compute_kwargs: dict | None = None,
@@ -134,8 +149,13 @@ def write_ome_zarr(
         Number of levels including level 0; by default until one chunk holds y and x.
     channel_names, channel_colors : sequence of str, optional
         One per channel (hex ``RRGGBB`` colours); default ``"Channel i"`` and a palette.
+    origin : sequence of float, optional
+        Position of the mosaic's first pixel, in pixels, one per spatial axis present (z, y, x),
+        e.g. a plan's output origin; written as the NGFF translation (times the pixel size).
+        Default 0.
     overwrite : bool
-        Replace an existing `path` instead of refusing.
+        Replace an existing `path` that tilefuse wrote (or an empty folder) instead of
+        refusing. Any other folder or file is never deleted (see :mod:`tilefuse.outputs`).
     name : str, optional
         Image name in the metadata; default the folder name without ``.zarr``.
     compute_kwargs : dict, optional
@@ -145,10 +165,12 @@ def write_ome_zarr(
         caller drive progress bars on any scheduler. Overrides `compute_kwargs`.
     manifest : dict, optional
         What this run was asked to do (layout hash, parameters, version), saved as
-        ``tilefuse-run.json`` before any pixel is written; a resume must present the same.
+        the group attribute ``tilefuse`` before any pixel is written (with the tilefuse version
+        always: it marks the folder as tilefuse's); a resume must present the same.
     resume : bool
         Continue an interrupted write of the same image at `path`: level-0 chunks that exist
         and decode are kept, the others are written; the pyramid and metadata are then made.
+        Resuming a finished image of the same manifest does nothing.
 
     Returns
     -------
@@ -173,23 +195,30 @@ def write_ome_zarr(
     if array.size == 0:
         raise InputError(f"cannot write an empty image of shape {array.shape}")
     sizes = _spatial_sizes(axes, pixel_size)
+    unit = check_unit(unit)
+    offsets = _spatial_origin(axes, origin)
     channels = _channel_specs(axes, array.shape, channel_names, channel_colors)
     array = _regular_chunks(array)
     chunks = tuple(c[0] for c in array.chunks)
     iy, ix = axes.index("y"), axes.index("x")
+    _check_levels(levels, (array.shape[iy], array.shape[ix]))
     shapes = pyramid_shapes(array.shape, (chunks[iy], chunks[ix]), axes, levels)
     zarr_format = 3 if ngff_version == "0.5" else 2
     if compute is None:
         kwargs = dict(compute_kwargs or {})
         compute = lambda *collections: dask.compute(*collections, **kwargs)  # noqa: E731
+    manifest = json.loads(json.dumps({"tilefuse": __version__, **(manifest or {})}))
+    out = check_image_output(path, overwrite=overwrite, resume=resume)
     if resume:
-        out = Path(path)
+        if _finished_match(out, manifest):
+            log.info("%s is already complete; nothing to resume", out)
+            return out
         group = _open_unfinished(out, zarr_format, manifest)
+        removed = remove_partial_files(out)
+        if removed:
+            log.info("removed %d partly written chunk file(s) left by the interrupted run", removed)
     else:
-        out = _prepare_path(Path(path), overwrite)
-        group = zarr.open_group(out, mode="w", zarr_format=zarr_format)
-        if manifest is not None:
-            (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        group = _new_image(out, zarr_format, manifest)
 
     lo = hi = None
     labelled = _labeller(compute, math.prod(array.numblocks) > BATCH_CHUNKS)
@@ -205,9 +234,8 @@ def write_ome_zarr(
         target = _create_level(group, str(k), shape, chunks, array.dtype, axes, zarr_format)
         lo, hi = _store_level(source, target, axes, stats=last, compute=labelled(f"pyramid {k}"))
 
-    attrs = _image_attrs(
-        axes, sizes, unit, len(shapes), ngff_version, channels, lo, hi, name or _default_name(out)
-    )
+    attrs = _image_attrs(axes, sizes, offsets, unit, len(shapes), ngff_version, channels, lo, hi,
+                         name or _default_name(out))
     group.attrs.update(attrs)
     log.info("wrote %s (%d levels, NGFF %s)", out, len(shapes), ngff_version)
     return out
@@ -312,29 +340,41 @@ def _channel_specs(
     return list(zip((str(s) for s in names), hexes))
 
 
-def _prepare_path(path: Path, overwrite: bool) -> Path:
-    """Refuse or remove an existing `path`, then create it as an empty folder.
+def _new_image(out: Path, zarr_format: int, manifest: dict) -> zarr.Group:
+    """Empty `out` (a tilefuse image or empty folder, checked before), mark it as tilefuse's
+    with the manifest, and create the zarr group.
 
     Creating the folder is the writability check; it happens before anything is computed.
     """
-    if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-        try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        except OSError as exc:
-            raise InputError(f"cannot remove {path}: {exc.strerror or exc}") from exc
     try:
-        path.mkdir(parents=True)
-        probe = path / ".tilefuse-write-test"
-        probe.touch()
-        probe.unlink()
+        if out.exists():
+            remove_image(out)
+        out.mkdir(parents=True, exist_ok=True)
+        group = zarr.open_group(out, mode="w", zarr_format=zarr_format)  # "w" empties `out`
+        group.attrs[MANIFEST_KEY] = manifest
     except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    return path
+        raise InputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    return group
+
+
+def _spatial_origin(axes: Sequence[str], origin: Sequence[float] | None) -> dict[str, float]:
+    """Map each spatial axis present to the pixel position of the mosaic's first pixel."""
+    spatial = [a for a in axes if a in _SPATIAL]
+    values = [0.0] * len(spatial) if origin is None else [float(v) for v in origin]
+    if len(values) != len(spatial) or not all(math.isfinite(v) for v in values):
+        raise InputError(f"origin {tuple(values)} must give one finite value per spatial axis "
+                         f"{tuple(spatial)}")
+    return dict(zip(spatial, values, strict=True))
+
+
+def _check_levels(levels: int | None, shape_yx: tuple[int, int]) -> None:
+    """Refuse a level count below 1 or beyond 1 x 1 pixel."""
+    if levels is None:
+        return
+    most = max_levels(shape_yx)
+    if not 1 <= levels <= most:
+        raise InputError(f"levels {levels}: a {shape_yx[1]} x {shape_yx[0]} (x, y) image has 1 to "
+                         f"{most} pyramid levels (the last one 1 pixel)")
 
 
 def _default_name(path: Path) -> str:
@@ -631,26 +671,44 @@ def _write_block(writer: ChunkFiles, block, data: np.ndarray, reduce_axes):
 # Level 0, resumable
 # --------------------------------------------------------------------------------------------
 
-MANIFEST = "tilefuse-run.json"
+def is_finished_image(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a zarr group carrying OME multiscales metadata (written last)."""
+    return is_finished(Path(folder))
+
+
+def _finished_match(out: Path, manifest: dict) -> bool:
+    """True when `out` is a finished image of this very run; refuses a finished other run."""
+    if not is_finished_image(out):
+        return False
+    saved = read_manifest(out)
+    if saved != manifest:
+        raise InputError(f"{out}: is a finished image of another run "
+                         f"({_differences(saved, manifest)} differ); nothing to resume: pass "
+                         "--overwrite to replace it")
+    return True
+
+
+def _differences(saved: dict | None, manifest: dict) -> str:
+    saved = saved or {}
+    return ", ".join(sorted(k for k in set(saved) | set(manifest)
+                            if saved.get(k) != manifest.get(k)))
 
 
 def _open_unfinished(out: Path, zarr_format: int, manifest: dict | None) -> zarr.Group:
     """Open an interrupted write for resuming, refusing anything that is not exactly that."""
-    if not (out / MANIFEST).is_file():
-        raise InputError(f"{out}: nothing to resume (no {MANIFEST}); run without --resume")
+    if read_manifest(out) is None:
+        raise InputError(f"{out}: nothing to resume (no tilefuse run manifest); run without "
+                         "--resume")
     try:
         group = zarr.open_group(out, mode="r+", zarr_format=zarr_format)
     except Exception as exc:
         raise InputError(f"{out}: cannot open the interrupted output to resume ({exc})") from exc
-    attrs = group.attrs.asdict()
-    if "multiscales" in attrs or "multiscales" in attrs.get("ome", {}):
-        raise InputError(f"{out}: is a finished image; nothing to resume")
-    saved = json.loads((out / MANIFEST).read_text())
+    saved = read_manifest(out)
     if manifest is not None and saved != manifest:
-        keys = sorted(k for k in set(saved) | set(manifest) if saved.get(k) != manifest.get(k))
         raise InputError(
-            f"{out}: was started with other inputs or parameters ({', '.join(keys)} differ); "
-            "resume only with the same command, or start again with --overwrite"
+            f"{out}: was started with other inputs or parameters "
+            f"({_differences(saved, manifest)} differ); resume only with the same command, or "
+            "start again with --overwrite"
         )
     return group
 
@@ -715,6 +773,7 @@ def _store_missing_blocks(
 def _image_attrs(
     axes: Sequence[str],
     sizes: dict[str, float],
+    origin: dict[str, float],
     unit: str,
     n_levels: int,
     version: str,
@@ -728,7 +787,9 @@ def _image_attrs(
         "name": name,
         "axes": [_axis_meta(a, unit) for a in axes],
         "datasets": [
-            {"path": str(k), "coordinateTransformations": [_scale(axes, sizes, k)]}
+            {"path": str(k),
+             "coordinateTransformations": [_scale(axes, sizes, k),
+                                           _translation(axes, sizes, origin, k)]}
             for k in range(n_levels)
         ],
         "type": "mean",
@@ -755,6 +816,22 @@ def _scale(axes: Sequence[str], sizes: dict[str, float], level: int) -> dict[str
     return {
         "type": "scale",
         "scale": [sizes.get(a, 1.0) * factor.get(a, 1.0) for a in axes],
+    }
+
+
+def _translation(axes: Sequence[str], sizes: dict[str, float], origin: dict[str, float],
+                 level: int) -> dict[str, Any]:
+    """Translation of `level`: the physical position of its first pixel's centre.
+
+    A pixel of level k averages 2^k x 2^k pixels of level 0, so its centre sits
+    (2^k - 1) / 2 level-0 pixels after theirs in y and x; every level starts at the mosaic's
+    origin.
+    """
+    shift = {"y": (2.0**level - 1) / 2, "x": (2.0**level - 1) / 2}
+    return {
+        "type": "translation",
+        "translation": [(origin.get(a, 0.0) + shift.get(a, 0.0)) * sizes.get(a, 1.0)
+                        if a in sizes else 0.0 for a in axes],
     }
 
 
