@@ -50,7 +50,7 @@ def vignette(shape: tuple[int, int], strength: float = 0.3) -> np.ndarray:
 
 def make_tiles(grid, tile: int, overlap: float, seed: int, trend: bool):
     """Vignetted, gain-scaled uint16 tiles; returns (layout, tiles, true flat)."""
-    from tilefuse.readers.memory import layout_from_arrays
+    from tilefuse.io.readers.memory import layout_from_arrays
     from tilefuse.testing import grid_tileset
 
     ts = grid_tileset(grid=grid, tile_shape=(tile, tile), overlap=overlap, kind="cells", seed=seed)

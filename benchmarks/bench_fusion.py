@@ -96,8 +96,8 @@ def run_floor(layout_path: Path, out: Path) -> tuple:
 
     import tifffile
 
-    from tilefuse.geometry import output_box
-    from tilefuse.readers import read_layout
+    from tilefuse.io.readers import read_layout
+    from tilefuse.plan.geometry import output_box
 
     layout = read_layout(layout_path)
     origin, shape = output_box(layout)
@@ -116,7 +116,7 @@ def run_floor(layout_path: Path, out: Path) -> tuple:
 def run_tilefuse(layout_path: Path, out: Path, blend: str, rotate: float = 0.0,
                  backend: str = "auto") -> tuple:
     from tilefuse import fuse, read_layout
-    from tilefuse.ngff import write_ome_zarr
+    from tilefuse.ome_zarr.writer import write_ome_zarr
 
     layout = read_layout(layout_path)
     if rotate:
@@ -134,8 +134,8 @@ def run_naive(layout_path: Path, out: Path, order: int = 3) -> tuple:
     import tifffile
     from scipy import ndimage
 
-    from tilefuse.geometry import output_box, tile_bounds
-    from tilefuse.readers import read_layout
+    from tilefuse.io.readers import read_layout
+    from tilefuse.plan.geometry import output_box, tile_bounds
 
     layout = read_layout(layout_path)
     origin, shape = output_box(layout)
@@ -167,7 +167,7 @@ def run_mvs(layout_path: Path, out: Path, to_zarr: bool = False) -> tuple:
     from multiview_stitcher import fusion, msi_utils
     from multiview_stitcher import spatial_image_utils as si_utils
 
-    from tilefuse.readers import read_layout
+    from tilefuse.io.readers import read_layout
 
     layout = read_layout(layout_path)
     sims = []
@@ -209,8 +209,6 @@ def _import_everything(variant: str) -> None:
     import tifffile  # noqa: F401
     import zarr  # noqa: F401
 
-    import tilefuse.ngff
-    import tilefuse.readers  # noqa: F401
 
     with contextlib.suppress(ImportError):  # dask imports it at the first compute if installed
         import distributed  # noqa: F401
@@ -218,10 +216,10 @@ def _import_everything(variant: str) -> None:
     if variant.startswith("mvs"):
         import multiview_stitcher.fusion  # noqa: F401
     elif variant in ("linear", "rotate1", "max"):
-        from tilefuse.kernel import resolve_backend
+        from tilefuse.fusion.kernel import resolve_backend
 
         if resolve_backend() == "numba":  # numba's lazy imports and disk cache: a start-up cost
-            from tilefuse.fastkernel import warm_up
+            from tilefuse.fusion._numba.kernel import warm_up
 
             warm_up()
 
@@ -231,7 +229,7 @@ def child(variant: str, layout_path: Path, out: Path) -> None:
 
     Every variant, peers included, runs with the same allocator settings as the CLI.
     """
-    from tilefuse.allocator import retain_freed_memory
+    from tilefuse.cli.allocator import retain_freed_memory
 
     retain_freed_memory()
     _import_everything(variant)

@@ -19,7 +19,7 @@ For the default kernel (numba when installed) and ``--backend numpy``, ``tilefus
 its estimate and ``tilefuse fuse LAYOUT -o out.ome.zarr`` (default settings otherwise: one
 thread per core, 512 MiB tile cache, chunk from the memory budget, full pyramid) runs in a
 child process under GNU time (``/usr/bin/time -v``, "Maximum resident set size"). When ``info``
-has no ``--backend`` option, the numpy estimate comes from ``tilefuse.info.describe(...,
+has no ``--backend`` option, the numpy estimate comes from ``tilefuse.plan.info.describe(...,
 backend="numpy")`` in a child process. The table gives both and their ratio (the target: within
 2x either way); it is printed and saved as benchmarks/results/memory.json.
 
@@ -54,8 +54,8 @@ _MOSAIC = re.compile(r"mosaic:.*?([\d.]+) (B|KiB|MiB|GiB|TiB) uncompressed")
 _UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 _ESTIMATE_CHILD = """
 import os, sys
-from tilefuse.info import describe
-from tilefuse.readers import read_layout
+from tilefuse.plan.info import describe
+from tilefuse.io.readers import read_layout
 lines = describe(read_layout(sys.argv[1]), threads=os.cpu_count() or 1, backend=sys.argv[2])
 print("\\n".join(lines))
 """
@@ -161,7 +161,7 @@ def main() -> int:
     (RESULTS / "memory.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     worst = max(max(r["ratio"], 1 / r["ratio"]) for r in rows)
     print(f"worst ratio {worst:.2f}x (target: within 2x); {os.cpu_count()} cores"
-          + ("" if info_has_backend else "; numpy estimates from tilefuse.info.describe"))
+          + ("" if info_has_backend else "; numpy estimates from tilefuse.plan.info.describe"))
     return 0 if worst <= 2 else 1
 
 

@@ -56,7 +56,7 @@ def measure(tile: int, downsample: int, grid: tuple[int, int], repeats: int) -> 
 
 
 def main() -> int:
-    from tilefuse.allocator import retain_freed_memory
+    from tilefuse.cli.allocator import retain_freed_memory
 
     p = grid_parser(__doc__, grid="4x4")
     p.add_argument("--tiles", default="512,1024")

@@ -66,7 +66,7 @@ def make_tiles(folder: Path, grid, tile: int, noise: float, seed: int) -> np.nda
 
 def run_tilefuse(folder: Path, max_shift: float | None = None) -> dict:
     from tilefuse import read_layout
-    from tilefuse.allocator import retain_freed_memory
+    from tilefuse.cli.allocator import retain_freed_memory
     from tilefuse.registration import register
 
     retain_freed_memory()

@@ -28,8 +28,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def child(mosaic: int, tile: int, out: Path, cache_mb: int, chunk: int) -> None:
     from tilefuse import fuse
-    from tilefuse.allocator import retain_freed_memory
-    from tilefuse.ngff import write_ome_zarr
+    from tilefuse.cli.allocator import retain_freed_memory
+    from tilefuse.ome_zarr.writer import write_ome_zarr
     from tilefuse.testing import pattern_layout
 
     retain_freed_memory()  # as the CLI does
@@ -44,7 +44,7 @@ def child(mosaic: int, tile: int, out: Path, cache_mb: int, chunk: int) -> None:
 
 def check(out: Path, shape) -> int:
     """Compare 20 random windows of the stored mosaic with the pattern; returns mismatches."""
-    from tilefuse.ngff import read_ome_zarr_level
+    from tilefuse.ome_zarr.writer import read_ome_zarr_level
     from tilefuse.testing import PatternSource
 
     level0 = read_ome_zarr_level(out, 0)
@@ -58,7 +58,7 @@ def check(out: Path, shape) -> int:
 
 
 def plan_only(n_tiles: int, chunk: int) -> dict:
-    from tilefuse.geometry import plan_chunks
+    from tilefuse.plan.geometry import plan_chunks
     from tilefuse.testing import pattern_layout
 
     side = int(np.sqrt(n_tiles))

@@ -32,14 +32,14 @@ def run_main(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
     """Run ``tilefuse ARGS`` in this process (fast: no interpreter start), like :func:`run_cli`.
 
     Returns a CompletedProcess with the exit status and what was printed. An exception that
-    escapes :func:`tilefuse.cli.main` is a test failure: the CLI must never show a traceback.
+    escapes :func:`tilefuse.cli.main.main` is a test failure: the CLI must never show a traceback.
     """
     import contextlib
     import io
     import logging
     import os
 
-    from tilefuse.cli import main
+    from tilefuse.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()

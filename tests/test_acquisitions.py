@@ -10,8 +10,8 @@ import zarr
 from PIL import Image
 
 from conftest import DATA, read_positions, run_cli
-from tilefuse.ngff import read_ome_zarr_level
-from tilefuse.readers import read_layout
+from tilefuse.io.readers import read_layout
+from tilefuse.ome_zarr.writer import read_ome_zarr_level
 
 MIST = DATA / "mist_phase_5x5"
 MIST_ARGS = ["--pattern", "ImageName_t01_p{index}.tif", "--grid", "5x5", "--order",

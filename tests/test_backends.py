@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tilefuse import fuse, layout_from_arrays
-from tilefuse.blend import BLENDS
 from tilefuse.errors import InputError
-from tilefuse.kernel import resolve_backend
+from tilefuse.fusion.blend import BLENDS
+from tilefuse.fusion.kernel import resolve_backend
 
 pytest.importorskip("numba")
 
@@ -126,7 +126,7 @@ def test_resolve_backend(monkeypatch):
 
 
 def test_numba_backend_runs_the_compiled_kernel(monkeypatch):
-    import tilefuse.fastkernel as fastkernel
+    import tilefuse.fusion._numba.kernel as fastkernel
 
     calls = []
     real = fastkernel.fuse_chunk_compiled
@@ -142,7 +142,7 @@ def test_numba_backend_runs_the_compiled_kernel(monkeypatch):
 
 def test_cli_backend_option_same_mosaic(tmp_path):
     from conftest import run_cli
-    from tilefuse.ngff import read_ome_zarr_level
+    from tilefuse.ome_zarr.writer import read_ome_zarr_level
     from tilefuse.testing import grid_tileset, write_tileset
 
     ts = grid_tileset(grid=(2, 2), tile_shape=(48, 64), overlap=0.2, fractional=True, seed=3)

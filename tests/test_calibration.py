@@ -15,9 +15,7 @@ import pytest
 import tifffile
 
 from conftest import run_cli
-from tilefuse.info import describe
-from tilefuse.layout import Layout, PixelSize
-from tilefuse.readers import (
+from tilefuse.io.readers import (
     layout_from_arrays,
     read_acquisition,
     read_layout,
@@ -25,7 +23,9 @@ from tilefuse.readers import (
     write_csv_layout,
     write_tileconfig,
 )
-from tilefuse.readers.calibration import stated_pixel_size
+from tilefuse.io.readers.calibration import stated_pixel_size
+from tilefuse.model.layout import Layout, PixelSize
+from tilefuse.plan.info import describe
 
 TILE = np.arange(12 * 16, dtype=np.uint16).reshape(12, 16)
 

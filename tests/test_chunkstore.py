@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import zarr
 
-from tilefuse import chunkstore
-from tilefuse.chunkstore import ChunkFiles
+from tilefuse.ome_zarr import chunkstore
+from tilefuse.ome_zarr.chunkstore import ChunkFiles
 
 V2 = {"compressors": numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
       "chunk_key_encoding": {"name": "v2", "separator": "/"}}
@@ -132,7 +132,7 @@ def test_failed_write_leaves_no_chunk_file(tmp_path, monkeypatch):
 def test_write_ome_zarr_same_image_through_zarr(tmp_path, monkeypatch):
     """The fallback (zarr's own writes) and the direct writer store the same image."""
     from tilefuse import fuse, layout_from_arrays
-    from tilefuse.ngff import read_ome_zarr_level, write_ome_zarr
+    from tilefuse.ome_zarr.writer import read_ome_zarr_level, write_ome_zarr
 
     rng = np.random.default_rng(5)
     tiles = [rng.integers(0, 60000, (2, 40, 50), dtype=np.uint16) for _ in range(4)]

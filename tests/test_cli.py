@@ -8,8 +8,8 @@ import tifffile
 import zarr
 
 from conftest import DATA, read_positions, run_cli
-from tilefuse.ngff import read_ome_zarr_level
-from tilefuse.readers import read_layout
+from tilefuse.io.readers import read_layout
+from tilefuse.ome_zarr.writer import read_ome_zarr_level
 from tilefuse.testing import grid_tileset, write_tileset
 
 
@@ -273,7 +273,7 @@ def test_fused_output_validates_and_opens_in_ome_zarr(tile_folder, tmp_path, ngf
 
 def test_memory_limit_chooses_the_chunk_and_refuses_too_little(tile_folder, tmp_path):
     """The chunk choice and the warning themselves are tested in tests/test_memory.py."""
-    from tilefuse.info import parse_bytes
+    from tilefuse.plan.info import parse_bytes
 
     assert parse_bytes("4GB") == 4 * 10**9 and parse_bytes("512MiB") == 512 * 2**20
     with pytest.raises(ValueError, match="expected"):

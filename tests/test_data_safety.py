@@ -19,7 +19,7 @@ import zarr
 
 from conftest import run_main
 from tilefuse.errors import InputError
-from tilefuse.ngff import read_ome_zarr_level, write_ome_zarr
+from tilefuse.ome_zarr.writer import read_ome_zarr_level, write_ome_zarr
 from tilefuse.testing import grid_tileset, write_tileset
 
 

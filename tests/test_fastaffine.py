@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba")
 
-from tilefuse import fastaffine
+from tilefuse.fusion._numba import affine as fastaffine
 
 
 def _floor_scan(b, a, s, start, stop, value):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from tilefuse import fuse, layout_from_arrays
-from tilefuse.blend import BLENDS
+from tilefuse.fusion.blend import BLENDS
 from tilefuse.testing import Scene, cut_tiles, grid_tileset
 
 INTEGER_EXACT_BLENDS = ("linear", "mean", "max", "min", "first", "last")
@@ -142,7 +142,7 @@ def test_zstack_with_z_offsets_and_fractional_positions():
     scene = Scene((40.0, 90.0, 120.0), "smooth", seed=3)
     positions = np.array([[0.0, 0.0, 0.0], [6.0, 0.0, 50.5], [3.25, 40.0, 20.0]])
     shape = (20, 48, 64)
-    from tilefuse.layout import translation_affine
+    from tilefuse.model.layout import translation_affine
 
     tiles = [np.rint(scene.sample(translation_affine(p), shape) * 60000).astype(np.uint16)
              for p in positions]
@@ -191,9 +191,9 @@ def test_output_does_not_depend_on_chunk_size(layout_spec, blend, cy, cx, backen
 
 
 def test_each_tile_is_decoded_once(tmp_path):
-    from tilefuse.readers import read_layout
+    from tilefuse.io.readers import read_layout
+    from tilefuse.io.tiles import cache_stats, clear_cache
     from tilefuse.testing import write_tileset
-    from tilefuse.tileio import cache_stats, clear_cache
 
     ts = grid_tileset(grid=(3, 3), tile_shape=(64, 64), overlap=0.2, seed=7)
     layout = read_layout(write_tileset(ts, tmp_path, stage=False))

@@ -18,8 +18,8 @@ from tilefuse.intensity import (
     tile_corrections,
 )
 from tilefuse.intensity.matching import overlap_regions, region_pixels
-from tilefuse.readers import read_layout
-from tilefuse.readers.memory import layout_from_arrays
+from tilefuse.io.readers import read_layout
+from tilefuse.io.readers.memory import layout_from_arrays
 from tilefuse.testing import grid_tileset
 
 TILE = (128, 128)
@@ -338,7 +338,7 @@ def test_cli_corrects_lazily_per_chunk_tenfold(vignetted, tmp_path):
     import tifffile
 
     from conftest import run_cli
-    from tilefuse.ngff import read_ome_zarr_level
+    from tilefuse.ome_zarr.writer import read_ome_zarr_level
 
     ts = vignetted["ts"]
     lines = ["dim = 2"]

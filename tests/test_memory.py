@@ -21,8 +21,8 @@ CHILD = textwrap.dedent(
     import json, sys
     import numpy as np
     from tilefuse import fuse
-    from tilefuse.allocator import retain_freed_memory
-    from tilefuse.ngff import read_ome_zarr_level, write_ome_zarr
+    from tilefuse.cli.allocator import retain_freed_memory
+    from tilefuse.ome_zarr.writer import read_ome_zarr_level, write_ome_zarr
     from tilefuse.testing import PatternSource, pattern_layout
 
     def status(field):
@@ -31,9 +31,9 @@ CHILD = textwrap.dedent(
                 return int(line.split()[1]) * 1024
 
     retain_freed_memory()  # as the CLI does: freed blocks are reused, never added
-    from tilefuse.kernel import resolve_backend
+    from tilefuse.fusion.kernel import resolve_backend
     if resolve_backend() == "numba":  # numba + LLVM (~140 MiB) load once: an import, not data
-        from tilefuse.fastkernel import warm_up
+        from tilefuse.fusion._numba.kernel import warm_up
         warm_up()
     side = int(sys.argv[2])
     layout = pattern_layout((side, side), tile=512)
@@ -62,7 +62,7 @@ def _fuse_in_child(out, side: int) -> dict:
 
 
 def test_peak_memory_does_not_grow_with_the_mosaic(tmp_path):
-    from tilefuse.info import estimate_peak_bytes
+    from tilefuse.plan.info import estimate_peak_bytes
 
     small = _fuse_in_child(tmp_path / "small.ome.zarr", 12)
     big = _fuse_in_child(tmp_path / "big.ome.zarr", 28)
@@ -88,7 +88,7 @@ SLURM_VARS = ("SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_CPUS_ON_NODE",
 def fake_machine(tmp_path, monkeypatch):
     """A 64 GiB machine (as ``distributed`` reads it) with a fake cgroup tree under tmp_path,
     outside SLURM. Returns ``write(proc_cgroup_text, {relative path: content})``."""
-    import tilefuse.memory as memory
+    import tilefuse.plan.memory as memory
 
     monkeypatch.setattr(memory, "_system_memory", lambda: 64 * GIB)
     monkeypatch.setattr(memory, "CGROUP_ROOT", tmp_path / "cgroup")
@@ -107,8 +107,8 @@ def fake_machine(tmp_path, monkeypatch):
 
 
 def test_cgroup_v2_limit_is_read_along_the_process_own_cgroup(fake_machine):
-    from tilefuse.info import parse_bytes, total_memory
-    from tilefuse.memory import memory_limits
+    from tilefuse.plan.info import parse_bytes, total_memory
+    from tilefuse.plan.memory import memory_limits
 
     job = "system.slice/slurmstepd.scope/job_7"
     fake_machine("0::/system.slice/slurmstepd.scope/job_7/step_0\n", {
@@ -124,7 +124,7 @@ def test_cgroup_v2_limit_is_read_along_the_process_own_cgroup(fake_machine):
 
 
 def test_cgroup_v1_limit_and_a_container_that_sees_only_its_own_cgroup(fake_machine):
-    from tilefuse.info import total_memory
+    from tilefuse.plan.info import total_memory
 
     fake_machine("5:cpu,cpuacct:/slurm/uid_1/job_9\n4:memory:/slurm/uid_1/job_9\n", {
         "memory/memory.limit_in_bytes": "9223372036854771712\n",  # v1 for "unlimited"
@@ -140,14 +140,14 @@ def test_cgroup_v1_limit_and_a_container_that_sees_only_its_own_cgroup(fake_mach
 
 
 def test_no_cgroup_files_leaves_the_machine_memory(fake_machine):
-    from tilefuse.info import total_memory
+    from tilefuse.plan.info import total_memory
 
     fake_machine("0::/\n", {"memory.max": "max\n"})
     assert total_memory() == 64 * GIB
 
 
 def test_slurm_allocation_is_the_limit(fake_machine, monkeypatch):
-    from tilefuse.info import total_memory
+    from tilefuse.plan.info import total_memory
 
     fake_machine("0::/\n", {})
     monkeypatch.setenv("SLURM_MEM_PER_CPU", "1024")  # MiB, as SLURM writes it
@@ -167,7 +167,7 @@ def test_slurm_allocation_is_the_limit(fake_machine, monkeypatch):
 
 def test_slurm_limit_reaches_the_real_reader(monkeypatch):
     """No fakes: whatever the machine, a 1 GiB SLURM allocation is what the budget sees."""
-    from tilefuse.info import parse_bytes, total_memory
+    from tilefuse.plan.info import parse_bytes, total_memory
 
     for name in SLURM_VARS:
         monkeypatch.delenv(name, raising=False)
@@ -177,7 +177,7 @@ def test_slurm_limit_reaches_the_real_reader(monkeypatch):
 
 
 def test_parse_bytes_takes_sizes_and_refuses_nonsense():
-    from tilefuse.info import parse_bytes
+    from tilefuse.plan.info import parse_bytes
 
     for text in ("0", "-5MB", "MB", "", "lots", "5 parsecs"):
         with pytest.raises(ValueError, match="memory limit"):
@@ -228,8 +228,8 @@ def _mib(text: str) -> int:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux only")
 def test_info_estimate_is_within_2x_of_the_measured_peak(small_set, tmp_path):
-    from tilefuse.info import describe
-    from tilefuse.readers import read_layout
+    from tilefuse.io.readers import read_layout
+    from tilefuse.plan.info import describe
 
     for backend in ("default", "numpy"):  # default: numba where installed
         if backend == "default":  # what `tilefuse info` prints
@@ -246,8 +246,8 @@ def test_info_estimate_is_within_2x_of_the_measured_peak(small_set, tmp_path):
 
 
 def test_small_budget_picks_the_smallest_chunk_that_fits_or_names_the_need(small_set):
-    from tilefuse.info import choose_chunk, chunk_peak, layout_memory
-    from tilefuse.readers import read_layout
+    from tilefuse.io.readers import read_layout
+    from tilefuse.plan.info import choose_chunk, chunk_peak, layout_memory
 
     options = layout_memory(read_layout(small_set))
     args = (1, 2, 2, 8 * 2**20, "numpy")  # 1 channel, uint16, 2 threads, 8 MiB cache

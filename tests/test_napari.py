@@ -20,9 +20,9 @@ import napari
 import numpy as np
 import pytest
 
-from tilefuse.napari_plugin import FuseWidget, get_reader
-from tilefuse.ngff import read_ome_zarr_level
-from tilefuse.readers import read_layout
+from tilefuse.io.readers import read_layout
+from tilefuse.napari.plugin import FuseWidget, get_reader
+from tilefuse.ome_zarr.writer import read_ome_zarr_level
 from tilefuse.registration import register
 from tilefuse.testing import grid_tileset, write_tileset
 
@@ -257,7 +257,7 @@ def test_widget_shows_user_errors_in_its_label(qtbot, widget, tileset_file, tmp_
 def test_multichannel_tiles_become_one_layer_per_channel(model, tmp_path):
     import tifffile
 
-    from tilefuse.napari_plugin import FuseRequest, add_mosaic, run_fusion
+    from tilefuse.napari.plugin import FuseRequest, add_mosaic, run_fusion
 
     ts = grid_tileset(grid=(1, 2), tile_shape=(40, 48), overlap=0.25, seed=4)
     lines = ["dim = 2"]

@@ -1,4 +1,4 @@
-"""Tests for tilefuse.ngff: OME-Zarr writing, pyramid values, metadata and failure behaviour."""
+"""Tests for tilefuse.ome_zarr.writer: OME-Zarr writing, pyramid values, metadata, failures."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 from ome_zarr_models import v04, v05
 
-from tilefuse import ngff
 from tilefuse.errors import InputError
-from tilefuse.ngff import pyramid_shapes, read_ome_zarr_level, write_ome_zarr
+from tilefuse.ome_zarr import writer as ngff
+from tilefuse.ome_zarr.writer import pyramid_shapes, read_ome_zarr_level, write_ome_zarr
 
 SYNC = {"scheduler": "synchronous"}
 

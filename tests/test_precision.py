@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from tilefuse import fuse, layout_from_arrays
-from tilefuse.blend import BLENDS
 from tilefuse.errors import InputError
-from tilefuse.fuse import plan_fusion
-from tilefuse.layout import Layout, Tile, translation_affine
-from tilefuse.tileio import ArraySource
+from tilefuse.fusion.blend import BLENDS
+from tilefuse.fusion.graph import plan_fusion
+from tilefuse.io.tiles import ArraySource
+from tilefuse.model.layout import Layout, Tile, translation_affine
 
 BACKENDS = [
     "numpy",

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from tilefuse.geometry import output_box
-from tilefuse.preview import OUTLINE, REJECTED, STAGE, ncc_colour, preview_image
-from tilefuse.readers import read_layout
+from tilefuse.io.readers import read_layout
+from tilefuse.plan.geometry import output_box
 from tilefuse.testing import grid_tileset, write_tileset
+from tilefuse.viz.preview import OUTLINE, REJECTED, STAGE, ncc_colour, preview_image
 
 
 @pytest.fixture(scope="module")

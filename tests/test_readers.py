@@ -8,7 +8,7 @@ import tifffile
 
 from conftest import DATA, read_positions
 from tilefuse import InputError, read_layout
-from tilefuse.readers import write_csv_layout, write_tileconfig
+from tilefuse.io.readers import write_csv_layout, write_tileconfig
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import tifffile
 
 from conftest import DATA, read_positions
 from tilefuse import InputError, fuse, read_layout
-from tilefuse.readers import read_czi, read_ome_tiff, read_pattern
-from tilefuse.tileio import read_tile
+from tilefuse.io.readers import read_czi, read_ome_tiff, read_pattern
+from tilefuse.io.tiles import read_tile
 
 MIST = DATA / "mist_phase_5x5"
 LEICA = DATA / "leica_confocal_2tiles/experiment--test/slide--S00/chamber--U00--V00"
@@ -315,7 +315,7 @@ def test_czi_falls_back_to_subblock_starts(monkeypatch, caplog):
         raise ValueError("no metadata")
 
     monkeypatch.setattr(czifile.SubBlockSegment, "metadata", broken)
-    with caplog.at_level(logging.WARNING, logger="tilefuse.readers.czi"):
+    with caplog.at_level(logging.WARNING, logger="tilefuse.io.readers.czi"):
         layout = read_czi(CZI)
     assert "stage positions unavailable" in caplog.text
     assert layout.metadata["positions_from"] == "subblock start"

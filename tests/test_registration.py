@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from tilefuse.errors import InputError
-from tilefuse.layout import translation_affine
-from tilefuse.readers import read_layout
-from tilefuse.readers.build import Entry, layout_from_entries
-from tilefuse.readers.memory import layout_from_arrays
+from tilefuse.io.readers import read_layout
+from tilefuse.io.readers.build import Entry, layout_from_entries
+from tilefuse.io.readers.memory import layout_from_arrays
+from tilefuse.model.layout import translation_affine
 from tilefuse.registration import RegistrationReport, register
 from tilefuse.registration.pairwise import ncc_map, overlap_slices
 from tilefuse.registration.solve import solve_positions

@@ -13,10 +13,10 @@ import tifffile
 
 from conftest import DATA, run_cli
 from tilefuse.errors import InputError
-from tilefuse.readers import read_layout, read_pattern
+from tilefuse.io.readers import read_layout, read_pattern
+from tilefuse.model.timeseries import TimeSeries
 from tilefuse.registration import RegistrationReport, register, register_series
 from tilefuse.testing import grid_tileset
-from tilefuse.timeseries import TimeSeries
 
 MIST = DATA / "mist_phase_5x5"
 MIST_PATTERN = "ImageName_t01_p{index}.tif"
@@ -47,10 +47,10 @@ def _write(folder: Path, names: list[str], shape=(8, 10)) -> Path:
 
 def test_missing_index_tiles_are_named_with_their_grid_position(tmp_path, caplog):
     _write(tmp_path, [f"img_p{i:02d}.tif" for i in range(1, 13) if i not in (6, 11)])
-    with caplog.at_level(logging.WARNING, logger="tilefuse.readers"):
+    with caplog.at_level(logging.WARNING, logger="tilefuse.io.readers"):
         layout = read_pattern(tmp_path, "img_p{index}.tif", grid="3x4")
     assert len(layout.tiles) == 10
-    [message] = warnings_of(caplog, "tilefuse.readers.pattern")
+    [message] = warnings_of(caplog, "tilefuse.io.readers.pattern")
     assert "2 of the 12 positions of the 3x4 grid have no file" in message, message
     # row-major: index 6 is the 6th tile (k=5) -> row 1, column 1; index 11 -> row 2, column 2
     assert "row 1, column 1 (img_p06.tif)" in message, message
@@ -59,10 +59,10 @@ def test_missing_index_tiles_are_named_with_their_grid_position(tmp_path, caplog
 
 def test_many_missing_tiles_are_listed_compactly(tmp_path, caplog):
     _write(tmp_path, ["t3.tif", "t7.tif", "t24.tif"])
-    with caplog.at_level(logging.WARNING, logger="tilefuse.readers"):
+    with caplog.at_level(logging.WARNING, logger="tilefuse.io.readers"):
         read_pattern(tmp_path, "t{index}.tif", grid="5x5", order="column-major",
                      first_index=1)
-    [message] = warnings_of(caplog, "tilefuse.readers.pattern")
+    [message] = warnings_of(caplog, "tilefuse.io.readers.pattern")
     assert "22 of the 25 positions" in message, message
     assert "row 0, column 0 (t1.tif)" in message and "and 12 more" in message, message
     assert message.count("(t") == 10, message
@@ -71,23 +71,23 @@ def test_many_missing_tiles_are_listed_compactly(tmp_path, caplog):
 def test_missing_row_col_tiles_and_complete_grids(tmp_path, caplog):
     names = [f"r{r:02d}_c{c}.tif" for r in (1, 2) for c in (1, 2, 3) if (r, c) != (2, 2)]
     _write(tmp_path, names)
-    with caplog.at_level(logging.WARNING, logger="tilefuse.readers"):
+    with caplog.at_level(logging.WARNING, logger="tilefuse.io.readers"):
         layout = read_pattern(tmp_path, "r{row}_c{col}.tif")
     assert len(layout.tiles) == 5
-    [message] = warnings_of(caplog, "tilefuse.readers.pattern")
+    [message] = warnings_of(caplog, "tilefuse.io.readers.pattern")
     assert "1 of the 6 positions of the 2x3 grid" in message, message
     assert "row 1, column 1 (r02_c2.tif)" in message, message  # counted from the smallest
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="tilefuse.readers"):
+    with caplog.at_level(logging.WARNING, logger="tilefuse.io.readers"):
         read_pattern(MIST / "tiles", MIST_PATTERN, grid="5x5", order="column-major")
-    assert warnings_of(caplog, "tilefuse.readers") == []
+    assert warnings_of(caplog, "tilefuse.io.readers") == []
 
 
 def test_cli_shows_the_gap_warning(tmp_path):
     _write(tmp_path, [f"img_p{i}.tif" for i in range(1, 7) if i != 4])
     result = run_cli("info", tmp_path, "--pattern", "img_p{index}.tif", "--grid", "2x3")
     assert result.returncode == 0, result.stderr
-    assert "WARNING tilefuse.readers.pattern" in result.stderr, result.stderr
+    assert "WARNING tilefuse.io.readers.pattern" in result.stderr, result.stderr
     assert "row 1, column 0 (img_p4.tif)" in result.stderr, result.stderr
 
 

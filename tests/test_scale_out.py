@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run_cli
 from tilefuse import fuse, read_layout
-from tilefuse.ngff import read_ome_zarr_level
+from tilefuse.ome_zarr.writer import read_ome_zarr_level
 from tilefuse.testing import grid_tileset, write_tileset
 
 
@@ -132,8 +132,8 @@ def test_full_disk_fails_clearly_and_resumes(layout_file, reference, tmp_path, m
     """ENOSPC while chunks are written: one clear line, exit 2, an unfinished resumable output."""
     import errno
 
-    from tilefuse import chunkstore
-    from tilefuse.cli import main
+    from tilefuse.cli.main import main
+    from tilefuse.ome_zarr import chunkstore
 
     out = tmp_path / "full.ome.zarr"
     real_write = chunkstore._write_atomic
@@ -161,7 +161,8 @@ def test_full_disk_fails_clearly_and_resumes(layout_file, reference, tmp_path, m
 
 def test_graph_is_lazy_and_levels_are_stored_in_bounded_batches(tmp_path, monkeypatch, capsys):
     """fuse() makes chunk tasks only when asked; a level is stored BATCH_CHUNKS at a time."""
-    from tilefuse import layout_from_arrays, ngff
+    from tilefuse import layout_from_arrays
+    from tilefuse.ome_zarr import writer as ngff
     from tilefuse.runner import open_runner
 
     rng = np.random.default_rng(2)
@@ -170,7 +171,7 @@ def test_graph_is_lazy_and_levels_are_stored_in_bounded_batches(tmp_path, monkey
     mosaic = fuse(layout, chunk=10)
     assert mosaic.npartitions == 64
     assert not mosaic.dask.layers[mosaic.name].is_materialized()
-    fuse_module = sys.modules["tilefuse.fuse"]  # the package exports the function fuse
+    fuse_module = sys.modules["tilefuse.fusion.graph"]  # the package exports the function fuse
     jobs = []
     real_job = fuse_module.chunk_job
     monkeypatch.setattr(fuse_module, "chunk_job", lambda p, b: jobs.append(b) or real_job(p, b))

@@ -3,7 +3,7 @@
 A layout is written as a CSV (``write_csv_layout``, what ``NAME.layout.csv`` beside a fused image
 holds) and, for one time point, as a Fiji TileConfiguration (``write_tileconfig``, what
 ``NAME.TileConfiguration.txt`` and ``tilefuse register`` write), into another folder than the
-tiles', then read back with :func:`tilefuse.readers.read_acquisition`. What was read must equal
+tiles', then read back with :func:`tilefuse.io.readers.read_acquisition`. What was read must equal
 what was written, exactly: tiles (names, shapes, every channel's file, series, CZI subblocks),
 channel names, dtype, pixel size (z step included), unit, where the pixel size came from, time
 points and affines (bit for bit), and the pixels the tiles decode to.
@@ -19,8 +19,7 @@ import tifffile
 
 from conftest import DATA, run_cli
 from tilefuse import InputError
-from tilefuse.layout import Layout
-from tilefuse.readers import (
+from tilefuse.io.readers import (
     layout_from_arrays,
     read_acquisition,
     read_czi,
@@ -30,9 +29,10 @@ from tilefuse.readers import (
     write_csv_layout,
     write_tileconfig,
 )
-from tilefuse.readers.czi import CziSource
-from tilefuse.tileio import FileSource, PlaneStackSource
-from tilefuse.timeseries import TimeSeries
+from tilefuse.io.readers.czi import CziSource
+from tilefuse.io.tiles import FileSource, PlaneStackSource
+from tilefuse.model.layout import Layout
+from tilefuse.model.timeseries import TimeSeries
 
 LEICA = DATA / "leica_confocal_2tiles/experiment--test/slide--S00/chamber--U00--V00"
 LEICA_PATTERN = (
@@ -365,14 +365,14 @@ def test_cli_czi_layout_csv_reads_back(tmp_path):
 def test_save_layout_writes_what_its_name_says(tmp_path, name):
     """``tilefuse register -o NAME``: a .csv name gets a CSV, anything else a TileConfiguration;
     both read back whole."""
-    from tilefuse.cli import _save_layout
+    from tilefuse.cli.main import _save_layout
 
     layout = read_pattern(LEICA, LEICA_PATTERN, overlap=0.1).rotated(0.3)
     assert_same(read_acquisition(_save_layout(layout, tmp_path / name)), layout)
 
 
 def test_save_fused_layout_writes_both_sidecars(tmp_path):
-    from tilefuse.cli import _save_fused_layout
+    from tilefuse.cli.main import _save_fused_layout
 
     layout = read_czi(CZI)
     saved = _save_fused_layout(layout, tmp_path / "m.ome.zarr")

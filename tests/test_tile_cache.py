@@ -10,8 +10,8 @@ import pytest
 import tifffile
 
 from tilefuse import fuse, layout_from_arrays
-from tilefuse.readers import read_layout
-from tilefuse.tileio import (
+from tilefuse.io.readers import read_layout
+from tilefuse.io.tiles import (
     ArraySource,
     FileSource,
     PlaneStackSource,

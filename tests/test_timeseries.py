@@ -12,11 +12,11 @@ from ome_zarr_models import v04, v05
 from conftest import run_cli
 from tilefuse import fuse, plan_fusion
 from tilefuse.errors import InputError
-from tilefuse.geometry import union_box
-from tilefuse.ngff import read_ome_zarr_level, write_ome_zarr
-from tilefuse.readers import read_acquisition, read_layout
+from tilefuse.io.readers import read_acquisition, read_layout
+from tilefuse.model.timeseries import TimeSeries
+from tilefuse.ome_zarr.writer import read_ome_zarr_level, write_ome_zarr
+from tilefuse.plan.geometry import union_box
 from tilefuse.testing import Scene, grid_tileset
-from tilefuse.timeseries import TimeSeries
 
 PATTERN = "tile_t{t}_r{row}_c{col}.tif"
 

@@ -10,16 +10,16 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from tilefuse.errors import InputError
-from tilefuse.fuse import fuse, fuse_series, fused_axes, plan_fusion, plan_series
-from tilefuse.layout import Layout, Tile
-from tilefuse.readers import (
+from tilefuse.fusion.graph import fuse, fuse_series, fused_axes, plan_fusion, plan_series
+from tilefuse.io.readers import (
     layout_from_arrays,
     read_acquisition,
     read_layout,
     write_csv_layout,
     write_tileconfig,
 )
-from tilefuse.timeseries import TimeSeries
+from tilefuse.model.layout import Layout, Tile
+from tilefuse.model.timeseries import TimeSeries
 
 try:
     __version__ = version("tilefuse")
@@ -35,8 +35,9 @@ def register(*args, **kwargs):
 
 
 def write_ome_zarr(*args, **kwargs):
-    """Write a mosaic as multiscale OME-Zarr; see :func:`tilefuse.ngff.write_ome_zarr`."""
-    from tilefuse.ngff import write_ome_zarr as _write
+    """Write a mosaic as multiscale OME-Zarr; see
+    :func:`tilefuse.ome_zarr.writer.write_ome_zarr`."""
+    from tilefuse.ome_zarr.writer import write_ome_zarr as _write
 
     return _write(*args, **kwargs)
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from tilefuse.cli import main
+from tilefuse.cli.main import main
 
 sys.exit(main())

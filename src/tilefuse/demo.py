@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tilefuse.cli import main as cli_main
-from tilefuse.ngff import read_ome_zarr_level
-from tilefuse.overview import write_png_overview
-from tilefuse.preview import write_preview
+from tilefuse.cli.main import main as cli_main
+from tilefuse.ome_zarr.writer import read_ome_zarr_level
 from tilefuse.testing import grid_tileset, write_tileset
+from tilefuse.viz.overview import write_png_overview
+from tilefuse.viz.preview import write_preview
 
 
 def run(folder: Path) -> int:

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 
 import dask
 
+from tilefuse.cli.progress import DaskProgress
 from tilefuse.errors import InputError
-from tilefuse.progress import DaskProgress
 
 __all__ = ["LOCAL_SCHEDULERS", "open_runner"]
 

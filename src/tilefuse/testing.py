@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tilefuse.layout import Layout, translation_affine
-from tilefuse.readers.memory import layout_from_arrays
+from tilefuse.io.readers.memory import layout_from_arrays
+from tilefuse.model.layout import Layout, translation_affine
 
 __all__ = [
     "PatternSource",
@@ -150,8 +150,8 @@ class TileSet:
     tiles : list of numpy.ndarray
         Tile pixels, each of the tile shape.
     truth : numpy.ndarray
-        The scene on the mosaic grid that :func:`tilefuse.fuse` produces for ``layout``; 0 (the
-        default fill) where no tile covers the mosaic.
+        The scene on the mosaic grid that :func:`tilefuse.fuse` produces for ``layout``; 0
+        (the default fill) where no tile covers the mosaic.
     covered : numpy.ndarray of bool
         Mosaic pixels inside at least one tile (pixel centre within the tile's pixel centres).
     truth_origin : numpy.ndarray
@@ -224,7 +224,7 @@ def grid_tileset(
         tiles.append(_to_dtype(np.clip(values, 0, 1), dtype))
     layout = layout_from_arrays(tiles, affines=affines)
     stage = layout_from_arrays(tiles, positions=stage_pos)
-    from tilefuse.geometry import output_box
+    from tilefuse.plan.geometry import output_box
 
     origin, shape = output_box(layout)
     truth = _to_dtype(scene.render(shape, origin), dtype)
@@ -315,7 +315,7 @@ class PatternSource:
 
 def pattern_layout(grid: Sequence[int], tile: int = 1024, overlap: float = 0.1) -> Layout:
     """A ``grid`` of on-the-fly tiles at integer positions, for scale tests (no files)."""
-    from tilefuse.layout import Tile
+    from tilefuse.model.layout import Tile
 
     step = round(tile * (1 - overlap))
     tiles = []

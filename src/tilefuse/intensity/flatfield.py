@@ -37,8 +37,8 @@ from scipy import ndimage, sparse
 from tilefuse.errors import InputError
 from tilefuse.intensity.apply import TileCorrection
 from tilefuse.intensity.matching import overlap_regions, region_pixels
-from tilefuse.layout import Layout
-from tilefuse.tileio import read_tile
+from tilefuse.io.tiles import read_tile
+from tilefuse.model.layout import Layout
 
 __all__ = ["WORK_SIZE", "estimate_flatfield", "load_flatfield", "save_flatfield"]
 

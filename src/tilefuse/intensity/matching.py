@@ -22,10 +22,10 @@ from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import spsolve
 
 from tilefuse.errors import InputError
-from tilefuse.geometry import neighbour_overlaps
 from tilefuse.intensity.apply import TileCorrection
-from tilefuse.layout import Layout
-from tilefuse.tileio import read_tile
+from tilefuse.io.tiles import read_tile
+from tilefuse.model.layout import Layout
+from tilefuse.plan.geometry import neighbour_overlaps
 
 __all__ = [
     "OverlapRegion",
@@ -80,7 +80,7 @@ def overlap_regions(layout: Layout, margin: int = MARGIN) -> list[OverlapRegion]
     Returns
     -------
     list of OverlapRegion
-        Pairs in :func:`tilefuse.geometry.neighbour_overlaps` order; empty overlaps left out.
+        Pairs in :func:`tilefuse.plan.geometry.neighbour_overlaps` order; empty overlaps left out.
     """
     pairs = neighbour_overlaps(layout).pairs
     pos = np.rint(layout.positions).astype(np.int64)

@@ -10,7 +10,7 @@ from tilefuse.errors import InputError
 from tilefuse.intensity.apply import TileCorrection, corrected_layout, tile_corrections
 from tilefuse.intensity.flatfield import estimate_flatfield, load_flatfield
 from tilefuse.intensity.matching import match_intensity
-from tilefuse.layout import Layout
+from tilefuse.model.layout import Layout
 
 __all__ = ["prepare_corrections"]
 

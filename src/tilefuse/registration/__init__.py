@@ -34,7 +34,8 @@ from dataclasses import replace
 import numpy as np
 
 from tilefuse.errors import InputError
-from tilefuse.layout import Layout
+from tilefuse.model.layout import Layout
+from tilefuse.model.timeseries import TimeSeries
 from tilefuse.registration.pairwise import (
     OUTSIDE_REACH,
     Measurement,
@@ -46,7 +47,6 @@ from tilefuse.registration.pairwise import (
 from tilefuse.registration.report import LinkRecord, RegistrationReport, TileRecord
 from tilefuse.registration.solve import Solution, link_weights, solve_positions
 from tilefuse.registration.threshold import link_threshold, null_scores, tile_pixels
-from tilefuse.timeseries import TimeSeries
 
 __all__ = ["LinkRecord", "RegistrationReport", "TileRecord", "register", "register_series"]
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy.spatial import cKDTree
 
-from tilefuse.geometry import tile_bounds
-from tilefuse.layout import Layout
+from tilefuse.model.layout import Layout
+from tilefuse.plan.geometry import tile_bounds
 from tilefuse.registration import search
 from tilefuse.registration.search import (
     gradient_energy,

@@ -11,9 +11,9 @@ import logging
 
 import numpy as np
 
-from tilefuse.layout import Layout
+from tilefuse.io.tiles import read_tile
+from tilefuse.model.layout import Layout
 from tilefuse.registration.pairwise import Pair
-from tilefuse.tileio import read_tile
 
 __all__ = ["NCC_CAP", "NCC_FLOOR", "link_threshold", "null_scores", "tile_pixels"]
 

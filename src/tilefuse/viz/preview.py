@@ -1,0 +1,213 @@
+"""Pictures to judge a stitch by eye: the mosaic at screen size with tile outlines and numbers,
+and, given a registration report, the links coloured by NCC and the fall-backs marked.
+
+- From an OME-Zarr image: the pyramid level that fits, outlines from the layout saved beside it.
+- From a layout: a fast low-resolution fusion (each tile block-averaged first), outlines exact.
+
+Colours: tile outlines cyan, tiles placed by their stage position orange; accepted links from
+red (NCC 0) through yellow to green (NCC 1); rejected links red, dashed, with a cross.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from tilefuse.model.layout import Layout, translation_affine
+
+__all__ = [
+    "OUTLINE",
+    "REJECTED",
+    "STAGE",
+    "ncc_colour",
+    "preview_image",
+    "write_preview",
+]
+
+OUTLINE = (0, 255, 255)
+STAGE = (255, 140, 0)
+REJECTED = (255, 0, 0)
+
+
+def ncc_colour(ncc: float | None) -> tuple[int, int, int]:
+    """Red (NCC <= 0) -> yellow (0.5) -> green (1) for accepted links."""
+    v = 0.0 if ncc is None or not math.isfinite(ncc) else min(max(ncc, 0.0), 1.0)
+    return (255, int(510 * v), 0) if v < 0.5 else (int(510 * (1 - v)), 255, 0)
+
+
+def _is_ome_zarr(path: Path) -> bool:
+    return path.is_dir() and ((path / "zarr.json").exists() or (path / ".zattrs").exists())
+
+
+def _sidecar_layout(zarr_path: Path) -> Layout | None:
+    from tilefuse.io.readers import read_layout
+
+    name = zarr_path.name
+    for ext in (".ome.zarr", ".zarr"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    csv = zarr_path.with_name(name + ".layout.csv")
+    return read_layout(csv) if csv.exists() else None
+
+
+def _downsample(tile: np.ndarray, f: int) -> np.ndarray:
+    """Block mean by ``f`` of a (c, [z,] y, x) tile; z-stacks are max-projected first."""
+    if tile.ndim == 4:
+        tile = tile.max(axis=1)
+    c, h, w = tile.shape
+    h2, w2 = max(h // f, 1), max(w // f, 1)
+    cut = tile[:, : h2 * f, : w2 * f].astype(np.float32)
+    return cut.reshape(c, h2, min(f, h), w2, min(f, w)).mean(axis=(2, 4))
+
+
+def _yx_affine(affine: np.ndarray) -> np.ndarray:
+    """The (y, x) part of a 2D or 3D affine, shape (3, 3)."""
+    return affine if affine.shape == (3, 3) else affine[np.ix_([1, 2, 3], [1, 2, 3])]
+
+
+def _scaled_affine(affine: np.ndarray, f: int) -> np.ndarray:
+    """Affine from a tile downsampled by ``f`` to the mosaic downsampled by ``f``."""
+    scale = np.diag([float(f), float(f), 1.0])
+    return np.linalg.inv(scale) @ affine @ scale @ translation_affine([(f - 1) / 2] * 2)
+
+
+def _fuse_small(layout: Layout, max_size: int) -> tuple[np.ndarray, float]:
+    """Low-resolution fusion of a layout; returns the (y, x) image and its scale (< 1)."""
+    from tilefuse import fuse
+    from tilefuse.io.readers.memory import layout_from_arrays
+    from tilefuse.io.tiles import read_tile
+    from tilefuse.plan.geometry import output_box
+
+    _, shape = output_box(layout)
+    f = max(1, math.ceil(max(shape[-2:]) / max_size))
+    tiles = [_downsample(read_tile(t.source), f) for t in layout.tiles]
+    affines = np.stack([_scaled_affine(_yx_affine(t.affine), f) for t in layout.tiles])
+    small = layout_from_arrays(tiles, affines=affines)
+    image = np.asarray(fuse(small, chunk=4096, dtype="float32").compute())
+    return (image[0] if image.ndim == 3 else image), 1.0 / f
+
+
+def _corners(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Tile corners (pixel edges) in mosaic (y, x), shape (4, 2), clockwise."""
+    h, w = shape[-2:]
+    pts = np.array([[-0.5, -0.5], [-0.5, w - 0.5], [h - 0.5, w - 0.5], [h - 0.5, -0.5]])
+    a = _yx_affine(affine)
+    return pts @ a[:2, :2].T + a[:2, 2]
+
+
+def _to_canvas(yx: np.ndarray, origin: np.ndarray, scale: float) -> list[tuple[float, float]]:
+    """Mosaic (y, x) -> picture (x, y) pixel coordinates."""
+    p = (np.asarray(yx, dtype=float) - origin + 0.5) * scale - 0.5
+    return [(float(x), float(y)) for y, x in np.atleast_2d(p)]
+
+
+def _report_dict(report) -> dict | None:
+    if report is None:
+        return None
+    if isinstance(report, str | os.PathLike):
+        import json
+
+        return json.loads(Path(report).read_text())
+    return report if isinstance(report, dict) else report.to_dict()
+
+
+def _dashed(draw, a, b, colour, width: int, dash: float = 6.0) -> None:
+    (x0, y0), (x1, y1) = a, b
+    length = math.hypot(x1 - x0, y1 - y0)
+    steps = max(int(length // dash), 1)
+    for k in range(0, steps, 2):
+        t0, t1 = k / steps, min((k + 1) / steps, 1.0)
+        draw.line([(x0 + (x1 - x0) * t0, y0 + (y1 - y0) * t0),
+                   (x0 + (x1 - x0) * t1, y0 + (y1 - y0) * t1)], fill=colour, width=width)
+
+
+def _draw_links(draw, report: dict, centres: list, width: int) -> None:
+    for link in report.get("links", []):
+        i, j = link["tiles"]
+        a, b = centres[i], centres[j]
+        if link.get("accepted"):
+            draw.line([a, b], fill=ncc_colour(link.get("ncc")), width=width)
+        else:
+            _dashed(draw, a, b, REJECTED, max(1, width - 1))
+            mx, my = (a[0] + b[0]) / 2, (a[1] + b[1]) / 2
+            r = 2 + width
+            draw.line([(mx - r, my - r), (mx + r, my + r)], fill=REJECTED, width=width)
+            draw.line([(mx - r, my + r), (mx + r, my - r)], fill=REJECTED, width=width)
+
+
+def _draw_layout(image, layout: Layout, origin, scale: float, report: dict | None) -> None:
+    from PIL import ImageDraw, ImageFont
+
+    draw = ImageDraw.Draw(image)
+    width = max(1, round(min(image.size) / 400))
+    font = ImageFont.load_default(size=max(10, min(image.size) // 40))
+    stage = {t["index"] for t in (report or {}).get("tiles", []) if t.get("placed_by") == "stage"}
+    centres = []
+    for i, tile in enumerate(layout.tiles):
+        corners = _to_canvas(_corners(tile.affine, tile.shape), origin, scale)
+        draw.polygon(corners, outline=STAGE if i in stage else OUTLINE, width=width)
+        centres.append(tuple(np.mean(corners, axis=0)))
+    if report:
+        _draw_links(draw, report, centres, width + 1)
+    for i, (cx, cy) in enumerate(centres):
+        label = f"{i}S" if i in stage else str(i)
+        draw.text((cx, cy), label, fill=(255, 255, 255), font=font, anchor="mm",
+                  stroke_width=2, stroke_fill=(0, 0, 0))
+
+
+def preview_image(
+    source: str | os.PathLike | Layout,
+    *,
+    max_size: int = 1024,
+    report=None,
+    layout_options: dict | None = None,
+):
+    """The preview picture (a PIL image, RGB).
+
+    Parameters
+    ----------
+    source : path or Layout
+        A fused OME-Zarr image, a layout file/folder (read with ``layout_options``), or a Layout.
+    max_size : int
+        Longest side of the picture in pixels.
+    report : RegistrationReport, dict or path to its JSON, optional
+        Draw its links and mark tiles placed by stage position. Its tile indices must be those
+        of the layout drawn.
+    """
+    from PIL import Image
+
+    from tilefuse.io.readers import read_layout
+    from tilefuse.plan.geometry import output_box
+    from tilefuse.viz.overview import contrast_stretch, screen_image
+
+    if isinstance(source, Layout):
+        layout = source
+        image, scale = _fuse_small(layout, max_size)
+    elif _is_ome_zarr(Path(source)):
+        layout = _sidecar_layout(Path(source))
+        image, scale = screen_image(source, max_size)
+    else:
+        layout = read_layout(source, **(layout_options or {}))
+        image, scale = _fuse_small(layout, max_size)
+    picture = Image.fromarray(contrast_stretch(image))
+    if max(picture.size) > max_size:  # resize first, draw last: lines stay crisp
+        width = picture.size[0]
+        picture.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
+        scale *= picture.size[0] / width
+    picture = picture.convert("RGB")
+    if layout is not None:
+        origin, _ = output_box(layout)
+        _draw_layout(picture, layout, np.asarray(origin[-2:], dtype=float), scale,
+                     _report_dict(report))
+    return picture
+
+
+def write_preview(source, png_path: str | os.PathLike, **options) -> Path:
+    """Write :func:`preview_image` as a PNG; returns its path."""
+    png_path = Path(png_path)
+    preview_image(source, **options).save(png_path)
+    return png_path
