@@ -18,7 +18,7 @@ from ome_zarr.reader import Reader
 from ome_zarr_models import v04, v05
 
 from tilefuse.errors import InputError
-from tilefuse.ome_zarr import writer as ngff
+from tilefuse.ome_zarr import _pyramid
 from tilefuse.ome_zarr.writer import pyramid_shapes, read_ome_zarr_level, write_ome_zarr
 
 SYNC = {"scheduler": "synchronous"}
@@ -184,7 +184,7 @@ def _arrays(dtype) -> st.SearchStrategy[np.ndarray]:
 @given(st.sampled_from([np.uint8, np.uint16, np.int16, np.int32, np.float32, np.float64])
        .flatmap(_arrays))
 def test_mean_block_matches_reference(a):
-    got = ngff._mean_2x_yx(a, a.ndim - 2, a.ndim - 1)
+    got = _pyramid.mean_2x_yx(a, a.ndim - 2, a.ndim - 1)
     want = reference_mean_2x(a)
     assert got.dtype == a.dtype
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -389,7 +389,7 @@ def test_failure_in_later_level_leaves_no_metadata(tmp_path, image, monkeypatch,
     def boom(block, iy, ix):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ngff, "_mean_2x_yx", boom)
+    monkeypatch.setattr(_pyramid, "mean_2x_yx", boom)
     path = tmp_path / "fail.zarr"
     with pytest.raises(RuntimeError, match="disk full"):
         write_ome_zarr(

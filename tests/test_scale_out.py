@@ -162,6 +162,7 @@ def test_full_disk_fails_clearly_and_resumes(layout_file, reference, tmp_path, m
 def test_graph_is_lazy_and_levels_are_stored_in_bounded_batches(tmp_path, monkeypatch, capsys):
     """fuse() makes chunk tasks only when asked; a level is stored BATCH_CHUNKS at a time."""
     from tilefuse import layout_from_arrays
+    from tilefuse.ome_zarr import _store
     from tilefuse.ome_zarr import writer as ngff
     from tilefuse.runner import open_runner
 
@@ -179,7 +180,7 @@ def test_graph_is_lazy_and_levels_are_stored_in_bounded_batches(tmp_path, monkey
     assert jobs == [(2, 3)]  # one chunk asked for, one chunk fused
 
     expected = mosaic.compute()
-    monkeypatch.setattr(ngff, "BATCH_CHUNKS", 10)
+    monkeypatch.setattr(_store, "BATCH_CHUNKS", 10)
     calls = []
     with open_runner("sync", progress=True) as (compute, _):
         def counting(*collections, label=None):

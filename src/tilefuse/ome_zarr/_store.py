@@ -1,0 +1,265 @@
+"""Storing levels: chunk files written by the task that makes them (:class:`ChunkFiles`) or
+through zarr, at most :data:`BATCH_CHUNKS` chunks per compute; level 0 resumable."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numcodecs
+import numpy as np
+import zarr
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
+
+from tilefuse.errors import InputError
+from tilefuse.io.outputs import is_finished, read_manifest
+from tilefuse.ome_zarr.chunkstore import ChunkFiles
+
+log = logging.getLogger(__name__)
+
+
+BATCH_CHUNKS = 8192  # chunks per dask compute when storing a level
+
+
+def create_level(
+    group: zarr.Group,
+    key: str,
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    dtype: np.dtype,
+    axes: Sequence[str],
+    zarr_format: int,
+    write_empty_chunks: bool = False,
+) -> zarr.Array:
+    """Create one empty level (replacing any left by an interrupted run): zstd (v3 default) or
+    Blosc/zstd with "/" chunk keys (v2)."""
+    common = {"shape": shape, "chunks": chunks, "dtype": dtype, "overwrite": True,
+              "config": {"write_empty_chunks": write_empty_chunks}}
+    if zarr_format == 3:
+        return group.create_array(key, dimension_names=list(axes), **common)
+    return group.create_array(
+        key,
+        compressors=numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+        **common,
+    )
+
+
+def store_level(
+    source: da.Array,
+    target: zarr.Array | None,
+    axes: Sequence[str],
+    *,
+    stats: bool,
+    compute: Callable[..., tuple],
+    blocks: Sequence[tuple[int, ...]] | None = None,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Store `source` (or only its `blocks`) into `target` in one dask compute, with
+    per-channel min/max of what was stored if `stats`.
+
+    Each block is encoded and written by the task that holds it (:class:`ChunkFiles`) when
+    the target allows; otherwise through zarr (``da.store``).
+
+    Returns
+    -------
+    lo, hi : numpy.ndarray of shape (n_channels,), or None
+        Finite per-channel minimum and maximum (NaN and inf ignored), when `stats`.
+    """
+    reduce_axes = tuple(i for i, a in enumerate(axes) if a != "c")
+    writer = _direct_writer(source, target)
+    if writer is not None:
+        channel_axis = axes.index("c") if "c" in axes else None
+        return _store_direct(source, writer, blocks, reduce_axes if stats else None, compute,
+                             channel_axis)
+    if blocks is not None:
+        source, target, regions = _block_regions(source, target, blocks)
+        stored = da.store(source, target, regions=regions, lock=False, compute=False)
+    else:
+        stored = da.store(source, target, lock=False, compute=False) if target is not None else None
+    if not stats:
+        compute(stored)
+        return None, None
+    if source.dtype.kind in "biu":  # every value is finite: no conversion, no masking
+        lo, hi = source.min(axis=reduce_axes), source.max(axis=reduce_axes)
+    else:
+        values = source.astype(np.float64)
+        finite = da.isfinite(values)
+        lo = da.where(finite, values, np.inf).min(axis=reduce_axes)
+        hi = da.where(finite, values, -np.inf).max(axis=reduce_axes)
+    _, lo, hi = compute(stored, lo, hi)
+    return np.atleast_1d(lo), np.atleast_1d(hi)
+
+
+def _block_regions(source: da.Array, target: zarr.Array, blocks):
+    starts = [np.cumsum((0, *c)) for c in source.chunks]
+    regions = [tuple(slice(int(s[i]), int(s[i + 1])) for s, i in zip(starts, b)) for b in blocks]
+    return [source.blocks[b] for b in blocks], [target] * len(blocks), regions
+
+
+def _direct_writer(source: da.Array, target: zarr.Array | None) -> ChunkFiles | None:
+    """A ChunkFiles for `target` when each dask block of `source` is exactly one chunk."""
+    if target is None:
+        return None
+    for cs, c in zip(source.chunks, target.chunks):
+        if any(n != c for n in cs[:-1]) or cs[-1] > c:
+            return None
+    return ChunkFiles.for_array(target, skip_empty=not target.config.write_empty_chunks)
+
+
+def labeller(compute: Callable[..., tuple], batched: bool) -> Callable[[str], Callable]:
+    """``label -> compute`` for each level: labelled bars when level 0 takes several computes
+    (and `compute` accepts ``label``), else `compute` as given, whose bars count computes."""
+    accepts = batched and "label" in inspect.signature(compute).parameters
+    return lambda label: functools.partial(compute, label=label) if accepts else compute
+
+
+def _store_direct(source, writer: ChunkFiles, blocks, reduce_axes, compute, channel_axis):
+    """One task per block: write it, and return its finite min/max when `reduce_axes`
+    (per channel, the channels at `channel_axis`, if any). At most :data:`BATCH_CHUNKS` blocks
+    per compute, so neither the graph nor the scheduler ever holds a huge mosaic's work.
+
+    The graph is built by hand: ``dask.delayed`` would walk the writer's zarr metadata for
+    collections on every call.
+    """
+    blocks = [tuple(b) for b in (blocks if blocks is not None else np.ndindex(*source.numblocks))]
+    results = []
+    for first in range(0, len(blocks), BATCH_CHUNKS):  # a bounded graph per compute
+        batch = blocks[first : first + BATCH_CHUNKS]
+        name = "store-" + dask.base.tokenize(source.name, writer.folder, reduce_axes, batch)
+        dsk = {(name, i): (_StoreBlock(writer, b, reduce_axes), (source.name, *b))
+               for i, b in enumerate(batch)}
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[source])
+        results += compute(*[Delayed((name, i), graph, layer=name) for i in range(len(batch))])
+    if reduce_axes is None or not results:
+        return None, None
+    n = source.shape[channel_axis] if channel_axis is not None else 1
+    lo, hi = np.full(n, np.inf), np.full(n, -np.inf)
+    step = source.chunks[channel_axis][0] if channel_axis is not None else 0
+    for b, (block_lo, block_hi) in zip(blocks, results):
+        first = b[channel_axis] * step if channel_axis is not None else 0
+        sl = slice(first, first + np.size(block_lo))
+        lo[sl] = np.minimum(lo[sl], block_lo)
+        hi[sl] = np.maximum(hi[sl], block_hi)
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class _StoreBlock:
+    """The task that stores one block (see :func:`_write_block`)."""
+
+    writer: ChunkFiles
+    block: tuple[int, ...]
+    reduce_axes: tuple[int, ...] | None
+
+    def __call__(self, data: np.ndarray):
+        return _write_block(self.writer, self.block, data, self.reduce_axes)
+
+
+def _write_block(writer: ChunkFiles, block, data: np.ndarray, reduce_axes):
+    """Store one chunk; its per-channel finite (min, max) when `reduce_axes` is given."""
+    writer.write(block, data)
+    if reduce_axes is None:
+        return None
+    if data.dtype.kind in "biu":
+        return data.min(axis=reduce_axes), data.max(axis=reduce_axes)
+    values = data.astype(np.float64)
+    finite = np.isfinite(values)
+    return (np.where(finite, values, np.inf).min(axis=reduce_axes),
+            np.where(finite, values, -np.inf).max(axis=reduce_axes))
+
+
+def finished_match(out: Path, manifest: dict) -> bool:
+    """True when `out` is a finished image of this very run; refuses a finished other run."""
+    if not is_finished(out):
+        return False
+    saved = read_manifest(out)
+    if saved != manifest:
+        raise InputError(f"{out}: is a finished image of another run "
+                         f"({_differences(saved, manifest)} differ); nothing to resume: pass "
+                         "--overwrite to replace it")
+    return True
+
+
+def _differences(saved: dict | None, manifest: dict) -> str:
+    saved = saved or {}
+    return ", ".join(sorted(k for k in set(saved) | set(manifest)
+                            if saved.get(k) != manifest.get(k)))
+
+
+def open_unfinished(out: Path, zarr_format: int, manifest: dict | None) -> zarr.Group:
+    """Open an interrupted write for resuming, refusing anything that is not exactly that."""
+    if read_manifest(out) is None:
+        raise InputError(f"{out}: nothing to resume (no tilefuse run manifest); run without "
+                         "--resume")
+    try:
+        group = zarr.open_group(out, mode="r+", zarr_format=zarr_format)
+    except Exception as exc:
+        raise InputError(f"{out}: cannot open the interrupted output to resume ({exc})") from exc
+    saved = read_manifest(out)
+    if manifest is not None and saved != manifest:
+        raise InputError(
+            f"{out}: was started with other inputs or parameters "
+            f"({_differences(saved, manifest)} differ); resume only with the same command, or "
+            "start again with --overwrite"
+        )
+    return group
+
+
+def level_zero(group, shape, chunks, dtype, axes, zarr_format, resume: bool) -> zarr.Array:
+    """Level 0, every chunk stored as a file (even all-fill ones) so written chunks can be
+    told from missing ones on a resume."""
+    if resume and "0" in group:
+        target = group["0"].with_config({"write_empty_chunks": True})
+        if tuple(target.shape) != tuple(shape) or tuple(target.chunks) != tuple(chunks):
+            raise InputError(
+                f"level 0 of the interrupted output is {target.shape} in chunks {target.chunks}, "
+                f"this run makes {tuple(shape)} in {tuple(chunks)}; start again with --overwrite"
+            )
+        return target
+    return create_level(group, "0", shape, chunks, dtype, axes, zarr_format,
+                         write_empty_chunks=True)
+
+
+def written_blocks(target: zarr.Array, folder: Path) -> set[tuple[int, ...]]:
+    """Chunks of `target` that exist as files and decode; broken chunk files are removed."""
+    grid = tuple(-(-n // c) for n, c in zip(target.shape, target.chunks))
+
+    def check(block: tuple[int, ...]) -> tuple[int, ...] | None:
+        path = folder / target.metadata.encode_chunk_key(block)
+        if not path.is_file():
+            return None
+        try:
+            target.get_block_selection(block)
+        except Exception:  # a chunk cut short by a crash: write it again
+            log.warning("chunk %s of %s does not decode; it will be written again", block, folder)
+            path.unlink(missing_ok=True)
+            return None
+        return block
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = pool.map(check, np.ndindex(*grid))
+        return {b for b in found if b is not None}
+
+
+def store_missing_blocks(
+    source: da.Array, target: zarr.Array, folder: Path, axes, stats: bool, compute, resume: bool
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Store the blocks of `source` that `target` lacks (all of them on a fresh write)."""
+    done = written_blocks(target, folder) if resume else set()
+    if not done:
+        return store_level(source, target, axes, stats=stats, compute=compute)
+    todo = [b for b in np.ndindex(*source.numblocks) if b not in done]
+    log.info("resuming: %d of %d chunks already written", len(done), len(done) + len(todo))
+    if todo:
+        store_level(source, target, axes, stats=False, compute=compute, blocks=todo)
+    if not stats:
+        return None, None
+    return store_level(da.from_zarr(target), None, axes, stats=True, compute=compute)
