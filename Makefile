@@ -24,10 +24,12 @@ demo: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 # The peers compared in the benchmarks live in their own venv, never in tilefuse's dependencies.
 BENCH_VENV := benchmarks/.venv

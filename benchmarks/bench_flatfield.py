@@ -60,7 +60,8 @@ def make_tiles(grid, tile: int, overlap: float, seed: int, trend: bool):
         design = np.column_stack([np.ones(len(log_g)), ts.layout.positions])
         log_g -= design @ np.linalg.lstsq(design, log_g, rcond=None)[0]
     gains = np.exp(log_g)
-    tiles = [np.rint(0.85 * t * flat * g).astype(np.uint16) for t, g in zip(ts.tiles, gains)]
+    tiles = [np.rint(0.85 * t * flat * g).astype(np.uint16)
+             for t, g in zip(ts.tiles, gains, strict=True)]
     return layout_from_arrays(tiles, affines=ts.layout.affines), tiles, flat
 
 

@@ -104,9 +104,9 @@ def run_floor(layout_path: Path, out: Path) -> tuple:
     mosaic = np.zeros(shape, dtype=layout.dtype)
     paths = [t.source.paths[0] for t in layout.tiles]
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        for tile, data in zip(layout.tiles, pool.map(tifffile.imread, paths)):
+        for tile, data in zip(layout.tiles, pool.map(tifffile.imread, paths), strict=True):
             p = np.round(tile.position).astype(int) - origin
-            sl = tuple(slice(max(a, 0), a + n) for a, n in zip(p, data.shape))
+            sl = tuple(slice(max(a, 0), a + n) for a, n in zip(p, data.shape, strict=True))
             region = mosaic[sl]
             region[...] = data[: region.shape[0], : region.shape[1]]
     _zarr_out(out, shape, layout.dtype)[...] = mosaic
@@ -122,7 +122,7 @@ def run_tilefuse(layout_path: Path, out: Path, blend: str, rotate: float = 0.0,
     if rotate:
         layout = layout.rotated(rotate)
     mosaic = fuse(layout, chunk=CHUNK, blend=blend, backend=backend)
-    write_ome_zarr(mosaic, out, axes=("y", "x"), levels=1, overwrite=True)
+    write_ome_zarr(mosaic, out, levels=1, overwrite=True)
     return mosaic.shape
 
 
@@ -146,7 +146,7 @@ def run_naive(layout_path: Path, out: Path, order: int = 3) -> tuple:
         (y0, y1), (x0, x1) = info["array-location"]
         start = np.array([y0, x0]) + origin
         out_block = np.zeros((y1 - y0, x1 - x0), dtype=layout.dtype)
-        for t, a, b in zip(layout.tiles, lo, hi):
+        for t, a, b in zip(layout.tiles, lo, hi, strict=True):
             if np.any(b < start) or np.any(a > start + out_block.shape):
                 continue
             data = tifffile.imread(t.source.paths[0])  # whole tile, for every chunk
@@ -304,7 +304,10 @@ def run_rounds(variants: list[str], layout_path: Path, work: Path, repeats: int)
         if not good:
             rows[variant] = results[0]
             continue
-        paired = [r["seconds"] / f for r, f in zip(results, floors) if "error" not in r and f]
+        # naive and mvs run in the first round only, and without a floor variant there are no
+        # floors: pair the rounds both have.
+        paired = [r["seconds"] / f for r, f in zip(results, floors, strict=False)
+                  if "error" not in r and f]
         rows[variant] = {
             "seconds": statistics.median(r["seconds"] for r in good),
             "all_seconds": [round(r["seconds"], 3) for r in good],

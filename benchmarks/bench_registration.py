@@ -50,7 +50,8 @@ def make_tiles(folder: Path, grid, tile: int, noise: float, seed: int) -> np.nda
                       fractional=True, noise=noise, kind="cells", seed=seed)
     lines = ["dim = 2"]
     truth = np.zeros((*grid, 2))
-    for i, (data, stage, true) in enumerate(zip(ts.tiles, ts.stage.tiles, ts.layout.tiles)):
+    for i, (data, stage, true) in enumerate(
+            zip(ts.tiles, ts.stage.tiles, ts.layout.tiles, strict=True)):
         r, c = divmod(i, grid[1])
         name = f"img_{r:03d}_{c:03d}.tif"
         tifffile.imwrite(folder / name, data)
@@ -109,11 +110,11 @@ def run_m2stitch(folder: Path, standardise: bool = False) -> dict:
         images = images.astype(np.float32)
         images -= images.mean(axis=(1, 2), keepdims=True)
         images /= images.std(axis=(1, 2), keepdims=True)
-    rows, cols = zip(*(map(int, NAME.search(f.name).groups()) for f in files))
+    rows, cols = zip(*(map(int, NAME.search(f.name).groups()) for f in files), strict=True)
     result, _ = m2stitch.stitch_images(images, list(rows), list(cols), row_col_transpose=False)
     seconds = time.perf_counter() - started
     out = {f"{r},{c}": [float(y), float(x)]
-           for r, c, y, x in zip(rows, cols, result["y_pos"], result["x_pos"])}
+           for r, c, y, x in zip(rows, cols, result["y_pos"], result["x_pos"], strict=True)}
     return {"seconds": seconds, "positions": out}
 
 

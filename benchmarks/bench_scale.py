@@ -37,7 +37,7 @@ def child(mosaic: int, tile: int, out: Path, cache_mb: int, chunk: int) -> None:
     layout = pattern_layout((n, n), tile)
     started = time.perf_counter()
     arr = fuse(layout, chunk=chunk, cache_bytes=cache_mb * 2**20)
-    write_ome_zarr(arr, out, axes=("y", "x"), overwrite=True)
+    write_ome_zarr(arr, out, overwrite=True)
     seconds = time.perf_counter() - started
     print(json.dumps({"tiles": len(layout.tiles), "shape": list(arr.shape), "seconds": seconds}))
 

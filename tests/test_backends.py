@@ -11,6 +11,7 @@ from tilefuse import fuse, layout_from_arrays
 from tilefuse.errors import InputError
 from tilefuse.fusion.blend import BLENDS
 from tilefuse.fusion.kernel import resolve_backend
+from tilefuse.testing import grid_tileset
 
 pytest.importorskip("numba")
 
@@ -64,15 +65,62 @@ def test_affines_equal_to_rounding(layout, blend, angle):
         layout = layout.rotated(angle)
     a, b = _both(layout, blend=blend, chunk=9)
     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-    if a.dtype.kind == "f":
-        assert diff.max() <= 1e-3 * max(1.0, np.abs(a).max())
-    elif a.dtype.itemsize <= 2:
+    scale = max(1.0, float(np.abs(a.astype(np.float64)).max()))
+    wide = a.dtype.itemsize > 2 and a.dtype != np.float32  # float64 accumulation
+    # Measured over 400 hypothesis examples and 2,500 random ones of this space (tiles of 3-14
+    # px), kernels rounding the same float64 samples:
+    if blend != "linear":
+        if not wide:  # float32 state: the same samples, picked or summed alike (0 differ)
+            np.testing.assert_array_equal(a, b)
+        elif a.dtype.kind == "f":  # float64 samples summed in another order: measured 1.9 eps
+            assert diff.max() <= 4 * np.finfo(np.float64).eps * scale
+        else:  # ... which may cross a rounding tie of a 32-bit integer
+            assert diff.max() <= 1
+    elif not wide:  # README: 8 and 16 bits differ by at most 1 (measured 1)
         assert diff.max() <= 1
-        assert (diff > 0).mean() <= 0.01
-    else:  # the compiled affine path's weights (a table within 4e-8 of the cosine) may differ
-        # by one float32 step: a blend of values far apart moves by ~1e-7 of their distance
-        span = float(a.max()) - float(a.min())
-        assert diff.max() <= 1 + 2.5e-7 * span
+    else:  # the compiled feathering weights (a table within 4e-8 of the cosine, so up to ~1e-5
+        # relative where a weight is ~3e-3, at a tile's edge) move a blend of values far apart:
+        # measured 9.4e-7 of the largest value (2.5e-7 of the value span, the bound here
+        # before, is exceeded: 7.6e-7 of it on uint32)
+        assert diff.max() <= 2e-6 * scale
+
+
+@pytest.mark.parametrize(("dtype", "kind", "expected"), [("uint16", "cells", 58),
+                                                       ("uint16", "smooth", 50),
+                                                       ("uint8", "cells", 0)])
+def test_rotated_mosaic_differs_in_about_1_pixel_in_10000(dtype, kind, expected):
+    """README: rotations equal to rounding, about 1 pixel in 10,000 differs by 1 (16 bits).
+
+    A 3x3 grid of 256² tiles rotated by 1°, 483,720 pixels: with ``linear`` 58 (cells) and 50
+    (smooth) uint16 pixels differ by 1 (1.2e-4 and 1.0e-4), none in uint8; every other blend is
+    bit-identical (the same float64 samples rounded to float32)."""
+    ts = grid_tileset(grid=(3, 3), tile_shape=(256, 256), overlap=0.15, kind=kind, dtype=dtype,
+                      rotation_deg=1.0, fractional=True, seed=2)
+    fused = {backend: np.asarray(fuse(ts.layout, blend="linear", chunk=200, backend=backend))
+             for backend in ("numpy", "numba")}
+    diff = np.abs(fused["numpy"].astype(int) - fused["numba"].astype(int))
+    assert diff.max() <= 1
+    assert (diff > 0).sum() <= 2 * expected, (diff > 0).sum()  # at most 2.5e-4 of the pixels
+    if dtype == "uint16":
+        for blend in ("max", "first"):
+            a, b = (np.asarray(fuse(ts.layout, blend=blend, chunk=200, backend=backend))
+                    for backend in ("numpy", "numba"))
+            np.testing.assert_array_equal(a, b, err_msg=blend)
+
+
+@pytest.mark.xfail(strict=True, reason="the compiled ramp table is accurate to 4e-8 absolute, "
+                   "not relative: near a tile's edge with a wide blend the weights are ~1e-4 "
+                   "and the blend moves by more than a rounding (see test_fastaffine.py)")
+def test_linear_blend_near_tile_edges_differs_by_at_most_1():
+    """Two random uint16 tiles rotated 33°, feathered over 60 px. At pixel (21, 71) both are
+    within 1.5 px of an edge (weights 7.2e-5 and 8.3e-5, values 63061.5 and 15236.9): the exact
+    blend is 37412.09, numpy gives 37412, numba 37414."""
+    rng = np.random.default_rng(55)
+    tiles = [rng.integers(0, 65535, (60, 70), endpoint=True).astype(np.uint16) for _ in range(2)]
+    layout = layout_from_arrays(tiles, positions=np.array([[0.0, 0.0], [16.789, 15.592]]))
+    a, b = (np.asarray(fuse(layout.rotated(33.0), blend="linear", blend_width=60.0,
+                            backend=backend)).astype(int) for backend in ("numpy", "numba"))
+    assert np.abs(a - b).max() <= 1
 
 
 def test_real_sized_tiles_identical():
@@ -137,7 +185,7 @@ def test_numba_backend_runs_the_compiled_kernel(monkeypatch):
     assert not calls
     mosaic = fuse(layout, backend="numba", chunk=4)
     mosaic.compute()
-    assert len(calls) == mosaic.npartitions == 2
+    assert len(calls) == mosaic.data.npartitions == 2
 
 
 def test_cli_backend_option_same_mosaic(tmp_path):
@@ -154,7 +202,7 @@ def test_cli_backend_option_same_mosaic(tmp_path):
         assert proc.returncode == 0, proc.stderr
         outputs.append(read_ome_zarr_level(out).compute())
     diff = np.abs(outputs[0].astype(int) - outputs[1].astype(int))
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    assert diff.max() <= 1 and (diff > 0).mean() <= 2.5e-4  # measured 1 pixel of 9,890
     info = run_cli("info", layout)
     assert "numba kernel" in info.stdout
     bad = run_cli("fuse", layout, "-o", tmp_path / "x.ome.zarr", "--backend", "cuda")

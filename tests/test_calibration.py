@@ -17,7 +17,6 @@ import tifffile
 from conftest import run_cli
 from tilefuse.io.readers import (
     layout_from_arrays,
-    read_acquisition,
     read_layout,
     read_pattern,
     write_csv_layout,
@@ -170,7 +169,7 @@ def test_sidecars_keep_the_pixel_size_and_its_source(tmp_path, calibrated):
                                     lambda p, d: tifffile.imwrite(p, d, **keywords)))
     for path in (write_csv_layout(layout, tmp_path / "l.csv"),
                  write_tileconfig(layout, tmp_path / "l.txt")):
-        again = read_acquisition(path)
+        again = read_layout(path)
         assert again.pixel_size == layout.pixel_size
         assert again.pixel_size_source == layout.pixel_size_source
         assert again.pixel_size_known is calibrated

@@ -26,9 +26,9 @@ def _pair(tmp_path, fmt: int, data: np.ndarray, chunks, **options):
 
 
 def _write_all(writer: ChunkFiles, data: np.ndarray, chunks) -> None:
-    grid = [-(-n // c) for n, c in zip(data.shape, chunks)]
+    grid = [-(-n // c) for n, c in zip(data.shape, chunks, strict=True)]
     for block in np.ndindex(*grid):
-        region = tuple(slice(b * c, (b + 1) * c) for b, c in zip(block, chunks))
+        region = tuple(slice(b * c, (b + 1) * c) for b, c in zip(block, chunks, strict=True))
         writer.write(block, data[region])
 
 
@@ -62,7 +62,7 @@ def test_read_gives_back_what_zarr_stored(tmp_path, fmt, options, dtype):
     by_zarr[...] = data
     files = ChunkFiles.for_array(by_zarr, skip_empty=False)
     for block in np.ndindex(2, 3, 4):
-        region = tuple(slice(b * c, (b + 1) * c) for b, c in zip(block, chunks))
+        region = tuple(slice(b * c, (b + 1) * c) for b, c in zip(block, chunks, strict=True))
         got = files.read(block)
         assert got.dtype == data.dtype
         np.testing.assert_array_equal(got, data[region], err_msg=str(block))
@@ -138,9 +138,9 @@ def test_write_ome_zarr_same_image_through_zarr(tmp_path, monkeypatch):
     tiles = [rng.integers(0, 60000, (2, 40, 50), dtype=np.uint16) for _ in range(4)]
     layout = layout_from_arrays(tiles, positions=[[0, 0], [0, 45.5], [35.25, 0], [35, 45]],
                                 channels=["a", "b"])
-    write_ome_zarr(fuse(layout, chunk=16), tmp_path / "direct.ome.zarr", axes=("c", "y", "x"))
+    write_ome_zarr(fuse(layout, chunk=16), tmp_path / "direct.ome.zarr")
     monkeypatch.setattr(ChunkFiles, "for_array", classmethod(lambda cls, a, **k: None))
-    write_ome_zarr(fuse(layout, chunk=16), tmp_path / "zarr.ome.zarr", axes=("c", "y", "x"))
+    write_ome_zarr(fuse(layout, chunk=16), tmp_path / "zarr.ome.zarr")
     for level in range(3):
         np.testing.assert_array_equal(read_ome_zarr_level(tmp_path / "direct.ome.zarr", level),
                                       read_ome_zarr_level(tmp_path / "zarr.ome.zarr", level))

@@ -83,7 +83,7 @@ def test_mist_fused_at_exact_positions_reproduces_every_tile(tmp_path):
     mosaic = read_ome_zarr_level(out, 0).compute()
     gx = np.array([int(r["gt_x"]) for r in rows])
     gy = np.array([int(r["gt_y"]) for r in rows])
-    for r, x, y in zip(rows, gx - gx.min(), gy - gy.min()):
+    for r, x, y in zip(rows, gx - gx.min(), gy - gy.min(), strict=True):
         tile = tifffile.imread(tiles / r["file"])
         np.testing.assert_array_equal(mosaic[y : y + tile.shape[0], x : x + tile.shape[1]], tile)
 

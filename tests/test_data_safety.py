@@ -19,6 +19,7 @@ import zarr
 
 from conftest import run_main
 from tilefuse.errors import InputError
+from tilefuse.model.mosaic import Mosaic
 from tilefuse.ome_zarr.writer import read_ome_zarr_level, write_ome_zarr
 from tilefuse.testing import grid_tileset, write_tileset
 
@@ -146,22 +147,22 @@ def test_library_overwrite_refuses_foreign_folders(tmp_path):
     folder = tmp_path / "someone.zarr"
     folder.mkdir()
     (folder / "data.bin").write_bytes(b"x")
-    image = da.zeros((8, 8), dtype=np.uint8)
+    image = Mosaic(da.zeros((8, 8), dtype=np.uint8), ("y", "x"))
     with pytest.raises(InputError, match="did not make"):
-        write_ome_zarr(image, folder, axes="yx", overwrite=True)
+        write_ome_zarr(image, folder, overwrite=True)
     assert (folder / "data.bin").read_bytes() == b"x"
     foreign = tmp_path / "foreign.zarr"  # a zarr that someone else wrote
     zarr.open_group(foreign, mode="w").create_array("0", shape=(4,), dtype="u1")
     with pytest.raises(InputError, match="did not make"):
-        write_ome_zarr(image, foreign, axes="yx", overwrite=True)
+        write_ome_zarr(image, foreign, overwrite=True)
     assert (foreign / "0" / "zarr.json").is_file()
     empty = tmp_path / "empty.zarr"
     empty.mkdir()
-    write_ome_zarr(image, empty, axes="yx")  # an empty folder is fine, even without overwrite
+    write_ome_zarr(image, empty)  # an empty folder is fine, even without overwrite
 
 
 def test_every_output_is_marked_as_tilefuses(tmp_path):
-    out = write_ome_zarr(da.zeros((8, 8), dtype=np.uint8), tmp_path / "a.zarr", axes="yx")
+    out = write_ome_zarr(Mosaic(da.zeros((8, 8), dtype=np.uint8), ("y", "x")), tmp_path / "a.zarr")
     manifest = zarr.open_group(out, mode="r").attrs["tilefuse"]
     assert "tilefuse" in manifest
     assert sorted(os.listdir(out)) == ["0", "zarr.json"]  # nothing zarr readers warn about

@@ -97,3 +97,27 @@ def test_runs_cover_a_real_tile_exactly_as_pixels():
         assert out[1][2].sum() > 85_000  # the tile was really placed
         for pixels, run in zip(*out, strict=True):
             np.testing.assert_array_equal(pixels, run, err_msg=f"mode {mode}")
+
+
+_RAMP_BUG = pytest.mark.xfail(
+    strict=True, reason="the table is linear in d: 4e-8 absolute error is up to 2e-3 relative "
+    "where the weight is small (measured 3.7e-6 at width 8, 5.2e-5 at 30, 1.9e-4 at 60, 2.3e-3 "
+    "at 200), and a blend of two small weights moves by that much: numba vs numpy off by 2 on "
+    "uint16 (test_backends.py)")
+
+
+@pytest.mark.parametrize("width", [2.0, *(pytest.param(w, marks=_RAMP_BUG)
+                                          for w in (8.0, 30.0, 60.0, 200.0))])
+def test_ramp_table_is_relatively_accurate_near_the_edges(width):
+    """The compiled feathering weight against :func:`tilefuse.fusion.blend.cosine_ramp`:
+    within 2 float32 steps, relative, everywhere (the weights are normalised per pixel, so
+    their relative error is what moves a blend). Measured at width 2: 2.0e-7."""
+    from tilefuse.fusion.blend import cosine_ramp
+
+    n = 500
+    t = np.linspace(0, 3 * width, 20001)
+    t = t[t <= n - 1]
+    table = fastaffine.ramp_tables((width,))[0]
+    got = np.array([fastaffine._ramp(x, n, width, table) for x in t], dtype=np.float64)
+    want = cosine_ramp(t, n, width).astype(np.float64)
+    assert np.abs(got / want - 1).max() <= 2.5e-7

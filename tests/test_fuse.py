@@ -36,8 +36,8 @@ def test_cut_tiles_from_a_known_image_all_blends():
     layout = layout_from_arrays(tiles, positions=positions)
     for blend in INTEGER_EXACT_BLENDS:
         out = fuse(layout, chunk=(37, 53), blend=blend).compute()
-        for p, tile in zip(positions, tiles):
-            sl = tuple(slice(a, a + n) for a, n in zip(p, tile.shape))
+        for p, tile in zip(positions, tiles, strict=True):
+            sl = tuple(slice(a, a + n) for a, n in zip(p, tile.shape, strict=True))
             np.testing.assert_array_equal(out[sl], tile, err_msg=blend)
 
 
@@ -75,7 +75,7 @@ def test_dtypes_are_preserved(dtype):
     if dtype != "float32":
         np.testing.assert_array_equal(out, ts.truth)
     else:
-        np.testing.assert_allclose(out, ts.truth, atol=1e-6)
+        np.testing.assert_allclose(out, ts.truth, rtol=0, atol=1.2e-7)  # measured 6e-8
 
 
 @pytest.mark.parametrize("position", [(3.25, 7.5), (0.5, 0.0), (10.0, 4.875), (2.9, 3.1)])
@@ -90,8 +90,9 @@ def test_fractional_translation_matches_scipy(position):
     ref = ref[skip[0] : skip[0] + out.shape[0], skip[1] : skip[1] + out.shape[1]]
     assert ref.shape == out.shape
     valid = ~np.isnan(ref)
-    assert np.all(np.abs(out[valid].astype(float) - ref[valid]) <= 0.51)
-    assert valid.sum() == np.prod([n - (f > 0) for n, f in zip(tile.shape, frac)])
+    # out is ref rounded: measured max |out - ref| = 0.5 + 3.6e-12 (float32 taps at ties)
+    assert np.all(np.abs(out[valid].astype(float) - ref[valid]) <= 0.5 + 1e-6)
+    assert valid.sum() == np.prod([n - (f > 0) for n, f in zip(tile.shape, frac, strict=True)])
 
 
 def test_fractional_positions_error_is_interpolation_error_and_unbiased():
@@ -106,9 +107,9 @@ def test_fractional_positions_error_is_interpolation_error_and_unbiased():
     fyy = np.pad(np.abs(np.diff(truth, 2, axis=0)), ((1, 1), (0, 0)))
     fxx = np.pad(np.abs(np.diff(truth, 2, axis=1)), ((0, 0), (1, 1)))
     bound = ndimage.maximum_filter((fyy + fxx) / 8, size=3) * 2 + 1
-    assert np.mean(np.abs(out - truth)[covered] <= bound[covered]) > 0.999
-    assert abs(err.mean()) < 0.5  # no bias (truncation would give about -0.5)
-    assert np.abs(err).max() < 0.005 * 60000
+    assert np.all(np.abs(out - truth)[covered] <= bound[covered])  # measured: all
+    assert abs(err.mean()) < 0.02  # no bias (truncation would give about -0.5); measured -0.0085
+    assert np.abs(err).max() < 190 and np.sqrt(np.mean(err**2)) < 4.2  # measured 94, 2.10
 
 
 def test_rotated_tiles_fuse_within_interpolation_error():
@@ -119,8 +120,9 @@ def test_rotated_tiles_fuse_within_interpolation_error():
     np.testing.assert_array_equal(covered, ts.covered)
     assert covered.mean() > 0.95
     err = out[covered] - ts.truth.astype(float)[covered]
-    assert abs(err.mean()) < 0.5
-    assert np.abs(err).max() < 0.005 * 60000
+    # against the analytic scene; test_affine_reference.py checks the resampling pixel for pixel
+    assert abs(err.mean()) < 0.04  # measured 0.020
+    assert np.abs(err).max() < 225 and np.sqrt(np.mean(err**2)) < 6.5  # measured 112, 3.26
 
 
 def test_rotate_equals_explicit_affines():
@@ -151,8 +153,8 @@ def test_zstack_with_z_offsets_and_fractional_positions():
     truth = scene.render(out.shape) * 60000
     covered = out != 65535
     assert out.shape == (26, 88, 114)  # z: 6 + 19 = 25; x: floor(50.5 + 63) = 113
-    assert np.abs(out[covered] - truth[covered]).max() < 0.01 * 60000
-    assert abs((out[covered] - truth[covered]).mean()) < 1
+    assert np.abs(out[covered] - truth[covered]).max() < 0.01 * 60000  # measured 507
+    assert abs((out[covered] - truth[covered]).mean()) < 1  # measured 0.76
 
 
 def test_channels_are_fused_together():

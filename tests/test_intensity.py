@@ -47,7 +47,8 @@ def random_gains(positions: np.ndarray, rng: np.random.Generator, trend: bool) -
 
 def corrupt(tiles, flat: np.ndarray, gains: np.ndarray) -> list[np.ndarray]:
     """Tiles times the flat and their gain, as uint16 (0.85 keeps +15% below 65535)."""
-    return [np.rint(0.85 * t * flat * g).astype(np.uint16) for t, g in zip(tiles, gains)]
+    return [np.rint(0.85 * t * flat * g).astype(np.uint16)
+            for t, g in zip(tiles, gains, strict=True)]
 
 
 def mosaic_error(fused: np.ndarray, ts) -> float:
@@ -61,7 +62,7 @@ def mosaic_error(fused: np.ndarray, ts) -> float:
 
 def corrected_tiles(tiles, flat, gains, offsets=None) -> list[np.ndarray]:
     corrs = tile_corrections(len(tiles), flat=flat, gains=gains, offsets=offsets)
-    return [correct_tile(t[None], c)[0] for t, c in zip(tiles, corrs)]
+    return [correct_tile(t[None], c)[0] for t, c in zip(tiles, corrs, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +88,8 @@ def test_flatfield_matches_the_vignette(vignetted):
     assert vignetted["dark"] is None
     assert abs(float(flat.mean()) - 1) < 1e-5
     rel = flat[0] / (true / true.mean()) - 1
-    assert np.sqrt(np.mean(rel**2)) < 0.01  # measured 0.35 %
-    assert np.abs(rel).max() < 0.03
+    assert np.sqrt(np.mean(rel**2)) < 0.007  # README: 0.35 % (measured 0.352 %)
+    assert np.abs(rel).max() < 0.03  # measured 1.7 %
 
 
 def test_matched_gains_match_the_true_ones(vignetted):
@@ -97,8 +98,8 @@ def test_matched_gains_match_the_true_ones(vignetted):
     assert abs(float(np.mean(np.log(gains)))) < 1e-6  # the mean log gain is kept at 0
     err = np.log(gains[:, 0] * vignetted["true_gains"])  # gain should be 1 / true gain
     err -= err.mean()
-    assert np.sqrt(np.mean(err**2)) < 0.01  # measured 0.02 %
-    assert np.abs(err).max() < 0.02
+    assert np.sqrt(np.mean(err**2)) < 0.0005  # measured 0.020 %
+    assert np.abs(err).max() < 0.001  # measured 0.043 %
 
 
 def test_correction_reduces_mosaic_error_tenfold(vignetted):
@@ -107,8 +108,9 @@ def test_correction_reduces_mosaic_error_tenfold(vignetted):
     fixed = corrected_tiles(tiles, vignetted["flat"], vignetted["gains"])
     corrected = mosaic_error(fuse(layout_from_arrays(fixed, affines=affines),
                                   blend="linear").compute(), ts)
-    assert plain > 0.08  # the corruption is real: about 12 %
-    assert corrected * 10 < plain  # measured 0.43 % vs 11.9 %: 28x
+    assert plain > 0.1  # the corruption is real: about 12 % (measured 11.9 %)
+    # README: the error drops 28x (measured 0.430 % vs 11.93 %: 27.8x)
+    assert corrected < 0.0086 and corrected * 14 < plain, (corrected, plain)
 
 
 def test_gain_trend_leaves_no_seams():
@@ -129,11 +131,11 @@ def test_gain_trend_leaves_no_seams():
         ca, cb = correct_tile(a, _crop(corrs[reg.i], reg.slices_i)), correct_tile(
             b, _crop(corrs[reg.j], reg.slices_j))
         steps_after.append(abs(np.log(ca.mean() / cb.mean())))
-    assert np.median(steps_before) > 0.05
-    assert max(steps_after) < 0.01
+    assert np.median(steps_before) > 0.05  # measured 0.098
+    assert max(steps_after) < 0.001  # measured 0.00048
     plain = mosaic_error(fuse(layout, blend="linear").compute(), ts)
     fixed = layout_from_arrays(corrected_tiles(tiles, flat, matched), affines=ts.layout.affines)
-    assert mosaic_error(fuse(fixed, blend="linear").compute(), ts) * 2.5 < plain
+    assert mosaic_error(fuse(fixed, blend="linear").compute(), ts) * 2.5 < plain  # 3.4x
 
 
 def _crop(corr: TileCorrection, slices) -> TileCorrection:
@@ -149,13 +151,13 @@ def test_darkfield_is_recovered_and_removed():
     gains = random_gains(ts.layout.positions, np.random.default_rng(9), trend=False)
     signal = [np.clip(t.astype(np.float64) - 15000, 0, None) for t in ts.tiles]
     tiles = [np.rint(true_dark + 0.9 * s * true_flat * g).astype(np.uint16)
-             for s, g in zip(signal, gains)]
+             for s, g in zip(signal, gains, strict=True)]
     flat, dark = estimate_flatfield(layout_from_arrays(tiles, affines=ts.layout.affines),
                                     darkfield=True)
     assert dark.shape == flat.shape == (1, *TILE) and dark.dtype == np.float32
-    assert np.sqrt(np.mean((dark[0] - true_dark) ** 2)) < 10  # counts; measured 1.7
+    assert np.sqrt(np.mean((dark[0] - true_dark) ** 2)) < 3.5  # counts; measured 1.71
     rel = flat[0] / (true_flat / true_flat.mean()) - 1
-    assert np.sqrt(np.mean(rel**2)) < 0.02  # measured 0.4 %
+    assert np.sqrt(np.mean(rel**2)) < 0.008  # measured 0.38 %
 
 
 def test_flatfield_of_zstacks_broadcasts_over_planes():
@@ -166,7 +168,7 @@ def test_flatfield_of_zstacks_broadcasts_over_planes():
     flat, _ = estimate_flatfield(layout)
     assert flat.shape == (1, 1, 64, 64)
     rel = flat[0, 0] / (true_flat / true_flat.mean()) - 1
-    assert np.sqrt(np.mean(rel**2)) < 0.02
+    assert np.sqrt(np.mean(rel**2)) < 0.007  # measured 0.34 %
     out = correct_tile(tiles[0][None], TileCorrection(flat=flat))
     assert out.shape == (1, 3, 64, 64)
 
@@ -236,14 +238,14 @@ def test_gain_and_offset_matching_recovers_both():
     a = rng.uniform(0.85, 1.15, 9)
     b = rng.uniform(-2000, 2000, 9)
     tiles = [np.rint(0.8 * t * ai + 3000 + bi).astype(np.uint16)
-             for t, ai, bi in zip(ts.tiles, a, b)]
+             for t, ai, bi in zip(ts.tiles, a, b, strict=True)]
     layout = layout_from_arrays(tiles, affines=ts.layout.affines)
     gains, offsets = match_intensity(layout, offset=True)
     assert gains.shape == offsets.shape == (9, 1) and offsets.dtype == np.float32
     # corrected = G I + O = kappa S + lambda for every tile: G = kappa / a, O = lambda - G b'
     assert abs(float(gains.mean()) - 1) < 1e-5
     kappa = 1 / np.mean(1 / a)
-    np.testing.assert_allclose(gains[:, 0], kappa / a, rtol=0.005)  # measured 0.15 %
+    np.testing.assert_allclose(gains[:, 0], kappa / a, rtol=0.003)  # measured 0.145 %
     base = 3000 + b
     lam = np.mean(offsets[:, 0] + gains[:, 0] * base)
     np.testing.assert_allclose(offsets[:, 0], lam - gains[:, 0] * base, atol=40)  # 19.5
@@ -253,7 +255,7 @@ def test_matching_is_channel_wise_and_isolated_tiles_keep_gain_one():
     ts = grid_tileset(grid=(2, 2), tile_shape=(64, 64), overlap=0.25, kind="cells", seed=5)
     g0, g1 = np.array([1.0, 1.1, 0.9, 1.05]), np.array([0.8, 1.2, 1.0, 1.1])
     tiles = [np.stack([0.8 * t * x, 0.5 * t * y]).astype(np.float32)
-             for t, x, y in zip(ts.tiles, g0, g1)]
+             for t, x, y in zip(ts.tiles, g0, g1, strict=True)]
     tiles.append(np.ones((2, 64, 64), np.float32))  # far away: overlaps nothing
     positions = np.vstack([ts.layout.positions, [[1000.0, 1000.0]]])
     layout = layout_from_arrays(tiles, positions=positions, channels=["a", "b"])
@@ -261,7 +263,8 @@ def test_matching_is_channel_wise_and_isolated_tiles_keep_gain_one():
     assert gains.shape == (5, 2)
     for ch, true in enumerate([g0, g1]):
         expect = (1 / true) / np.exp(np.mean(np.log(1 / true)))
-        np.testing.assert_allclose(gains[:4, ch], expect, rtol=1e-3)
+        # exact up to float32 rounding: measured 4.7e-8 (2 float32 steps allowed)
+        np.testing.assert_allclose(gains[:4, ch], expect, rtol=2.5e-7)
     np.testing.assert_array_equal(gains[4], [1.0, 1.0])
     gains, offsets = match_intensity(layout, offset=True)
     np.testing.assert_array_equal(gains[4], [1.0, 1.0])
@@ -294,8 +297,8 @@ def test_czi_pair_step_across_the_overlap_drops(data_dir):
     gains, offsets = match_intensity(layout, offset=True)
     after = _overlap_means(layout, tile_corrections(2, gains=gains, offsets=offsets))
     step_offset = abs(after[0] - after[1]) / np.mean(after)
-    assert step_gain < step_before / 8  # measured 2.0 %
-    assert step_offset < step_before / 20  # measured 0.6 %
+    assert step_gain < 0.04  # measured 2.03 % (from 32.4 %)
+    assert step_offset < 0.013  # measured 0.65 %
 
 
 # ------------------------------------------------------------------------- correct_tile
@@ -342,7 +345,7 @@ def test_cli_corrects_lazily_per_chunk_tenfold(vignetted, tmp_path):
 
     ts = vignetted["ts"]
     lines = ["dim = 2"]
-    for i, (tile, data) in enumerate(zip(ts.layout.tiles, vignetted["tiles"])):
+    for i, (tile, data) in enumerate(zip(ts.layout.tiles, vignetted["tiles"], strict=True)):
         tifffile.imwrite(tmp_path / f"t{i}.tif", data)
         y, x = tile.position
         lines.append(f"t{i}.tif; ; ({x}, {y})")
@@ -354,11 +357,11 @@ def test_cli_corrects_lazily_per_chunk_tenfold(vignetted, tmp_path):
         result = run_cli("fuse", tmp_path / "tc.txt", "-o", out, "--chunk", "100", "-q", *extra)
         assert result.returncode == 0, result.stderr
         errors[name] = mosaic_error(read_ome_zarr_level(out).compute(), ts)
-    assert errors["corrected"] * 10 < errors["plain"], errors
+    assert errors["corrected"] * 14 < errors["plain"], errors  # measured 27.8x, as in memory
     flat_tif = tmp_path / "flat.tif"
     assert run_cli("flatfield", tmp_path / "tc.txt", "-o", flat_tif).returncode == 0
     out = tmp_path / "saved.ome.zarr"
     result = run_cli("fuse", tmp_path / "tc.txt", "-o", out, "--flatfield", flat_tif,
                      "--match-intensity", "--scheduler", "processes", "--workers", "2", "-q")
     assert result.returncode == 0, result.stderr
-    assert mosaic_error(read_ome_zarr_level(out).compute(), ts) * 10 < errors["plain"]
+    assert mosaic_error(read_ome_zarr_level(out).compute(), ts) * 14 < errors["plain"]

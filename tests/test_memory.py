@@ -19,6 +19,7 @@ from conftest import run_main
 CHILD = textwrap.dedent(
     """
     import json, sys
+    import dask
     import numpy as np
     from tilefuse import fuse
     from tilefuse.cli.allocator import retain_freed_memory
@@ -39,8 +40,8 @@ CHILD = textwrap.dedent(
     layout = pattern_layout((side, side), tile=512)
     arr = fuse(layout, chunk=512, cache_bytes=32 * 2**20)
     base = status("VmRSS")
-    write_ome_zarr(arr, sys.argv[1], axes=("y", "x"), levels=2,
-                   compute_kwargs={"scheduler": "threads", "num_workers": 2})
+    with dask.config.set(scheduler="threads", num_workers=2):
+        write_ome_zarr(arr, sys.argv[1], levels=2)
     peak = status("VmHWM")
     stored = read_ome_zarr_level(sys.argv[1], 0)
     window = np.asarray(stored[5000:5100, 3000:3100])

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from tilefuse.io.readers import read_layout
-from tilefuse.napari.plugin import FuseWidget, get_reader
+from tilefuse.napari.reader import get_reader
+from tilefuse.napari.widget import FuseWidget
 from tilefuse.ome_zarr.writer import read_ome_zarr_level
 from tilefuse.registration import register
 from tilefuse.testing import grid_tileset, write_tileset
@@ -128,7 +129,8 @@ def test_reader_places_each_tile_at_its_position(tileset_file):
     assert len(layers) == len(ts.tiles)
     names = [tile.name for tile in read_layout(path).tiles]
     assert names == [f"tile_{i:04d}.tif" for i in range(len(ts.tiles))]
-    for (data, meta, kind), tile, pixels, name in zip(layers, ts.layout.tiles, ts.tiles, names):
+    for (data, meta, kind), tile, pixels, name in zip(layers, ts.layout.tiles, ts.tiles, names,
+                                                      strict=True):
         assert kind == "image"
         assert meta["name"] == name
         np.testing.assert_array_equal(data, pixels)
@@ -143,7 +145,7 @@ def test_reader_through_npe2_and_napari(model, tileset_file):
     assert len(npe2.read([str(path)], stack=False, plugin_name="tilefuse")) == len(ts.tiles)
     layers = model.open(str(path), plugin="tilefuse")
     assert len(layers) == len(ts.tiles)
-    for layer, tile, pixels in zip(layers, ts.layout.tiles, ts.tiles):
+    for layer, tile, pixels in zip(layers, ts.layout.tiles, ts.tiles, strict=True):
         np.testing.assert_array_equal(layer.data, pixels)
         # napari maps data pixel (0, 0) to the tile's mosaic position, data order (y, x)
         np.testing.assert_allclose(layer.data_to_world((0, 0)), tile.position)
@@ -156,7 +158,7 @@ def test_reader_3d_tiles(tmp_path):
     path = write_tileset(ts, tmp_path, stage=False)
     layers = get_reader(str(path))(str(path))
     assert len(layers) == 2
-    for (data, meta, _), tile, pixels in zip(layers, ts.layout.tiles, ts.tiles):
+    for (data, meta, _), tile, pixels in zip(layers, ts.layout.tiles, ts.tiles, strict=True):
         assert meta["affine"].shape == (4, 4)
         np.testing.assert_allclose(meta["affine"][:-1, -1], tile.position)
         np.testing.assert_array_equal(data, pixels)
@@ -221,7 +223,7 @@ def test_widget_registers_and_moves_tile_layers(qtbot, widget, tmp_path):
     assert w.status.text().startswith("wrote"), w.status.text()
     assert w.summary.text() == "\n".join(report.summary_lines())
     assert w.summary.text().startswith("links:")
-    for layer, tile in zip(tiles, expected.tiles):
+    for layer, tile in zip(tiles, expected.tiles, strict=True):
         np.testing.assert_allclose(layer.affine.affine_matrix, tile.affine)
     moved = [layer.affine.translate for layer in tiles]
     stage = [tile.position for tile in read_layout(path).tiles]
@@ -239,6 +241,7 @@ def test_widget_shows_user_errors_in_its_label(qtbot, widget, tileset_file, tmp_
     assert "nothing.txt" in w.status.text()
 
     (tmp_path / "taken.ome.zarr").mkdir()
+    (tmp_path / "taken.ome.zarr" / "notes.txt").write_text("someone's")  # not empty: refused
     w.layout_path.setText(str(path))
     w.output_path.setText(str(tmp_path / "taken.ome.zarr"))
     run_widget(qtbot, w)
@@ -257,11 +260,12 @@ def test_widget_shows_user_errors_in_its_label(qtbot, widget, tileset_file, tmp_
 def test_multichannel_tiles_become_one_layer_per_channel(model, tmp_path):
     import tifffile
 
-    from tilefuse.napari.plugin import FuseRequest, add_mosaic, run_fusion
+    from tilefuse.napari.widget import add_mosaic, run_in_widget
+    from tilefuse.pipeline import FuseRequest
 
     ts = grid_tileset(grid=(1, 2), tile_shape=(40, 48), overlap=0.25, seed=4)
     lines = ["dim = 2"]
-    for i, (tile, data) in enumerate(zip(ts.layout.tiles, ts.tiles)):
+    for i, (tile, data) in enumerate(zip(ts.layout.tiles, ts.tiles, strict=True)):
         both = np.stack([data, data // 2])
         tifffile.imwrite(tmp_path / f"t{i}.tif", both, imagej=True, metadata={"axes": "CYX"})
         lines.append(f"t{i}.tif; ; ({tile.position[1]}, {tile.position[0]})")
@@ -276,11 +280,156 @@ def test_multichannel_tiles_become_one_layer_per_channel(model, tmp_path):
     assert layers[0][1]["colormap"] != layers[1][1]["colormap"]
 
     out = tmp_path / "two.ome.zarr"
-    result = run_fusion(FuseRequest(str(path), str(out), chunk=16))
-    assert result.error is None
-    add_mosaic(model, result)
+    run = run_in_widget(FuseRequest(str(path), str(out), chunk=16))
+    assert run.error is None
+    add_mosaic(model, run)
     assert [layer.name for layer in model.layers] == ["two [0]", "two [1]"]
     level0 = read_ome_zarr_level(out, 0)
     for c, layer in enumerate(model.layers):
         assert layer.multiscale
         np.testing.assert_array_equal(np.asarray(layer.data[0]), level0[c])
+
+
+# --------------------------------------------------------------------- lazy and honest reader
+
+
+def test_opening_a_layout_decodes_no_tile(tileset_file):
+    """Layers are lazy: the reader reads headers only; a tile is decoded when it is looked at."""
+    import dask.array as da
+
+    from tilefuse.io.tiles import cache_stats, clear_cache
+
+    ts, path = tileset_file
+    clear_cache()
+    layers = get_reader(str(path))(str(path))
+    assert cache_stats()["decodes"] == 0
+    assert all(isinstance(data, da.Array) for data, _, _ in layers)
+    np.testing.assert_array_equal(np.asarray(layers[4][0]), ts.tiles[4])
+    assert cache_stats()["decodes"] == 1
+
+
+def test_tiles_that_cannot_be_decoded_still_open(tileset_file, monkeypatch):
+    """A source whose read() fails: opening succeeds (0 reads), only drawing a tile fails."""
+    from tilefuse.io.tiles import FileSource, clear_cache
+
+    _, path = tileset_file
+    reads = []
+
+    def broken(self):
+        reads.append(self)
+        raise OSError("unreadable pixels")
+
+    clear_cache()
+    monkeypatch.setattr(FileSource, "read", broken)
+    layers = get_reader(str(path))(str(path))
+    assert len(layers) == 6 and reads == []
+    with pytest.raises(OSError, match="unreadable pixels"):
+        np.asarray(layers[0][0])
+    assert len(reads) == 1
+
+
+def test_a_broken_layout_is_an_error_not_another_readers_file(tmp_path):
+    """A file that is a layout but cannot be read: napari is told why (not 'no reader')."""
+    from tilefuse.errors import InputError
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("dim = 2\nt0.tif; ; (0, zero)\n")
+    reader = get_reader(str(bad))
+    assert reader is not None
+    with pytest.raises(InputError, match=r"bad\.txt:2: coordinates must be numbers"):
+        reader(str(bad))
+    lost = tmp_path / "lost.csv"
+    lost.write_text("file,x,y\nnowhere.tif,0,0\n")
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.tif"):
+        get_reader(str(lost))(str(lost))
+    plain = tmp_path / "plain.ome.tif"  # an OME-TIFF image without stage positions: not ours
+    import tifffile
+
+    tifffile.imwrite(plain, np.zeros((8, 8), np.uint8), ome=True)
+    assert get_reader(str(plain)) is None
+
+
+def test_a_time_series_opens_with_a_time_axis(tmp_path):
+    import tifffile
+
+    sets = [grid_tileset(grid=(1, 2), tile_shape=(30, 40), overlap=0.25, seed=s) for s in (5, 6)]
+    rows = ["t,file,x,y"]
+    for t, ts in enumerate(sets):
+        for i, (tile, data) in enumerate(zip(ts.layout.tiles, ts.tiles, strict=True)):
+            tifffile.imwrite(tmp_path / f"s{t}_{i}.tif", data)
+            rows.append(f"{t},s{t}_{i}.tif,{tile.position[1]},{tile.position[0]}")
+    (tmp_path / "series.csv").write_text("\n".join(rows) + "\n")
+    layers = get_reader(str(tmp_path / "series.csv"))(str(tmp_path / "series.csv"))
+    assert len(layers) == 2
+    for i, (data, meta, _) in enumerate(layers):
+        assert data.shape == (2, 30, 40) and meta["affine"].shape == (4, 4)
+        np.testing.assert_allclose(meta["affine"][1:-1, -1], sets[0].layout.tiles[i].position)
+        for t in range(2):
+            np.testing.assert_array_equal(np.asarray(data[t]), sets[t].tiles[i])
+
+
+# ------------------------------------------------------------------ the widget is the pipeline
+
+
+def test_widget_fuses_a_time_series_with_its_layout_beside(qtbot, widget, tmp_path):
+    """{t} in the pattern: one image with a t axis, every time point its truth, the layout
+    saved beside it as NAME.layout.csv that reads back as the same series."""
+    import tifffile
+
+    from tilefuse.model.timeseries import TimeSeries
+
+    viewer, w = widget
+    sets = [grid_tileset(grid=(2, 2), tile_shape=(40, 52), overlap=0.2, seed=t) for t in (1, 2)]
+    for t, ts in enumerate(sets):
+        for i, tile in enumerate(ts.tiles):
+            r, c = divmod(i, 2)
+            tifffile.imwrite(tmp_path / f"tile_t{t}_r{r}_c{c}.tif", tile)
+    out = tmp_path / "series.ome.zarr"
+    w.layout_path.setText(str(tmp_path))
+    w.pattern.setText("tile_t{t}_r{row}_c{col}.tif")
+    w.overlap.setText("0.2")
+    w.output_path.setText(str(out))
+    w.chunk.setValue(32)
+    run_widget(qtbot, w)
+
+    assert w.status.text() == f"wrote {out}", w.status.text()
+    level0 = read_ome_zarr_level(out, 0).compute()
+    assert level0.shape == (2, *sets[0].truth.shape)
+    for t, ts in enumerate(sets):
+        np.testing.assert_array_equal(level0[t], ts.truth)
+    (layer,) = viewer.layers
+    assert layer.multiscale and layer.data[0].shape == level0.shape
+    saved = read_layout(tmp_path / "series.layout.csv")
+    assert isinstance(saved, TimeSeries) and saved.names == ("0", "1") and saved.shared
+    assert not (tmp_path / "series.TileConfiguration.txt").exists()
+
+
+def test_widget_corrects_intensity_resumes_and_keeps_its_sidecars(qtbot, widget, tileset_file,
+                                                                  tmp_path):
+    """The widget's run is the command line's: the manifest records the intensity options, the
+    layout files are saved beside the image, and resuming a finished image writes nothing."""
+    import zarr
+
+    viewer, w = widget
+    _, path = tileset_file
+    out = tmp_path / "m.ome.zarr"
+    w.layout_path.setText(str(path))
+    w.output_path.setText(str(out))
+    w.chunk.setValue(32)
+    w.match_intensity.setChecked(True)
+    w.flatfield.setCurrentText("estimate")
+    run_widget(qtbot, w)
+    assert w.status.text() == f"wrote {out}", w.status.text()
+    manifest = zarr.open_group(str(out), mode="r").attrs["tilefuse"]
+    assert manifest["match_intensity"] is True and manifest["flatfield"] == "estimate"
+    assert manifest["sidecars"] == ["m.layout.csv", "m.TileConfiguration.txt"]
+    for sidecar in manifest["sidecars"]:
+        assert [t.name for t in read_layout(tmp_path / sidecar).tiles] == [
+            t.name for t in read_layout(path).tiles]
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file())
+
+    w.resume.setChecked(True)
+    run_widget(qtbot, w)
+    assert w.status.text() == f"already complete: {out}", w.status.text()
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()) == before
+    assert len(viewer.layers) == 2  # the mosaic shown after each run

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -18,10 +19,20 @@ from ome_zarr.reader import Reader
 from ome_zarr_models import v04, v05
 
 from tilefuse.errors import InputError
+from tilefuse.model.mosaic import Mosaic
 from tilefuse.ome_zarr import _pyramid
 from tilefuse.ome_zarr.writer import pyramid_shapes, read_ome_zarr_level, write_ome_zarr
 
 SYNC = {"scheduler": "synchronous"}
+
+
+def write(array, path, *, axes, compute_kwargs=None, ngff_version="0.5", levels=None,
+          overwrite=False, **metadata):
+    """:func:`write_ome_zarr` of ``Mosaic(array, axes, **metadata)`` (pixel_size, unit,
+    channel_names, channel_colors, origin), under ``dask.config.set(**compute_kwargs)``."""
+    with dask.config.set(**(compute_kwargs or {})):
+        return write_ome_zarr(Mosaic(da.asarray(array), tuple(axes), **metadata), path,
+                              ngff_version=ngff_version, levels=levels, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,7 +88,7 @@ def image() -> np.ndarray:
 )
 def test_roundtrip_validates_and_reads_back(tmp_path, image, version, model, zarr_format):
     path = tmp_path / "mosaic.ome.zarr"
-    out = write_ome_zarr(
+    out = write(
         da.from_array(image, chunks=64),
         path,
         axes=("y", "x"),
@@ -102,7 +113,7 @@ def test_roundtrip_validates_and_reads_back(tmp_path, image, version, model, zar
 
 def test_v04_layout_and_codecs(tmp_path, image):
     path = tmp_path / "v4.zarr"
-    write_ome_zarr(da.from_array(image, chunks=64), path, axes="yx", ngff_version="0.4")
+    write(da.from_array(image, chunks=64), path, axes="yx", ngff_version="0.4")
     arr = zarr.open_group(path, mode="r")["0"]
     assert arr.metadata.dimension_separator == "/"
     (codec,) = arr.compressors
@@ -112,7 +123,7 @@ def test_v04_layout_and_codecs(tmp_path, image):
 
 def test_v05_layout_and_codecs(tmp_path, image):
     path = tmp_path / "v5.zarr"
-    write_ome_zarr(da.from_array(image, chunks=64), path, axes="yx")
+    write(da.from_array(image, chunks=64), path, axes="yx")
     group = zarr.open_group(path, mode="r")
     assert group.attrs["ome"]["version"] == "0.5"
     arr = group["0"]
@@ -122,7 +133,7 @@ def test_v05_layout_and_codecs(tmp_path, image):
 
 def test_read_ome_zarr_level(tmp_path, image):
     path = tmp_path / "r.zarr"
-    write_ome_zarr(da.from_array(image, chunks=64), path, axes="yx", levels=3)
+    write(da.from_array(image, chunks=64), path, axes="yx", levels=3)
     np.testing.assert_array_equal(read_ome_zarr_level(path, 0).compute(), image)
     assert read_ome_zarr_level(path, -1).shape == (75, 63)
     with pytest.raises(InputError, match="level 3"):
@@ -146,7 +157,7 @@ KNOWN = np.array(
 def test_integer_mean_odd_edges_round_half_even(tmp_path, version):
     path = tmp_path / "k.zarr"
     a = da.from_array(KNOWN.astype(np.uint8), chunks=2)
-    write_ome_zarr(a, path, axes="yx", levels=3, ngff_version=version, compute_kwargs=SYNC)
+    write(a, path, axes="yx", levels=3, ngff_version=version, compute_kwargs=SYNC)
     # 2x2 means 2.25 -> 2, 2.75 -> 3; right column (9+8)/2 = 8.5 -> 8 (half to even);
     # bottom row (10+20)/2 = 15, (1+2)/2 = 1.5 -> 2 (half to even, not truncated to 1); corner 7.
     level1 = read_ome_zarr_level(path, 1).compute()
@@ -159,7 +170,7 @@ def test_integer_mean_odd_edges_round_half_even(tmp_path, version):
 def test_float_stays_float(tmp_path):
     path = tmp_path / "f.zarr"
     a = da.from_array(KNOWN.astype(np.float32), chunks=2)
-    write_ome_zarr(a, path, axes="yx", levels=2, compute_kwargs=SYNC)
+    write(a, path, axes="yx", levels=2, compute_kwargs=SYNC)
     level1 = read_ome_zarr_level(path, 1).compute()
     assert level1.dtype == np.float32
     np.testing.assert_array_equal(level1, np.float32([[2.25, 2.75, 8.5], [15, 1.5, 7]]))
@@ -168,7 +179,7 @@ def test_float_stays_float(tmp_path):
 def test_signed_integers_round_half_even(tmp_path):
     path = tmp_path / "s.zarr"
     a = np.array([[-1, -2, 5], [0, 0, 0]], dtype=np.int16)  # -0.75 -> -1; (5+0)/2 = 2.5 -> 2
-    write_ome_zarr(da.from_array(a), path, axes="yx", levels=2, compute_kwargs=SYNC)
+    write(da.from_array(a), path, axes="yx", levels=2, compute_kwargs=SYNC)
     np.testing.assert_array_equal(read_ome_zarr_level(path, 1).compute(), [[-1, 2]])
 
 
@@ -196,7 +207,7 @@ def test_pyramid_across_chunk_boundaries_matches_reference(tmp_path):
     rng = np.random.default_rng(1)
     a = rng.integers(0, 255, (2, 77, 53), dtype=np.uint8)
     path = tmp_path / "zyx.zarr"
-    write_ome_zarr(da.from_array(a, chunks=(1, 10, 12)), path, axes="zyx", compute_kwargs=SYNC)
+    write(da.from_array(a, chunks=(1, 10, 12)), path, axes="zyx", compute_kwargs=SYNC)
     n = len(multiscale(path)["datasets"])
     for k, want in enumerate(reference_pyramid(a, n)):
         np.testing.assert_array_equal(read_ome_zarr_level(path, k).compute(), want)
@@ -209,7 +220,7 @@ def test_pyramid_across_chunk_boundaries_matches_reference(tmp_path):
 
 def test_yx_scales_double_per_level(tmp_path, image):
     path = tmp_path / "s.zarr"
-    write_ome_zarr(
+    write(
         da.from_array(image, chunks=64), path, axes="yx", pixel_size=(0.5, 0.25), unit="nanometer"
     )
     assert scales(path) == [[0.5 * 2**k, 0.25 * 2**k] for k in range(4)]
@@ -222,7 +233,7 @@ def test_yx_scales_double_per_level(tmp_path, image):
 def test_zyx_keeps_z_size_and_scale(tmp_path):
     a = np.random.default_rng(2).random((3, 40, 36)).astype(np.float32)
     path = tmp_path / "zyx.zarr"
-    write_ome_zarr(
+    write(
         da.from_array(a, chunks=(1, 16, 16)), path, axes="zyx", pixel_size=(2.0, 0.5, 0.5)
     )
     v05.Image.from_zarr(zarr.open_group(path, mode="r"))
@@ -237,7 +248,7 @@ def test_channels_in_omero(tmp_path):
         [np.full((20, 20), 10, np.uint16), np.arange(400, dtype=np.uint16).reshape(20, 20)]
     )
     path = tmp_path / "cyx.zarr"
-    write_ome_zarr(
+    write(
         da.from_array(a, chunks=(1, 8, 8)),
         path,
         axes="cyx",
@@ -264,7 +275,7 @@ def test_channels_in_omero(tmp_path):
 def test_tczyx_axes_metadata(tmp_path):
     a = np.zeros((2, 1, 2, 9, 9), dtype=np.uint8)
     path = tmp_path / "t.zarr"
-    write_ome_zarr(
+    write(
         da.from_array(a, chunks=(1, 1, 1, 4, 4)),
         path,
         axes="tczyx",
@@ -282,7 +293,7 @@ def test_tczyx_axes_metadata(tmp_path):
 def test_float_nan_ignored_in_window(tmp_path):
     a = np.array([[np.nan, 1.0], [3.0, np.inf]], dtype=np.float32)
     path = tmp_path / "n.zarr"
-    write_ome_zarr(da.from_array(a), path, axes="yx", compute_kwargs=SYNC)
+    write(da.from_array(a), path, axes="yx", compute_kwargs=SYNC)
     (channel,) = ome_attrs(path)["omero"]["channels"]
     assert channel["window"] == {"min": 1.0, "max": 3.0, "start": 1.0, "end": 3.0}
     assert channel["color"] == "FFFFFF"
@@ -320,7 +331,7 @@ def test_pyramid_shapes_forced_levels():
 
 def test_levels_one_writes_only_level_zero(tmp_path, image):
     path = tmp_path / "one.zarr"
-    write_ome_zarr(da.from_array(image, chunks=64), path, axes="yx", levels=1)
+    write(da.from_array(image, chunks=64), path, axes="yx", levels=1)
     assert sorted(zarr.open_group(path, mode="r").array_keys()) == ["0"]
     assert [d["path"] for d in multiscale(path)["datasets"]] == ["0"]
 
@@ -328,7 +339,7 @@ def test_levels_one_writes_only_level_zero(tmp_path, image):
 @pytest.mark.parametrize("version", ["0.5", "0.4"])
 def test_level_chunks_equal_dask_chunks(tmp_path, image, version):
     path = tmp_path / "c.zarr"
-    write_ome_zarr(da.from_array(image, chunks=(32, 48)), path, axes="yx", ngff_version=version)
+    write(da.from_array(image, chunks=(32, 48)), path, axes="yx", ngff_version=version)
     group = zarr.open_group(path, mode="r")
     keys = [d["path"] for d in multiscale(path)["datasets"]]
     assert len(keys) == 5  # x: 250 > 48 -> 125 -> 63 -> 32; y: 300 -> ... -> 19 <= 32
@@ -339,7 +350,7 @@ def test_irregular_chunks_rechunked(tmp_path):
     a = np.arange(60 * 7, dtype=np.uint16).reshape(60, 7)
     darr = da.from_array(a, chunks=((10, 20, 30), (7,)))
     path = tmp_path / "irr.zarr"
-    write_ome_zarr(darr, path, axes="yx", levels=1)
+    write(darr, path, axes="yx", levels=1)
     arr = zarr.open_group(path, mode="r")["0"]
     assert arr.chunks == (30, 7)
     np.testing.assert_array_equal(arr[:], a)
@@ -363,7 +374,7 @@ def test_one_compute_per_level_and_source_computed_once(tmp_path, caplog, capsys
     starts = []
     path = tmp_path / "cnt.zarr"
     with Callback(start=lambda dsk: starts.append(1)), caplog.at_level(logging.INFO, "tilefuse"):
-        write_ome_zarr(src, path, axes="yx", compute_kwargs=SYNC)
+        write(src, path, axes="yx", compute_kwargs=SYNC)
     n_levels = len(multiscale(path)["datasets"])
     assert n_levels == 3
     assert len(starts) == n_levels
@@ -392,7 +403,7 @@ def test_failure_in_later_level_leaves_no_metadata(tmp_path, image, monkeypatch,
     monkeypatch.setattr(_pyramid, "mean_2x_yx", boom)
     path = tmp_path / "fail.zarr"
     with pytest.raises(RuntimeError, match="disk full"):
-        write_ome_zarr(
+        write(
             da.from_array(image, chunks=64),
             path,
             axes="yx",
@@ -412,17 +423,17 @@ def test_failure_in_level_zero_leaves_no_metadata(tmp_path):
     src = da.zeros((64, 64), dtype=np.uint8, chunks=32).map_blocks(explode, dtype=np.uint8)
     path = tmp_path / "fail0.zarr"
     with pytest.raises(RuntimeError, match="bad tile"):
-        write_ome_zarr(src, path, axes="yx", compute_kwargs=SYNC)
+        write(src, path, axes="yx", compute_kwargs=SYNC)
     _assert_unfinished(path)
 
 
 def test_existing_path_refused_then_overwritten(tmp_path, image):
     path = tmp_path / "exists.zarr"
-    write_ome_zarr(da.from_array(image, chunks=64), path, axes="yx", levels=2)
+    write(da.from_array(image, chunks=64), path, axes="yx", levels=2)
     with pytest.raises(FileExistsError, match=r"exists .*; pass --overwrite to replace it"):
-        write_ome_zarr(da.from_array(image, chunks=64), path, axes="yx")
+        write(da.from_array(image, chunks=64), path, axes="yx")
     new = np.ones((10, 12), dtype=np.uint8)
-    write_ome_zarr(da.from_array(new), path, axes="yx", overwrite=True)
+    write(da.from_array(new), path, axes="yx", overwrite=True)
     group = zarr.open_group(path, mode="r")
     assert sorted(group.array_keys()) == ["0"]
     np.testing.assert_array_equal(group["0"][:], new)
@@ -432,10 +443,10 @@ def test_existing_file_refused(tmp_path):
     path = tmp_path / "file.zarr"
     path.write_text("x")
     with pytest.raises(FileExistsError):
-        write_ome_zarr(da.zeros((4, 4), dtype=np.uint8), path, axes="yx")
+        write(da.zeros((4, 4), dtype=np.uint8), path, axes="yx")
     # a file tilefuse did not make is never replaced, not even with overwrite
     with pytest.raises(InputError, match="tilefuse did not make"):
-        write_ome_zarr(da.zeros((4, 4), dtype=np.uint8), path, axes="yx", overwrite=True)
+        write(da.zeros((4, 4), dtype=np.uint8), path, axes="yx", overwrite=True)
     assert path.read_text() == "x"
 
 
@@ -449,7 +460,7 @@ def test_unwritable_parent_raises_before_computing(tmp_path):
     src = da.zeros((8, 8), dtype=np.uint8, chunks=4).map_blocks(never, dtype=np.uint8)
     path = blocker / "out.zarr"
     with pytest.raises(InputError, match=r"out\.zarr") as info:
-        write_ome_zarr(src, path, axes="yx")
+        write(src, path, axes="yx")
     assert "\n" not in str(info.value)
     assert not path.exists()
 
@@ -474,7 +485,7 @@ def test_unwritable_parent_raises_before_computing(tmp_path):
 )
 def test_bad_options_raise_input_error(tmp_path, kwargs, match):
     with pytest.raises(InputError, match=match):
-        write_ome_zarr(da.zeros((4, 4), dtype=np.uint8), tmp_path / "bad.zarr", **kwargs)
+        write(da.zeros((4, 4), dtype=np.uint8), tmp_path / "bad.zarr", **kwargs)
     assert not (tmp_path / "bad.zarr").exists()
 
 
@@ -482,7 +493,7 @@ def test_every_level_carries_its_translation(tmp_path):
     """Level k's first pixel averages 2^k x 2^k level-0 pixels: its centre sits (2^k - 1) / 2
     pixels after the mosaic origin, times the pixel size."""
     image = da.zeros((3, 64, 80), dtype=np.uint16, chunks=(3, 16, 16))
-    write_ome_zarr(image, tmp_path / "t.zarr", axes="zyx", pixel_size=(2.0, 0.5, 0.25),
+    write(image, tmp_path / "t.zarr", axes="zyx", pixel_size=(2.0, 0.5, 0.25),
                    origin=(4, 10, 20), levels=3)
     datasets = multiscale(tmp_path / "t.zarr")["datasets"]
     for k, dataset in enumerate(datasets):
@@ -512,18 +523,18 @@ def test_cli_writes_the_mosaic_origin(tmp_path):
 @pytest.mark.parametrize("unit", ["furlong", "", "pixel"])
 def test_unknown_units_are_refused(tmp_path, unit):
     with pytest.raises(InputError, match="not an OME-NGFF space unit"):
-        write_ome_zarr(da.zeros((4, 4), dtype=np.uint8), tmp_path / "u.zarr", axes="yx",
+        write(da.zeros((4, 4), dtype=np.uint8), tmp_path / "u.zarr", axes="yx",
                        unit=unit)
 
 
 def test_too_many_levels_are_refused(tmp_path):
     with pytest.raises(InputError, match="1 to 4 pyramid levels"):
-        write_ome_zarr(da.zeros((8, 5), dtype=np.uint8), tmp_path / "l.zarr", axes="yx",
+        write(da.zeros((8, 5), dtype=np.uint8), tmp_path / "l.zarr", axes="yx",
                        levels=5)
-    write_ome_zarr(da.zeros((8, 5), dtype=np.uint8), tmp_path / "l.zarr", axes="yx", levels=4)
+    write(da.zeros((8, 5), dtype=np.uint8), tmp_path / "l.zarr", axes="yx", levels=4)
 
 
 def test_remote_urls_are_refused(tmp_path):
     with pytest.raises(InputError, match="remote URLs are not supported"):
-        write_ome_zarr(da.zeros((4, 4), dtype=np.uint8), "s3://bucket/m.ome.zarr", axes="yx")
+        write(da.zeros((4, 4), dtype=np.uint8), "s3://bucket/m.ome.zarr", axes="yx")
     assert not (Path.cwd() / "s3:").exists()

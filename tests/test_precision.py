@@ -180,7 +180,7 @@ def test_unsupported_output_dtype_refused_by_name():
                                              ("uint8", np.inf)])
 def test_fill_that_the_output_cannot_hold_is_refused(dtype, fill):
     layout = layout_from_arrays([np.zeros((4, 4), dtype)], positions=[[0, 0]])
-    with pytest.raises(InputError, match=rf"fill {fill}.*{dtype}"):
+    with pytest.raises(InputError, match=rf"fill value {fill}.*{dtype}"):
         fuse(layout, fill=fill)
 
 

@@ -71,6 +71,17 @@ def test_csv_errors_name_line(tiles):
         read_layout(tiles / "aff.csv")
 
 
+def test_csv_blank_lines_keep_every_tile_and_line_numbers(tiles):
+    """A whitespace-only line once shifted the row numbering and dropped the last tile."""
+    (tiles / "gap.csv").write_text("file,x,y\nt0.tif,0,0\n   \nt1.tif,8,0\nt2.tif,16,0\n")
+    layout = read_layout(tiles / "gap.csv")
+    assert [t.name for t in layout.tiles] == ["t0.tif", "t1.tif", "t2.tif"]
+    np.testing.assert_array_equal(layout.positions[:, 1], [0, 8, 16])
+    (tiles / "gap_bad.csv").write_text("file,x,y\nt0.tif,0,0\n   \nt1.tif,8,0\nt2.tif,x,0\n")
+    with pytest.raises(InputError, match=r"gap_bad.csv:5.*'x'"):
+        read_layout(tiles / "gap_bad.csv")
+
+
 def test_non_ascii_paths(tmp_path):
     folder = tmp_path / "échantillon µm"
     folder.mkdir()
@@ -85,9 +96,9 @@ def test_round_trip_tileconfig_and_csv(tiles, tmp_path):
     out = tmp_path / "sub"
     out.mkdir()
     again = read_layout(write_csv_layout(layout, out / "l.csv"))
-    np.testing.assert_allclose(again.affines, layout.affines, atol=1e-12)
+    np.testing.assert_array_equal(again.affines, layout.affines)  # README: exact affines
     flat = read_layout(write_tileconfig(read_layout(tiles / "tc.txt"), out / "tc.txt"))
-    np.testing.assert_allclose(flat.positions, [[0, 0], [3, 10.25]])
+    np.testing.assert_array_equal(flat.positions, [[0, 0], [3, 10.25]])
 
 
 def test_real_lscm_nominal_layout_reads_rgb_as_grey():

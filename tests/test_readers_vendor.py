@@ -239,7 +239,7 @@ def test_ome_tiff_one_file_per_tile_and_units(tmp_path):
                                atol=1e-9)
     assert [t.name for t in layout.tiles] == [f"f{i}/tile{i}.ome.tif" for i in range(4)]
     assert layout.channels == ("GFP",)
-    assert all(t.source.paths == (str(p),) for t, p in zip(layout.tiles, paths))
+    assert all(t.source.paths == (str(p),) for t, p in zip(layout.tiles, paths, strict=True))
 
 
 def test_ome_tiff_z_stacks(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import read_positions
 from tilefuse.errors import InputError
 from tilefuse.io.readers import read_layout
 from tilefuse.io.readers.build import Entry, layout_from_entries
@@ -49,6 +50,10 @@ def grid_layout(folder: Path, names_rc: list[tuple[str, int, int]], step: tuple[
     return layout_from_entries(entries, ndim=2, origin=origin)
 
 
+def rms(err: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(err**2)))
+
+
 def synthetic_errors(kind: str, noise: float, seed: int) -> np.ndarray:
     ts = grid_tileset((4, 4), (192, 192), 0.2, kind=kind, position_error=15, fractional=True,
                       noise=noise, seed=seed)
@@ -79,20 +84,39 @@ def test_mist_phase_5x5_from_nominal_grid(mist):
     layout, registered, report, ref = mist
     expected = np.array([ref[Path(t.name).name] for t in registered.tiles])
     err = errors(registered.positions, expected)
-    assert err.max() <= 0.5, err.round(2)
+    # README: 0.002 px max, 0.001 px RMS (measured 0.0017 and 0.0008)
+    assert err.max() <= 0.004 and rms(err) <= 0.002, err.round(4)
     # the nominal grid itself is tens of pixels off (the grid is skewed about a degree)
     assert errors(layout.positions, expected).max() > 10
     assert report.summary["tiles_by_image"] == 25
 
 
-def test_lscm_speckle_3x4_from_tileconfiguration():
+def test_mist_itself_misplaces_two_tiles_by_3_6_px():
+    """The README's comparison: MIST's own positions (positions.csv) against the ground truth,
+    after removing the median translation, are exact except two tiles off by (2, 3) px."""
+    rows = read_positions(DATA / "mist_phase_5x5" / "positions.csv")
+    truth = np.array([[float(r["gt_y"]), float(r["gt_x"])] for r in rows])
+    mist = np.array([[float(r["mist_y"]), float(r["mist_x"])] for r in rows])
+    d = mist - truth
+    err = np.linalg.norm(d - np.median(d, axis=0), axis=1)
+    assert sorted(r["file"] for r, e in zip(rows, err, strict=True) if e > 0) == [
+        "ImageName_t01_p05.tif", "ImageName_t01_p10.tif"]
+    np.testing.assert_allclose(err[err > 0], np.hypot(2, 3))  # 3.6 px
+
+
+@pytest.mark.parametrize("downsample", [1, 8])
+def test_lscm_speckle_3x4_from_tileconfiguration(downsample):
     folder = DATA / "lscm_speckle_3x4"
     layout = read_layout(folder / "TileConfiguration.txt")
-    registered, report = register(layout)
+    registered, report = register(layout, downsample=downsample)
     ref = reference(folder / "positions.csv", "authors_x", "authors_y")
     expected = np.array([ref[t.name] for t in registered.tiles])
     err = errors(registered.positions, expected)
-    assert err.max() <= 1.0, err.round(2)
+    # README: 0.63 px max, 0.45 px RMS, the same at downsample 8 (measured 0.634 / 0.453 at 1,
+    # 0.634 / 0.453 at 8). Most of it is the reference's (lens distortion: translations fit
+    # to ~0.5 px), deterministic, so the bounds sit just above it: twice would be looser than
+    # the README's claim.
+    assert err.max() <= 0.7 and rms(err) <= 0.5, err.round(3)
     assert report.summary["links_accepted"] == report.summary["links_tried"] == 17
 
 
@@ -103,11 +127,14 @@ def test_sem_stitch2d_2x3_jpeg_from_nominal_grid():
     names = [(f"tiles/stitch2d_ex[Grid@{c} {r}].jpg", r, c) for c in range(2) for r in range(3)]
     layout = grid_layout(folder, names, step, str(folder))
     assert layout.dtype == np.uint8
-    registered, _ = register(layout)
+    registered, report = register(layout)
+    assert report.summary["links_accepted"] == report.summary["links_tried"] == 7
     ref = reference(folder / "positions.csv", "ref_x", "ref_y")
     expected = np.array([ref[Path(t.name).name] for t in registered.tiles])
     err = errors(registered.positions, expected)
-    assert err.max() <= 1.0, err.round(2)
+    # README: 0.53 px max, 0.25 px RMS (measured 0.526 / 0.254; vs another tool's positions,
+    # deterministic: bounds just above, as for the confocal set)
+    assert err.max() <= 0.6 and rms(err) <= 0.3, err.round(3)
 
 
 # ---------------------------------------------------------------------------------------- synthetic
@@ -115,7 +142,8 @@ def test_sem_stitch2d_2x3_jpeg_from_nominal_grid():
 
 def test_synthetic_cells_subpixel():
     err = synthetic_errors("cells", noise=0.02, seed=0)
-    assert np.sqrt(np.mean(err**2)) <= 0.1 and err.max() <= 0.3, err.round(3)
+    # README: 0.069 px max, 0.029 px RMS (measured 0.0693 / 0.0294)
+    assert rms(err) <= 0.06 and err.max() <= 0.14, err.round(3)
 
 
 def test_synthetic_smooth_subpixel():
@@ -123,14 +151,14 @@ def test_synthetic_smooth_subpixel():
     # same-exposure least-squares estimate does not. Sub-pixel accuracy needs little noise
     # here: at 1 % noise the Cramer-Rao bound of these overlaps is ~0.6 px per link.
     err = synthetic_errors("smooth", noise=0.0005, seed=2)
-    assert np.sqrt(np.mean(err**2)) <= 0.1 and err.max() <= 0.3, err.round(3)
+    assert rms(err) <= 0.045 and err.max() <= 0.1, err.round(3)  # measured 0.022 / 0.047
 
 
 def test_synthetic_smooth_noisy_has_no_gross_error():
     # At 1 % noise smooth content carries ~1 px of information per link; what must not
     # happen is the wrong peak (phase correlation alone is off by ~14 px here).
     err = synthetic_errors("smooth", noise=0.01, seed=2)
-    assert err.max() <= 4.0, err.round(2)
+    assert err.max() <= 4.0, err.round(2)  # measured 2.33 (RMS 1.05)
 
 
 @pytest.mark.parametrize("grid", [(1, 5), (5, 1), (2, 2)])
@@ -139,7 +167,7 @@ def test_strips_and_small_grids(grid):
                       noise=0.01, seed=4)
     registered, report = register(ts.stage)
     err = errors(registered.positions, ts.layout.positions)
-    assert err.max() <= 0.2, err.round(3)
+    assert err.max() <= 0.05, err.round(3)  # measured 0.025, 0.024, 0.009
     assert report.summary["links_accepted"] == report.summary["links_tried"]
 
 
@@ -149,7 +177,7 @@ def test_3d_stacks():
     registered, report = register(ts.stage)
     assert registered.ndim == 3
     err = errors(registered.positions, ts.layout.positions)
-    assert err.max() <= 0.3, err.round(3)
+    assert err.max() <= 0.18, err.round(3)  # measured 0.088
     assert report.summary["tiles_by_image"] == 4
 
 
@@ -160,7 +188,7 @@ def test_rotated_tiles_refine_translations_only():
     stage[:, :-1, -1] = ts.stage.positions + ts.layout.positions[0] - ts.stage.positions[0]
     registered, _ = register(ts.layout.with_affines(stage))
     assert np.array_equal(registered.affines[:, :-1, :-1], ts.layout.affines[:, :-1, :-1])
-    assert errors(registered.positions, ts.layout.positions).max() <= 0.2
+    assert errors(registered.positions, ts.layout.positions).max() <= 0.075  # measured 0.036
 
 
 @pytest.mark.parametrize("factor", [2, 3])
@@ -225,7 +253,7 @@ def test_empty_tile_is_placed_by_stage(empty_tile, caplog):
     offset = (registered.positions - stage.positions)[others].mean(axis=0)
     # the stage position, moved with the rest: never collapsed to the origin
     np.testing.assert_allclose(registered.positions[4], stage.positions[4] + offset, atol=1e-6)
-    assert errors(registered.positions[others], ts.layout.positions[others]).max() <= 0.2
+    assert errors(registered.positions[others], ts.layout.positions[others]).max() <= 0.065  # 0.031
     with caplog.at_level(logging.WARNING, logger="tilefuse.registration"):
         register(stage)
     assert any("stage positions" in r.getMessage() and "tile 4" in r.getMessage()
@@ -292,6 +320,7 @@ def test_solve_drops_the_inconsistent_link_and_keeps_islands_at_stage():
     solution = solve_positions(stage, edges, shifts, weights, prior_sigma=20.0)
     assert list(solution.removed) == [4] and "residual" in solution.removed[4]
     main = slice(0, 9)
-    np.testing.assert_allclose(errors(solution.positions[main], truth[main]), 0, atol=1e-3)
+    np.testing.assert_allclose(errors(solution.positions[main], truth[main]), 0,
+                               atol=2e-4)  # measured 1.0e-4
     np.testing.assert_allclose(solution.positions[9], stage[9], atol=1e-9)
     assert solution.component[9] != solution.component[0]

@@ -169,7 +169,7 @@ def test_links_beyond_max_shift_suggest_a_larger_one(sem_reference, caplog):
     # and the suggestion works
     registered, report = register(layout, max_shift=100)
     assert report.summary["links_accepted"] == report.summary["links_tried"] == 7
-    assert errors(registered.positions, expected).max() <= 1.0
+    assert errors(registered.positions, expected).max() <= 0.6  # measured 0.53
     assert not any("--max-shift" in ln for ln in report.summary_lines())
 
 
@@ -219,10 +219,10 @@ def test_downsampled_real_confocal_set_keeps_full_resolution_accuracy():
     expected = np.array([ref[t.name] for t in layout.tiles])
     err = errors(registered.positions, expected)
     # full resolution: rms 0.45, max 0.63 (lens distortion: translations fit to ~0.5 px)
-    assert np.sqrt(np.mean(err**2)) <= 0.6 and err.max() <= 0.9, err.round(2)
+    assert np.sqrt(np.mean(err**2)) <= 0.5 and err.max() <= 0.7, err.round(2)
     link_err = [np.linalg.norm(np.subtract(lk.measured, expected[j] - expected[i]))
                 for lk in report.links for i, j in [lk.tiles]]
-    assert max(link_err) <= 0.9, np.round(link_err, 2)  # measured 0.60 (before: 3.45)
+    assert max(link_err) <= 0.7, np.round(link_err, 2)  # measured 0.60 (before: 3.45)
     assert report.summary["residual_rms"] <= 0.2  # measured 0.11, as at full resolution
 
 

@@ -112,7 +112,7 @@ def test_worker_killed_mid_run_is_retried_with_identical_output(layout_file, ref
     from distributed import Client, LocalCluster
 
     layout = read_layout(layout_file)
-    arr = fuse(layout, chunk=16)  # many small tasks, so the run is still going when we kill
+    arr = fuse(layout, chunk=16).data  # many small tasks: the run is still going at the kill
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         future = client.compute(arr)
@@ -170,13 +170,13 @@ def test_graph_is_lazy_and_levels_are_stored_in_bounded_batches(tmp_path, monkey
     tiles = [rng.integers(0, 60000, (40, 40), dtype=np.uint16) for _ in range(4)]
     layout = layout_from_arrays(tiles, positions=[[0, 0], [0, 35.5], [36, 0], [35, 36.25]])
     mosaic = fuse(layout, chunk=10)
-    assert mosaic.npartitions == 64
-    assert not mosaic.dask.layers[mosaic.name].is_materialized()
+    assert mosaic.data.npartitions == 64
+    assert not mosaic.data.dask.layers[mosaic.data.name].is_materialized()
     fuse_module = sys.modules["tilefuse.fusion.graph"]  # the package exports the function fuse
     jobs = []
     real_job = fuse_module.chunk_job
     monkeypatch.setattr(fuse_module, "chunk_job", lambda p, b: jobs.append(b) or real_job(p, b))
-    mosaic.blocks[2, 3].compute(scheduler="sync")
+    mosaic.data.blocks[2, 3].compute(scheduler="sync")
     assert jobs == [(2, 3)]  # one chunk asked for, one chunk fused
 
     expected = mosaic.compute()
@@ -187,7 +187,7 @@ def test_graph_is_lazy_and_levels_are_stored_in_bounded_batches(tmp_path, monkey
             calls.append((label, len(collections)))
             return compute(*collections, label=label)
 
-        ngff.write_ome_zarr(mosaic, tmp_path / "m.ome.zarr", axes=("y", "x"), compute=counting)
+        ngff.write_image(mosaic, tmp_path / "m.ome.zarr", compute=counting)
     level0 = [c for c in calls if c[0] == "fuse"]
     assert [n for _, n in level0] == [10] * 6 + [4]  # 64 chunks, 10 per compute
     assert calls[len(level0)][0] == "pyramid 1"

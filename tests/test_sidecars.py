@@ -3,7 +3,7 @@
 A layout is written as a CSV (``write_csv_layout``, what ``NAME.layout.csv`` beside a fused image
 holds) and, for one time point, as a Fiji TileConfiguration (``write_tileconfig``, what
 ``NAME.TileConfiguration.txt`` and ``tilefuse register`` write), into another folder than the
-tiles', then read back with :func:`tilefuse.io.readers.read_acquisition`. What was read must equal
+tiles', then read back with :func:`tilefuse.io.readers.read_layout`. What was read must equal
 what was written, exactly: tiles (names, shapes, every channel's file, series, CZI subblocks),
 channel names, dtype, pixel size (z step included), unit, where the pixel size came from, time
 points and affines (bit for bit), and the pixels the tiles decode to.
@@ -21,7 +21,6 @@ from conftest import DATA, run_cli
 from tilefuse import InputError
 from tilefuse.io.readers import (
     layout_from_arrays,
-    read_acquisition,
     read_czi,
     read_layout,
     read_ome_tiff,
@@ -99,10 +98,10 @@ def round_trip(layout, folder, formats=("csv", "tileconfig")) -> None:
     and compare."""
     folder.mkdir(parents=True, exist_ok=True)
     if "csv" in formats:
-        assert_same(read_acquisition(write_csv_layout(layout, folder / "l.layout.csv")), layout)
+        assert_same(read_layout(write_csv_layout(layout, folder / "l.layout.csv")), layout)
     if "tileconfig" in formats and not isinstance(layout, TimeSeries):
         path = write_tileconfig(layout, folder / "l.TileConfiguration.txt")
-        assert_same(read_acquisition(path), layout)
+        assert_same(read_layout(path), layout)
 
 
 # --- the real multi-channel and CZI sets (issue 13, item 1) --------------------------------
@@ -211,21 +210,21 @@ def test_csv_time_series_round_trip(flat_tiles, tmp_path):
     # per time point positions (not shared), time names kept as written
     (flat_tiles / "t.csv").write_text(
         "t,file,x,y\n007,t0.tif,0,0\n007,t1.tif,10,0\n010,t1.tif,0.25,0\n010,t2.tif,10,0.5\n")
-    series = read_acquisition(flat_tiles / "t.csv")
+    series = read_layout(flat_tiles / "t.csv")
     assert isinstance(series, TimeSeries) and series.names == ("007", "010")
     assert not series.shared
     round_trip(series, tmp_path / "t")
     # shared positions
     (flat_tiles / "s.csv").write_text("t,file,x,y\n0,t0.tif,0,0\n0,t1.tif,10,0\n"
                                       "1,t2.tif,0,0\n1,t0.tif,10,0\n")
-    shared = read_acquisition(flat_tiles / "s.csv")
+    shared = read_layout(flat_tiles / "s.csv")
     assert shared.shared
     round_trip(shared, tmp_path / "s")
 
 
 def test_time_series_identical_positions_but_not_shared_stays_so(flat_tiles, tmp_path):
     (flat_tiles / "s.csv").write_text("t,file,x,y\n0,t0.tif,0,0\n1,t1.tif,0,0\n")
-    shared = read_acquisition(flat_tiles / "s.csv")
+    shared = read_layout(flat_tiles / "s.csv")
     from dataclasses import replace
 
     round_trip(replace(shared, shared=False), tmp_path / "s")
@@ -326,7 +325,7 @@ def test_in_memory_layout_cannot_be_saved_as_files(tmp_path):
 def test_time_series_is_not_a_tileconfiguration(flat_tiles, tmp_path):
     (flat_tiles / "t.csv").write_text("t,file,x,y\n0,t0.tif,0,0\n1,t1.tif,0,0\n")
     with pytest.raises(InputError, match=r"time series.*CSV"):
-        write_tileconfig(read_acquisition(flat_tiles / "t.csv"), tmp_path / "x.txt")
+        write_tileconfig(read_layout(flat_tiles / "t.csv"), tmp_path / "x.txt")
 
 
 # --- what the CLI writes -------------------------------------------------------------------
@@ -341,12 +340,12 @@ def test_cli_sidecars_and_registered_layout_read_back(tmp_path):
                      "--chunk", "1024", "-q")
     assert result.returncode == 0, result.stderr
     for sidecar in ("leica.layout.csv", "leica.TileConfiguration.txt"):
-        assert_same(read_acquisition(tmp_path / sidecar), truth)
+        assert_same(read_layout(tmp_path / sidecar), truth)
     reg = tmp_path / "reg.txt"
     result = run_cli("register", LEICA, "--pattern", LEICA_PATTERN, "--overlap", "0.1",
                      "-o", reg, "-q")
     assert result.returncode == 0, result.stderr
-    again = read_acquisition(reg)
+    again = read_layout(reg)
     assert again.channels == truth.channels and again.pixel_size == truth.pixel_size
     assert [_source_facts(t.source) for t in again.tiles] == [
         _source_facts(t.source) for t in truth.tiles]
@@ -358,27 +357,27 @@ def test_cli_czi_layout_csv_reads_back(tmp_path):
     assert result.returncode == 0, result.stderr
     truth = read_czi(CZI)
     for sidecar in ("czi.layout.csv", "czi.TileConfiguration.txt"):
-        assert_same(read_acquisition(tmp_path / sidecar), truth)
+        assert_same(read_layout(tmp_path / sidecar), truth)
 
 
 @pytest.mark.parametrize("name", ["reg.txt", "reg.csv", "reg.CSV"])
 def test_save_layout_writes_what_its_name_says(tmp_path, name):
     """``tilefuse register -o NAME``: a .csv name gets a CSV, anything else a TileConfiguration;
     both read back whole."""
-    from tilefuse.cli.main import _save_layout
+    from tilefuse.pipeline import save_layout
 
     layout = read_pattern(LEICA, LEICA_PATTERN, overlap=0.1).rotated(0.3)
-    assert_same(read_acquisition(_save_layout(layout, tmp_path / name)), layout)
+    assert_same(read_layout(save_layout(layout, tmp_path / name)), layout)
 
 
 def test_save_fused_layout_writes_both_sidecars(tmp_path):
-    from tilefuse.cli.main import _save_fused_layout
+    from tilefuse.pipeline import save_sidecars
 
     layout = read_czi(CZI)
-    saved = _save_fused_layout(layout, tmp_path / "m.ome.zarr")
-    assert saved == tmp_path / "m.TileConfiguration.txt"
+    saved = save_sidecars(layout, tmp_path / "m.ome.zarr")
+    assert saved == (tmp_path / "m.layout.csv", tmp_path / "m.TileConfiguration.txt")
     for sidecar in ("m.layout.csv", "m.TileConfiguration.txt"):
-        assert_same(read_acquisition(tmp_path / sidecar), layout)
+        assert_same(read_layout(tmp_path / sidecar), layout)
 
 
 def test_sidecar_that_no_longer_matches_its_tiles_is_refused(flat_tiles, tmp_path):
@@ -394,7 +393,7 @@ def test_sidecar_that_no_longer_matches_its_tiles_is_refused(flat_tiles, tmp_pat
     for name, (changed, message) in bad.items():
         (tmp_path / "l.csv").write_text(changed)
         with pytest.raises(InputError, match=message):
-            read_acquisition(tmp_path / "l.csv")
+            read_layout(tmp_path / "l.csv")
         assert changed != text, name
 
 

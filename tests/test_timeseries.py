@@ -12,7 +12,8 @@ from ome_zarr_models import v04, v05
 from conftest import run_cli
 from tilefuse import fuse, plan_fusion
 from tilefuse.errors import InputError
-from tilefuse.io.readers import read_acquisition, read_layout
+from tilefuse.io.readers import read_layout
+from tilefuse.model.mosaic import Mosaic
 from tilefuse.model.timeseries import TimeSeries
 from tilefuse.ome_zarr.writer import read_ome_zarr_level, write_ome_zarr
 from tilefuse.plan.geometry import union_box
@@ -77,10 +78,10 @@ def test_pattern_time_series_fuses_every_time_point_to_its_truth(series_folder):
         ("t", "time"), ("y", "space"), ("x", "space")]
     assert meta["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 0.5, 0.5]
     assert zarr.open_group(str(out), mode="r")["0"].chunks == (1, 32, 32)
-    saved = read_acquisition(folder / "m.layout.csv")  # the layout written beside, read back
+    saved = read_layout(folder / "m.layout.csv")  # the layout written beside, read back
     assert isinstance(saved, TimeSeries) and saved.shared and saved.names == ("0", "1", "2")
     for t in range(3):
-        read = read_acquisition(folder / "tiles", pattern=PATTERN, overlap=0.2).at_time(t)
+        read = read_layout(folder / "tiles", pattern=PATTERN, overlap=0.2).at_time(t)
         assert [x.source.key for x in saved.at_time(t).tiles] == [x.source.key for x in read.tiles]
         np.testing.assert_array_equal(saved.at_time(t).affines, read.affines)
 
@@ -101,7 +102,7 @@ def test_fractional_shared_positions_equal_single_time_point_fusion(tmp_path):
                       fractional=True, seed=4)
     rows = []
     for t, gain in enumerate((1.0, 0.6, 0.3)):
-        for i, (tile, pos) in enumerate(zip(ts.tiles, ts.layout.positions)):
+        for i, (tile, pos) in enumerate(zip(ts.tiles, ts.layout.positions, strict=True)):
             tifffile.imwrite(tmp_path / f"f{t}_{i}.tif", np.rint(tile * gain).astype(np.uint16))
             rows.append((t, f"f{t}_{i}.tif", pos))
     _csv(tmp_path / "series.csv", rows)
@@ -109,9 +110,9 @@ def test_fractional_shared_positions_equal_single_time_point_fusion(tmp_path):
     result = run_cli("fuse", tmp_path / "series.csv", "-o", out, "--chunk", "24", "-q")
     assert result.returncode == 0, result.stderr
     mosaic = read_ome_zarr_level(out).compute()
-    assert read_acquisition(tmp_path / "series.csv").shared
+    assert read_layout(tmp_path / "series.csv").shared
     for t in range(3):
-        alone = fuse(read_layout(tmp_path / "series.csv", timepoint=t), chunk=24).compute()
+        alone = fuse(read_layout(tmp_path / "series.csv").at_time(t), chunk=24).compute()
         np.testing.assert_array_equal(mosaic[t], alone)
 
 
@@ -122,12 +123,12 @@ def test_per_time_point_positions_share_one_box(tmp_path):
                          fractional=True, seed=s) for s in (1, 2)]
     drift = [np.array([0.0, 0.0]), np.array([5.5, -7.25])]
     rows = []
-    for t, (ts, d) in enumerate(zip(sets, drift)):
-        for i, (tile, pos) in enumerate(zip(ts.tiles, ts.layout.positions)):
+    for t, (ts, d) in enumerate(zip(sets, drift, strict=True)):
+        for i, (tile, pos) in enumerate(zip(ts.tiles, ts.layout.positions, strict=True)):
             tifffile.imwrite(tmp_path / f"d{t}_{i}.tif", tile)
             rows.append((f"t{t}", f"d{t}_{i}.tif", pos + d))
     _csv(tmp_path / "drift.csv", rows)
-    series = read_acquisition(tmp_path / "drift.csv")
+    series = read_layout(tmp_path / "drift.csv")
     assert not series.shared and series.names == ("t0", "t1")
     out = tmp_path / "d.ome.zarr"
     result = run_cli("fuse", tmp_path / "drift.csv", "-o", out, "--chunk", "20", "-q")
@@ -140,14 +141,14 @@ def test_per_time_point_positions_share_one_box(tmp_path):
         np.testing.assert_array_equal(mosaic[t], boxed)
         alone = fuse(layout, chunk=20).compute()
         own = plan_fusion(layout).chunks.origin - origin
-        window = tuple(slice(o, o + n) for o, n in zip(own, alone.shape))
+        window = tuple(slice(o, o + n) for o, n in zip(own, alone.shape, strict=True))
         np.testing.assert_array_equal(mosaic[t][window], alone)
         rest = np.ones(shape, bool)
         rest[window] = False
         assert not mosaic[t][rest].any()  # fill outside the time point's own mosaic
-    saved = read_acquisition(tmp_path / "d.layout.csv")
+    saved = read_layout(tmp_path / "d.layout.csv")
     assert not saved.shared and saved.names == series.names
-    for a, b in zip(saved.layouts, series.layouts):
+    for a, b in zip(saved.layouts, series.layouts, strict=True):
         np.testing.assert_array_equal(a.affines, b.affines)
 
 
@@ -219,9 +220,9 @@ def test_register_on_one_time_point_moves_every_time_point_to_truth(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "registered on time point 0 (--timepoint 0); each tile's correction applied to the " \
            "same tile at all 3 time points (positions shared)" in result.stderr
-    saved = read_acquisition(tmp_path / "m.layout.csv")
+    saved = read_layout(tmp_path / "m.layout.csv")
     truth = ts.layout.positions
-    stage = read_acquisition(tmp_path / "tiles", pattern=PATTERN, overlap=0.25).at_time(1)
+    stage = read_layout(tmp_path / "tiles", pattern=PATTERN, overlap=0.25).at_time(1)
     d = stage.positions - truth
     assert np.linalg.norm(d - d.mean(axis=0), axis=1).max() > 3  # the stage error was real
     for t in range(3):
@@ -230,7 +231,7 @@ def test_register_on_one_time_point_moves_every_time_point_to_truth(tmp_path):
     result = run_cli("register", tmp_path / "tiles", "--pattern", PATTERN, "--overlap", "0.25",
                      "--timepoint", "2", "-q")
     assert result.returncode == 0, result.stderr
-    again = read_acquisition(tmp_path / "tiles.registered.csv")
+    again = read_layout(tmp_path / "tiles.registered.csv")
     d = again.at_time(0).positions - truth
     assert np.linalg.norm(d - d.mean(axis=0), axis=1).max() < 0.1
     _assert_user_error(run_cli("register", tmp_path / "tiles", "--pattern", PATTERN, "-o",
@@ -281,10 +282,10 @@ def test_timepoint_and_csv_time_errors(tmp_path):
     _assert_user_error(run_cli("info", tmp_path / "plain.csv", "--timepoint", "1"),
                        "--timepoint 1", "has no time points")
     _csv(tmp_path / "two.csv", [(0, "a_t0_r0_c0.tif", (0, 0)), (1, "a_t1_r0_c0.tif", (0, 3))])
-    with pytest.raises(InputError, match="holds 2 time points; pick one"):
-        read_layout(tmp_path / "two.csv")
-    with pytest.raises(InputError, match="give a TimeSeries to plan_series or fuse_series"):
-        fuse(read_acquisition(tmp_path / "two.csv"))
+    two = read_layout(tmp_path / "two.csv")  # a time series, read as one
+    assert isinstance(two, TimeSeries) and two.names == ("0", "1")
+    with pytest.raises(InputError, match="take a Layout or a TimeSeries, got list"):
+        fuse(list(two.layouts))
 
 
 def test_explicit_box_crops_and_extends_the_mosaic():
@@ -304,9 +305,9 @@ def test_explicit_box_crops_and_extends_the_mosaic():
 @pytest.mark.parametrize(("version", "model"), [("0.5", v05.Image), ("0.4", v04.Image)])
 def test_t_axis_metadata_validates(tmp_path, version, model):
     data = np.arange(2 * 2 * 3 * 20 * 24, dtype=np.uint16).reshape(2, 2, 3, 20, 24)
-    out = write_ome_zarr(da.from_array(data, chunks=(1, 1, 3, 16, 16)), tmp_path / "t.ome.zarr",
-                         axes="tczyx", pixel_size=(2.0, 0.5, 0.5), ngff_version=version,
-                         compute_kwargs={"scheduler": "sync"})
+    mosaic = Mosaic(da.from_array(data, chunks=(1, 1, 3, 16, 16)), ("t", "c", "z", "y", "x"),
+                    pixel_size=(2.0, 0.5, 0.5))
+    out = write_ome_zarr(mosaic, tmp_path / "t.ome.zarr", ngff_version=version)
     model.from_zarr(zarr.open_group(str(out), mode="r"))
     meta = _ome(out)["multiscales"][0]
     assert [a["type"] for a in meta["axes"]] == ["time", "channel", "space", "space", "space"]

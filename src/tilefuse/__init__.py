@@ -1,63 +1,68 @@
 """tilefuse: fuse overlapping microscope tiles into one seamless, out-of-core OME-Zarr mosaic.
 
-The path data takes: ``read_layout`` (or ``layout_from_arrays``) -> optional ``register`` ->
-``fuse`` (a lazy dask array, one task per output chunk) -> ``write_ome_zarr``. Time series:
-``read_acquisition`` -> :class:`TimeSeries` -> ``fuse_series`` (axes ``t`` first).
+The path data takes::
+
+    layout = tilefuse.read_layout("tiles/TileConfiguration.txt")   # Layout (or TimeSeries)
+    layout, report = tilefuse.register(layout)                     # optional
+    mosaic = tilefuse.fuse(layout)                                 # Mosaic: lazy, with metadata
+    tilefuse.write_ome_zarr(mosaic, "mosaic.ome.zarr")
+
+A time series (``{t}`` in a pattern, a ``t`` column in a CSV) reads as a :class:`TimeSeries`
+and fuses into a mosaic with a ``t`` axis first, through the same functions.
+:mod:`tilefuse.pipeline` runs all of it as ``tilefuse fuse`` does (checks, registration,
+intensity correction, resumable writes, the layout saved beside the image).
+
+The names below are the real objects, imported on first use (``import tilefuse`` loads neither
+dask nor zarr); ``__init__.pyi`` lists them for type checkers and editors.
 """
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
-
-from tilefuse.errors import InputError
-from tilefuse.fusion.graph import fuse, fuse_series, fused_axes, plan_fusion, plan_series
-from tilefuse.io.readers import (
-    layout_from_arrays,
-    read_acquisition,
-    read_layout,
-    write_csv_layout,
-    write_tileconfig,
-)
-from tilefuse.model.layout import Layout, Tile
-from tilefuse.model.timeseries import TimeSeries
+from typing import Any
 
 try:
     __version__ = version("tilefuse")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "InputError": "tilefuse.errors",
+    "Layout": "tilefuse.model.layout",
+    "Tile": "tilefuse.model.layout",
+    "TimeSeries": "tilefuse.model.timeseries",
+    "Mosaic": "tilefuse.model.mosaic",
+    "read_layout": "tilefuse.io.readers",
+    "layout_from_arrays": "tilefuse.io.readers",
+    "write_csv_layout": "tilefuse.io.readers",
+    "write_tileconfig": "tilefuse.io.readers",
+    "register": "tilefuse.registration",
+    "FusionPlan": "tilefuse.fusion.graph",
+    "SeriesPlan": "tilefuse.fusion.graph",
+    "plan_fusion": "tilefuse.fusion.graph",
+    "fuse": "tilefuse.fusion.graph",
+    "write_ome_zarr": "tilefuse.ome_zarr.writer",
+    "read_ome_zarr_level": "tilefuse.ome_zarr.writer",
+}
+_SUBMODULES = ("cli", "demo", "errors", "fusion", "intensity", "io", "model", "napari",
+               "ome_zarr", "pipeline", "plan", "registration", "runner", "testing", "viz")
 
-def register(*args, **kwargs):
-    """Refine tile positions from the image content; see :func:`tilefuse.registration.register`."""
-    from tilefuse.registration import register as _register
-
-    return _register(*args, **kwargs)
+__all__ = ["__version__", *sorted(_EXPORTS)]
 
 
-def write_ome_zarr(*args, **kwargs):
-    """Write a mosaic as multiscale OME-Zarr; see
-    :func:`tilefuse.ome_zarr.writer.write_ome_zarr`."""
-    from tilefuse.ome_zarr.writer import write_ome_zarr as _write
+def __getattr__(name: str) -> Any:
+    """Import a public name (or a subpackage) on first use, then keep it here."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-    return _write(*args, **kwargs)
 
-
-__all__ = [
-    "InputError",
-    "Layout",
-    "Tile",
-    "TimeSeries",
-    "__version__",
-    "fuse",
-    "fuse_series",
-    "fused_axes",
-    "layout_from_arrays",
-    "plan_fusion",
-    "plan_series",
-    "read_acquisition",
-    "read_layout",
-    "register",
-    "write_csv_layout",
-    "write_ome_zarr",
-    "write_tileconfig",
-]
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})

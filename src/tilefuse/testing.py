@@ -89,7 +89,7 @@ class Scene:
         centres, sigmas, heights, freqs, phases = self._params()
         out = np.full(tuple(shape), 0.2)
         weight = 0.05 if self.kind == "cells" else 0.12
-        for f, p in zip(freqs, phases):
+        for f, p in zip(freqs, phases, strict=True):
             out += weight * np.cos(np.tensordot(f, coords, axes=1) + p)
         inv = np.linalg.inv(lin)
         reach = np.abs(inv).sum(axis=1)
@@ -98,25 +98,26 @@ class Scene:
             margin = 4 * sigmas[:, None] * reach + 2  # a superset: the window test decides
             near = np.all((centre_idx + margin >= 0) & (centre_idx - margin <= shape), axis=1)
             centres, sigmas, heights = centres[near], sigmas[near], heights[near]
-        for c, s, h in zip(centres, sigmas, heights):
+        for c, s, h in zip(centres, sigmas, heights, strict=True):
             centre_idx = inv @ (c - off)
             lo = np.maximum(np.floor(centre_idx - 4 * s * reach), 0).astype(int)
             hi = np.minimum(np.ceil(centre_idx + 4 * s * reach) + 1, shape).astype(int)
             if np.any(hi <= lo):
                 continue
-            win = tuple(slice(a, b) for a, b in zip(lo, hi))
+            win = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
             local = coords[(slice(None), *win)]
             r2 = sum((local[i] - c[i]) ** 2 for i in range(ndim))
             out[win] += h * np.exp(-r2 / (2 * s * s))
         return np.clip(out, 0.0, 1.0) * self.amplitude
 
-    def render(self, shape: Sequence[int], origin: Sequence[float] | None = None) -> np.ndarray:
+    def render(self, shape: Sequence[int],
+               origin: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
         """Sample the scene on a pixel grid whose first pixel is at ``origin``, float64."""
-        origin = np.zeros(len(shape)) if origin is None else np.asarray(origin, dtype=float)
-        return self.sample(translation_affine(origin), shape)
+        first = np.zeros(len(shape)) if origin is None else np.asarray(origin, dtype=float)
+        return self.sample(translation_affine(first), shape)
 
 
-def _to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _to_dtype(values: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
     dtype = np.dtype(dtype)
     if dtype.kind == "f":
         return values.astype(dtype)
@@ -239,7 +240,8 @@ def coverage(layout: Layout, origin: np.ndarray, shape: Sequence[int]) -> np.nda
     Computed independently of the fusion kernel: every output pixel is mapped back through each
     tile's inverse affine.
     """
-    grids = np.meshgrid(*[np.arange(n) + o for n, o in zip(shape, origin)], indexing="ij")
+    grids = np.meshgrid(*[np.arange(n) + o for n, o in zip(shape, origin, strict=True)],
+                        indexing="ij")
     points = np.stack([g.ravel() for g in grids] + [np.ones(grids[0].size)])
     covered = np.zeros(grids[0].size, dtype=bool)
     for tile in layout.tiles:
@@ -253,7 +255,7 @@ def cut_tiles(image: np.ndarray, positions: np.ndarray, tile_shape: Sequence[int
     """Cut tiles from ``image`` at integer ``positions`` (n_tiles, ndim); returns the tiles."""
     out = []
     for p in np.asarray(positions, dtype=int):
-        sl = tuple(slice(int(a), int(a) + n) for a, n in zip(p, tile_shape))
+        sl = tuple(slice(int(a), int(a) + n) for a, n in zip(p, tile_shape, strict=True))
         out.append(image[sl].copy())
     return out
 
@@ -271,7 +273,7 @@ def write_tileset(tileset: TileSet, folder: str | os.PathLike, *, stage: bool = 
     layout = tileset.stage if stage else tileset.layout
     ndim = layout.ndim
     lines = [f"dim = {ndim}"]
-    for i, (tile, data) in enumerate(zip(layout.tiles, tileset.tiles)):
+    for i, (tile, data) in enumerate(zip(layout.tiles, tileset.tiles, strict=True)):
         name = f"tile_{i:04d}.tif"
         tifffile.imwrite(folder / name, data)
         coords = ", ".join(f"{v:.3f}" for v in tile.position[::-1])

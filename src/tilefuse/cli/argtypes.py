@@ -14,7 +14,7 @@ import numpy as np
 from tilefuse.errors import InputError
 from tilefuse.model.units import check_unit
 
-__all__ = ["FUSABLE_DTYPES", "check_fill", "dtype_name", "finite_float", "fraction",
+__all__ = ["FUSABLE_DTYPES", "dtype_name", "finite_float", "fraction",
            "nonnegative_int", "positive_float", "positive_int", "space_unit"]
 
 FUSABLE_DTYPES = ("uint8", "uint16", "uint32", "int8", "int16", "int32", "float32", "float64")
@@ -88,24 +88,3 @@ def space_unit(text: str) -> str:
         return check_unit(text)
     except InputError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def check_fill(fill: float, dtype: np.dtype | str) -> None:
-    """Refuse a fill value that `dtype` cannot hold exactly.
-
-    Integers take whole numbers within their range; floats take any value in range, NaN and
-    infinities included.
-
-    Raises
-    ------
-    InputError
-        Naming the value, the dtype and the range.
-    """
-    dtype = np.dtype(dtype)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        if not (math.isfinite(fill) and fill == round(fill) and info.min <= fill <= info.max):
-            raise InputError(f"fill value {fill:g} does not fit the output dtype {dtype}: "
-                             f"expected a whole number from {info.min} to {info.max}")
-    elif dtype.kind == "f" and math.isfinite(fill) and abs(fill) > np.finfo(dtype).max:
-        raise InputError(f"fill value {fill:g} is beyond the range of {dtype}")

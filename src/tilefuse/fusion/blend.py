@@ -95,13 +95,13 @@ class _Weighted(Reducer):
             w = np.ones(p.values.shape[1:], dtype=np.float32)
         elif p.mask is None:  # separable: 1D ramps, outer product
             w = np.ones((1,) * len(tile_shape), dtype=np.float32)
-            for ax, (t, n, width) in enumerate(zip(p.coords, tile_shape, self.widths)):
+            for ax, (t, n, width) in enumerate(zip(p.coords, tile_shape, self.widths, strict=True)):
                 shape = [1] * len(tile_shape)
                 shape[ax] = -1
                 w = w * cosine_ramp(t, n, width).reshape(shape)
         else:
             w = np.ones(p.mask.shape, dtype=np.float32)
-            for t, n, width in zip(p.coords, tile_shape, self.widths):
+            for t, n, width in zip(p.coords, tile_shape, self.widths, strict=True):
                 w *= cosine_ramp(t, n, width)
         if p.mask is not None:
             w = np.where(p.mask, w, np.float32(0))

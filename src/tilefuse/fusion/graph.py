@@ -8,9 +8,9 @@ runs on threads, processes or a distributed cluster.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypedDict, Unpack
+from typing import overload
 
 import dask
 import dask.array as da
@@ -26,27 +26,23 @@ from tilefuse.fusion.kernel import (
     resolve_backend,
 )
 from tilefuse.fusion.resample import classify
-from tilefuse.io.tiles import read_tile
+from tilefuse.io.tiles import DEFAULT_CACHE_BYTES, read_tile
 from tilefuse.model.layout import Layout
+from tilefuse.model.mosaic import Mosaic
 from tilefuse.model.timeseries import TimeSeries
+from tilefuse.plan.chunking import chunk_shape
 from tilefuse.plan.geometry import ChunkPlan, neighbour_overlaps, plan_chunks, union_box
 
 __all__ = [
-    "DEFAULT_CACHE_BYTES",
-    "DEFAULT_CHUNK",
-    "FusionOptions",
     "FusionPlan",
+    "SeriesPlan",
     "fuse",
     "fused_axes",
-    "fuse_series",
     "plan_fusion",
-    "plan_series",
 ]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 1024
-DEFAULT_CACHE_BYTES = 512 * 2**20
 _FLOAT32 = np.dtype(np.float32)
 
 
@@ -91,26 +87,52 @@ class FusionPlan:
         return len(self.layout.channels)
 
 
+@dataclass(frozen=True)
+class SeriesPlan:
+    """The plans of a time series: one per time point, all on one output grid.
+
+    Attributes
+    ----------
+    plans : tuple of FusionPlan
+        In time order; equal output grids (origin, shape, chunk shape).
+    names : tuple of str
+        Each time point's name (:attr:`tilefuse.TimeSeries.names`).
+    """
+
+    plans: tuple[FusionPlan, ...]
+    names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        grids = {(tuple(p.chunks.origin), p.chunks.shape, p.chunks.chunk_shape)
+                 for p in self.plans}
+        if len(grids) != 1:
+            raise InputError(f"time points planned on different output grids {sorted(grids)}; "
+                             "plan them together: plan_fusion(series)")
+        if len(self.names) != len(self.plans):
+            raise InputError(f"{len(self.names)} time point names for {len(self.plans)} plans")
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __iter__(self) -> Iterator[FusionPlan]:
+        return iter(self.plans)
+
+    def __getitem__(self, index: int) -> FusionPlan:
+        return self.plans[index]
+
+    @property
+    def chunks(self) -> ChunkPlan:
+        """The output grid every time point shares (that of the first)."""
+        return self.plans[0].chunks
+
+
 def fused_axes(layout: Layout | TimeSeries) -> tuple[str, ...]:
-    """Axis names of :func:`fuse`'s output: ``(y, x)``, ``(z, y, x)``, with ``c`` first if any;
-    of :func:`fuse_series`'s: ``t`` first."""
+    """Axis names of the mosaic :func:`fuse` makes of `layout`: ``(y, x)``, ``(z, y, x)``, with
+    ``c`` first for several channels, and ``t`` first of all for a time series."""
     if isinstance(layout, TimeSeries):
         return ("t", *fused_axes(layout.at_time(0)))
     spatial = ("z", "y", "x")[-layout.ndim :]
     return ("c", *spatial) if len(layout.channels) > 1 else spatial
-
-
-def _chunk_shape(chunk: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
-    if chunk is None:
-        chunk = DEFAULT_CHUNK
-    if isinstance(chunk, int | np.integer):
-        chunk = (int(chunk),) * ndim
-        if ndim == 3:  # z-stacks: keep chunks near the 2D budget
-            chunk = (min(chunk[0], 64), *chunk[1:])
-    chunk = tuple(int(c) for c in chunk)
-    if len(chunk) != ndim or any(c < 1 for c in chunk):
-        raise InputError(f"chunk {chunk} must be one positive integer or {ndim} of them")
-    return chunk
 
 
 def default_widths(layout: Layout) -> tuple[float, ...]:
@@ -119,8 +141,29 @@ def default_widths(layout: Layout) -> tuple[float, ...]:
     return tuple(max(1.0, w) if w is not None else 1.0 for w in widths)
 
 
+@overload
 def plan_fusion(
-    layout: Layout,
+    layout: Layout, *, chunk: int | Sequence[int] | None = ..., blend: str = ...,
+    blend_width: float | Sequence[float] | None = ..., dtype: np.dtype | str | None = ...,
+    fill: float = ..., cache_bytes: int = ..., backend: str = ...,
+    box: tuple[Sequence[int], Sequence[int]] | None = ...,
+) -> FusionPlan: ...
+@overload
+def plan_fusion(
+    layout: TimeSeries, *, chunk: int | Sequence[int] | None = ..., blend: str = ...,
+    blend_width: float | Sequence[float] | None = ..., dtype: np.dtype | str | None = ...,
+    fill: float = ..., cache_bytes: int = ..., backend: str = ...,
+    box: tuple[Sequence[int], Sequence[int]] | None = ...,
+) -> SeriesPlan: ...
+@overload
+def plan_fusion(
+    layout: Layout | TimeSeries, *, chunk: int | Sequence[int] | None = ..., blend: str = ...,
+    blend_width: float | Sequence[float] | None = ..., dtype: np.dtype | str | None = ...,
+    fill: float = ..., cache_bytes: int = ..., backend: str = ...,
+    box: tuple[Sequence[int], Sequence[int]] | None = ...,
+) -> FusionPlan | SeriesPlan: ...
+def plan_fusion(
+    layout: Layout | TimeSeries,
     *,
     chunk: int | Sequence[int] | None = None,
     blend: str = "linear",
@@ -130,15 +173,16 @@ def plan_fusion(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     backend: str = "auto",
     box: tuple[Sequence[int], Sequence[int]] | None = None,
-) -> FusionPlan:
+) -> FusionPlan | SeriesPlan:
     """Decide the output grid, the chunk -> tiles map and the blend parameters.
 
     Parameters
     ----------
-    layout : Layout
-        The tiles and where they go.
+    layout : Layout or TimeSeries
+        The tiles and where they go; of a time series, every time point.
     chunk : int or sequence of int, optional
-        Output chunk shape (default 1024 per axis; z chunks at most 64 for z-stacks).
+        Output chunk shape (default 1024 per axis; z chunks at most 64 for z-stacks: see
+        :func:`tilefuse.plan.chunking.chunk_shape`).
     blend : {"linear", "mean", "max", "min", "first", "last"}
         How overlapping tiles combine; ``linear`` is cosine feathering.
     blend_width : float or sequence of float, optional
@@ -156,12 +200,13 @@ def plan_fusion(
         ``auto`` takes numba when installed. The mosaic is the same either way.
     box : (origin, shape), optional
         Explicit output grid: mosaic pixel index (integers) of its first pixel, shape (ndim,),
-        and its spatial shape; default the smallest grid holding every tile. A time series
-        fuses every time point on one box (:func:`plan_series`).
+        and its spatial shape; default the smallest grid holding every tile (of a time series,
+        the union of every time point's box, so all share one grid).
 
     Returns
     -------
-    FusionPlan
+    FusionPlan or SeriesPlan
+        A :class:`SeriesPlan` (one plan per time point) for a TimeSeries.
 
     Raises
     ------
@@ -169,18 +214,41 @@ def plan_fusion(
         An unknown blend, a bad chunk shape, a dtype that cannot be fused exactly (named), or a
         fill value the output dtype cannot hold.
     """
+    def plan(one: Layout, grid: tuple | None) -> FusionPlan:
+        return _plan_layout(one, chunk, blend, blend_width, dtype, fill, cache_bytes, backend,
+                            grid)
+
     if isinstance(layout, TimeSeries):
-        raise InputError("plan_fusion and fuse take one Layout; give a TimeSeries to plan_series "
-                         "or fuse_series")
+        shared = union_box(layout.layouts) if box is None else box
+        return SeriesPlan(tuple(plan(one, shared) for one in layout.layouts), layout.names)
+    return plan(layout, box)
+
+
+def _plan_layout(
+    layout: Layout,
+    chunk: int | Sequence[int] | None,
+    blend: str,
+    blend_width: float | Sequence[float] | None,
+    dtype: np.dtype | str | None,
+    fill: float,
+    cache_bytes: int,
+    backend: str,
+    box: tuple | None,
+) -> FusionPlan:
+    """:func:`plan_fusion` of one layout."""
+    if not isinstance(layout, Layout):
+        raise InputError(f"plan_fusion and fuse take a Layout or a TimeSeries, got "
+                         f"{type(layout).__name__}")
     if blend not in BLENDS:
         raise InputError(f"unknown blend {blend!r}; expected one of {', '.join(BLENDS)}")
-    chunks = plan_chunks(layout, _chunk_shape(chunk, layout.ndim), box=box)
+    chunks = plan_chunks(layout, chunk_shape(chunk, layout.ndim), box=box)
+    widths: tuple[float, ...]
     if blend_width is None:
         widths = default_widths(layout) if blend == "linear" else (1.0,) * layout.ndim
     elif np.ndim(blend_width) == 0:
-        widths = (float(blend_width),) * layout.ndim
+        widths = (float(blend_width),) * layout.ndim  # type: ignore[arg-type]
     else:
-        widths = tuple(float(w) for w in blend_width)
+        widths = tuple(float(w) for w in blend_width)  # type: ignore[union-attr]
     out_dtype = np.dtype(dtype) if dtype is not None else layout.dtype
     accumulator = accumulator_dtype(layout.dtype, out_dtype)
     check_fill(fill, out_dtype)
@@ -246,41 +314,85 @@ def chunk_job(plan: FusionPlan, block: Sequence[int]) -> ChunkJob:
     )
 
 
-class FusionOptions(TypedDict, total=False):
-    """Keyword options of :func:`plan_fusion`, accepted by :func:`fuse` too."""
-
-    chunk: int | Sequence[int] | None
-    blend: str
-    blend_width: float | Sequence[float] | None
-    dtype: np.dtype | str | None
-    fill: float
-    cache_bytes: int
-    backend: str
-    box: tuple[Sequence[int], Sequence[int]] | None
+_DEFAULTS: dict[str, object] = {
+    "chunk": None, "blend": "linear", "blend_width": None, "dtype": None, "fill": 0,
+    "cache_bytes": DEFAULT_CACHE_BYTES, "backend": "auto", "box": None,
+}
 
 
-def fuse(layout: Layout | FusionPlan, **options: Unpack[FusionOptions]) -> da.Array:
-    """The fused mosaic as a lazy dask array, one task per output chunk.
+def fuse(
+    layout: Layout | TimeSeries | FusionPlan | SeriesPlan,
+    *,
+    chunk: int | Sequence[int] | None = None,
+    blend: str = "linear",
+    blend_width: float | Sequence[float] | None = None,
+    dtype: np.dtype | str | None = None,
+    fill: float = 0,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    backend: str = "auto",
+    box: tuple[Sequence[int], Sequence[int]] | None = None,
+) -> Mosaic:
+    """The fused mosaic, lazy: one dask task per output chunk (and time point).
 
     Parameters
     ----------
-    layout : Layout or FusionPlan
-        The tiles and where they go, or a plan made by :func:`plan_fusion`.
-    **options
-        For a Layout: ``chunk``, ``blend``, ``blend_width``, ``dtype``, ``fill``,
-        ``cache_bytes``, ``backend``, as in :func:`plan_fusion`. A plan already holds them.
+    layout : Layout, TimeSeries, FusionPlan or SeriesPlan
+        The tiles and where they go (every time point of a series), or a plan made by
+        :func:`plan_fusion`, which already holds the options below.
+    chunk, blend, blend_width, dtype, fill, cache_bytes, backend, box
+        As in :func:`plan_fusion`.
 
     Returns
     -------
-    dask.array.Array
-        Shape ``(*spatial)`` for one channel, ``(c, *spatial)`` otherwise; see :func:`fused_axes`.
+    Mosaic
+        ``data`` of shape ``([t,] [c,] *spatial)``: ``t`` for a time series (chunk 1 along it),
+        ``c`` for several channels; with the layout's pixel size, unit and channel names, the
+        time point names, and ``origin``, the output grid's first pixel in the layout's pixel
+        frame. Nothing is read until it is computed or written.
+
+    Raises
+    ------
+    InputError
+        As :func:`plan_fusion`; or options given with a plan (they belong to the plan).
+
+    Examples
+    --------
+    >>> from tilefuse.testing import grid_tileset
+    >>> ts = grid_tileset(grid=(2, 2), tile_shape=(32, 32), overlap=0.25, seed=0)
+    >>> mosaic = fuse(ts.layout, chunk=16)
+    >>> mosaic.axes, mosaic.shape == ts.truth.shape
+    (('y', 'x'), True)
     """
-    if isinstance(layout, FusionPlan):
-        if options:
-            raise InputError(f"options {sorted(options)} go to plan_fusion, not with a plan")
+    plan: FusionPlan | SeriesPlan
+    if isinstance(layout, FusionPlan | SeriesPlan):
+        options = {"chunk": chunk, "blend": blend, "blend_width": blend_width, "dtype": dtype,
+                   "fill": fill, "cache_bytes": cache_bytes, "backend": backend, "box": box}
+        given = sorted(k for k, v in options.items() if v is not _DEFAULTS[k]
+                       and not (isinstance(v, int | float | str) and v == _DEFAULTS[k]))
+        if given:
+            raise InputError(f"options {given} go to plan_fusion, not with a plan")
         plan = layout
     else:
-        plan = plan_fusion(layout, **options)
+        plan = plan_fusion(layout, chunk=chunk, blend=blend, blend_width=blend_width,
+                           dtype=dtype, fill=fill, cache_bytes=cache_bytes, backend=backend,
+                           box=box)
+    if isinstance(plan, SeriesPlan):
+        first = plan.plans[0]
+        data = da.stack([_fuse_plan(p) for p in plan.plans])
+        return _mosaic(data, first, ("t", *fused_axes(first.layout)), plan.names)
+    return _mosaic(_fuse_plan(plan), plan, fused_axes(plan.layout), None)
+
+
+def _mosaic(data: da.Array, plan: FusionPlan, axes: tuple[str, ...],
+            timepoints: tuple[str, ...] | None) -> Mosaic:
+    layout = plan.layout
+    return Mosaic(data, axes, pixel_size=tuple(layout.pixel_size), unit=layout.unit,
+                  channel_names=layout.channels,
+                  origin=tuple(float(v) for v in plan.chunks.origin), timepoints=timepoints)
+
+
+def _fuse_plan(plan: FusionPlan) -> da.Array:
+    """The lazy pixels of one plan: ``(*spatial)`` for one channel, ``(c, *spatial)`` else."""
     token = _token(plan)
     lead = () if plan.n_channels == 1 else ((plan.n_channels,),)
     chunks = (*lead, *plan.chunks.chunks)
@@ -293,6 +405,7 @@ def fuse(layout: Layout | FusionPlan, **options: Unpack[FusionOptions]) -> da.Ar
 
 def _fuse_block(plan: FusionPlan, block_id: tuple[int, ...] | None = None) -> np.ndarray:
     """The task of one output chunk: its job is looked up in the plan where it runs."""
+    assert block_id is not None  # dask passes it
     return chunk_job(plan, block_id[-plan.layout.ndim :]).run()
 
 
@@ -304,52 +417,3 @@ def _token(plan: FusionPlan) -> str:
         plan.chunks.origin, plan.chunks.shape, plan.blend, plan.widths, str(plan.dtype),
         plan.fill, plan.backend,
     )
-
-
-def plan_series(series: TimeSeries, **options: Unpack[FusionOptions]) -> tuple[FusionPlan, ...]:
-    """One plan per time point, all on the union of their output boxes.
-
-    Parameters
-    ----------
-    series : TimeSeries
-    **options
-        As in :func:`plan_fusion`; ``box`` defaults to the union of every time point's box.
-
-    Returns
-    -------
-    tuple of FusionPlan
-        In time order, with equal output grids and chunk shapes.
-    """
-    options.setdefault("box", union_box(series.layouts))
-    return tuple(plan_fusion(layout, **options) for layout in series.layouts)
-
-
-def fuse_series(
-    series: TimeSeries | Sequence[FusionPlan], **options: Unpack[FusionOptions]
-) -> da.Array:
-    """A fused time series as one lazy dask array, one task per (time point, output chunk).
-
-    Parameters
-    ----------
-    series : TimeSeries or sequence of FusionPlan
-        The time points, or plans made by :func:`plan_series`.
-    **options
-        For a TimeSeries, as in :func:`plan_fusion`; plans already hold them.
-
-    Returns
-    -------
-    dask.array.Array
-        Shape ``(t, *fuse_shape)``: each time point as :func:`fuse` makes it, stacked, with
-        chunk 1 along t; see :func:`fused_axes`.
-    """
-    if isinstance(series, TimeSeries):
-        plans = plan_series(series, **options)
-    elif options:
-        raise InputError(f"options {sorted(options)} go to plan_series, not with plans")
-    else:
-        plans = tuple(series)
-    grids = {(tuple(p.chunks.origin), p.chunks.shape, p.chunks.chunk_shape) for p in plans}
-    if len(grids) != 1:
-        raise InputError(f"time points planned on different output grids {sorted(grids)}; "
-                         "plan them together with plan_series")
-    return da.stack([fuse(plan) for plan in plans])

@@ -21,11 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
-__all__ = ["Placement", "classify", "place_tile"]
+from tilefuse.plan.geometry import EPS
 
-_EPS = 1e-6
+__all__ = ["Placement", "affine_footprint", "classify", "place_tile", "snap", "translation_span"]
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,20 +57,20 @@ def classify(affine: np.ndarray) -> str:
     if not np.allclose(affine[:-1, :-1], np.eye(ndim), rtol=0, atol=1e-12):
         return "affine"
     pos = affine[:-1, -1]
-    return "slice" if np.array_equal(_snap(pos), np.round(pos)) else "shift"
+    return "slice" if np.array_equal(snap(pos), np.round(pos)) else "shift"
 
 
-def _snap(pos: np.ndarray) -> np.ndarray:
-    """Positions within ``_EPS`` of an integer become that integer; the rest are untouched.
+def snap(pos: np.ndarray) -> np.ndarray:
+    """Positions within ``EPS`` of an integer become that integer; the rest are untouched.
 
     Every later step uses exact arithmetic on the snapped values, so the integer/fractional
     decision and the covered range can never disagree.
     """
     nearest = np.round(pos)
-    return np.where(np.abs(pos - nearest) < _EPS, nearest, pos)
+    return np.where(np.abs(pos - nearest) < EPS, nearest, pos)
 
 
-def _translation_span(pos: float, n: int, c0: int, cn: int) -> tuple[int, int] | None:
+def translation_span(pos: float, n: int, c0: int, cn: int) -> tuple[int, int] | None:
     """Global output index range [lo, hi) covered by a tile along one axis, within a chunk.
 
     ``pos`` is snapped: output index ``o`` is covered when ``pos <= o <= pos + n - 1``.
@@ -82,18 +82,19 @@ def _translation_span(pos: float, n: int, c0: int, cn: int) -> tuple[int, int] |
 
 def _place_translation(data, pos, chunk_origin, chunk_shape, exact: bool,
                        accumulator: np.dtype) -> Placement | None:
-    pos = _snap(np.asarray(pos, dtype=np.float64))
+    pos = snap(np.asarray(pos, dtype=np.float64))
     spans = []
     for p, n, c0, cn in zip(pos, data.shape[1:], chunk_origin, chunk_shape, strict=True):
-        span = _translation_span(float(p), n, int(c0), int(cn))
+        span = translation_span(float(p), n, int(c0), int(cn))
         if span is None:
             return None
         spans.append(span)
-    box = tuple(slice(lo - c0, hi - c0) for (lo, hi), c0 in zip(spans, chunk_origin))
-    coords = tuple(np.arange(lo, hi, dtype=np.float64) - p for (lo, hi), p in zip(spans, pos))
+    box = tuple(slice(lo - c0, hi - c0) for (lo, hi), c0 in zip(spans, chunk_origin, strict=True))
+    coords = tuple(np.arange(lo, hi, dtype=np.float64) - p
+                   for (lo, hi), p in zip(spans, pos, strict=True))
     if exact:
         ip = np.round(pos).astype(np.int64)
-        src = tuple(slice(lo - i, hi - i) for (lo, hi), i in zip(spans, ip))
+        src = tuple(slice(lo - i, hi - i) for (lo, hi), i in zip(spans, ip, strict=True))
         return Placement(box, data[(slice(None), *src)], coords, None)
     values = _shift_linear(data, pos, spans, accumulator)
     return Placement(box, values, coords, None)
@@ -109,10 +110,10 @@ def _shift_linear(data: np.ndarray, pos: np.ndarray, spans: list,
     float64), axis after axis.
     """
     kind = accumulator.type
-    ip = np.floor(pos).astype(np.int64)  # pos is snapped: frac is 0 or in [_EPS, 1 - _EPS]
+    ip = np.floor(pos).astype(np.int64)  # pos is snapped: frac is 0 or in [EPS, 1 - EPS]
     frac = pos - ip
     src, integer_axes = [slice(None)], []
-    for ax, ((lo, hi), i, f) in enumerate(zip(spans, ip, frac)):
+    for ax, ((lo, hi), i, f) in enumerate(zip(spans, ip, frac, strict=True)):
         if f == 0:
             src.append(slice(lo - i, hi - i))
             integer_axes.append(ax)
@@ -132,14 +133,14 @@ def _shift_linear(data: np.ndarray, pos: np.ndarray, spans: list,
     return out if out.dtype == accumulator else out.astype(accumulator)
 
 
-def _affine_footprint(affine, shape, chunk_origin, chunk_shape) -> tuple | None:
+def affine_footprint(affine, shape, chunk_origin, chunk_shape) -> tuple | None:
     """Global output index range of a transformed tile's bounding box within a chunk."""
     ndim = len(shape)
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(ndim, -1)
     mapped = affine[:-1, :-1] @ corners + affine[:-1, -1:]
-    lo = np.maximum(np.ceil(mapped.min(axis=1) - _EPS).astype(np.int64), chunk_origin)
+    lo = np.maximum(np.ceil(mapped.min(axis=1) - EPS).astype(np.int64), chunk_origin)
     hi = np.minimum(
-        np.floor(mapped.max(axis=1) + _EPS).astype(np.int64) + 1,
+        np.floor(mapped.max(axis=1) + EPS).astype(np.int64) + 1,
         np.asarray(chunk_origin) + np.asarray(chunk_shape),
     )
     return None if np.any(hi <= lo) else (lo, hi)
@@ -148,30 +149,32 @@ def _affine_footprint(affine, shape, chunk_origin, chunk_shape) -> tuple | None:
 def _place_affine(data, affine, chunk_origin, chunk_shape, order: int,
                   accumulator: np.dtype) -> Placement | None:
     shape = data.shape[1:]
-    span = _affine_footprint(affine, shape, chunk_origin, chunk_shape)
+    span = affine_footprint(affine, shape, chunk_origin, chunk_shape)
     if span is None:
         return None
     lo, hi = span
     inv = np.linalg.inv(affine)
     ndim = len(shape)
-    box_shape = tuple(int(b - a) for a, b in zip(lo, hi))
+    box_shape = tuple(int(b - a) for a, b in zip(lo, hi, strict=True))
     grid = np.empty((ndim, *box_shape), dtype=np.float64)
     for row in range(ndim):  # t[row] = inv[row, -1] + sum_j inv[row, j] * o_j, from global o
         grid[row] = inv[row, -1]
-        for j, (a, b) in enumerate(zip(lo, hi)):
+        for j, (a, b) in enumerate(zip(lo, hi, strict=True)):
             term = inv[row, j] * np.arange(a, b, dtype=np.float64)
             grid[row] += term.reshape([-1 if k == j else 1 for k in range(ndim)])
     mask = np.ones(box_shape, dtype=bool)
-    for t, n in zip(grid, shape):
-        mask &= t >= -_EPS
-        mask &= t <= n - 1 + _EPS
+    for t, n in zip(grid, shape, strict=True):
+        mask &= t >= -EPS
+        mask &= t <= n - 1 + EPS
     if not mask.any():
         return None
+    from scipy import ndimage  # here, not at import: ``tilefuse --help`` stays quick
+
     values = np.empty((data.shape[0], *box_shape), dtype=accumulator)
     for ch in range(data.shape[0]):
         ndimage.map_coordinates(data[ch], grid, output=values[ch], order=order, mode="nearest")
     coords = tuple(grid)
-    box = tuple(slice(a - c0, b - c0) for a, b, c0 in zip(lo, hi, chunk_origin))
+    box = tuple(slice(a - c0, b - c0) for a, b, c0 in zip(lo, hi, chunk_origin, strict=True))
     return Placement(box, values, coords, mask)
 
 

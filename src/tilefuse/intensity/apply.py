@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tilefuse.model.layout import TileSource
+
 __all__ = [
     "CorrectedSource",
     "TileCorrection",
@@ -156,7 +158,7 @@ class CorrectedSource:
     corrected tile: each tile is corrected once per worker, not once per output chunk.
     """
 
-    source: object
+    source: TileSource
     correction: TileCorrection
     token: str
 
@@ -194,7 +196,7 @@ def corrected_layout(layout, corrections: list[TileCorrection]):
         raise ValueError(f"{len(corrections)} corrections for {len(layout.tiles)} tiles")
     shared = _field_token(corrections[0].flat, corrections[0].dark) if corrections else ""
     tiles = []
-    for tile, corr in zip(layout.tiles, corrections):
+    for tile, corr in zip(layout.tiles, corrections, strict=True):
         token = f"{shared}:{_field_token(corr.gain, corr.offset)}"
         tiles.append(replace(tile, source=CorrectedSource(tile.source, corr, token)))
     return replace(layout, tiles=tuple(tiles))

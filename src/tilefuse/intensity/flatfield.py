@@ -65,6 +65,11 @@ def _common_shape(layout: Layout) -> tuple[int, ...]:
     return shapes[0]
 
 
+def _yx(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The last two (y, x) sizes of a 2D or 3D shape."""
+    return shape[-2], shape[-1]
+
+
 def _bin_factor(shape_yx: tuple[int, int]) -> int:
     return max(1, -(-max(shape_yx) // WORK_SIZE))
 
@@ -83,7 +88,7 @@ def _sample_stack(layout: Layout, sample: int, rng: np.random.Generator) -> np.n
     """Sampled tiles, z-averaged and binned, shape (n_sampled, c, by, bx), float64."""
     n = len(layout.tiles)
     picks = np.sort(rng.choice(n, size=min(int(sample), n), replace=False))
-    factor = _bin_factor(layout.tiles[0].shape[-2:])
+    factor = _bin_factor(_yx(layout.tiles[0].shape))
     stack = []
     for i in picks:
         data = read_tile(layout.tiles[i].source)
@@ -129,7 +134,8 @@ def _unit(pix: np.ndarray, n_full: int) -> np.ndarray:
 
 def _bin_grid(shape: tuple[int, int], factor: int, full: tuple[int, int]):
     """[-1, 1] coordinates of the bin centres of a binned tile, two arrays of ``shape``."""
-    axes = [_unit(np.arange(n) * factor + (factor - 1) / 2, nf) for n, nf in zip(shape, full)]
+    axes = [_unit(np.arange(n) * factor + (factor - 1) / 2, nf)
+            for n, nf in zip(shape, full, strict=True)]
     return np.meshgrid(*axes, indexing="ij")
 
 
@@ -183,7 +189,7 @@ def _evaluate(coef: np.ndarray, degree: int, full: tuple[int, int]) -> np.ndarra
 def _block_means(values: np.ndarray, saturated: np.ndarray, block: int):
     """(c, [z,] y, x) region -> per-block means (c, by, bx) and block saturation (by, bx)."""
     if values.ndim == 4:
-        values, saturated = values.mean(axis=1), saturated.any(axis=0)
+        values, saturated = values.mean(axis=1), np.asarray(saturated.any(axis=0))
     c, ny, nx = values.shape
     by, bx = ny // block, nx // block
     v = values[:, : by * block, : bx * block].reshape(c, by, block, bx, block)
@@ -191,16 +197,18 @@ def _block_means(values: np.ndarray, saturated: np.ndarray, block: int):
     return v.mean(axis=(2, 4), dtype=np.float64), s.any(axis=(1, 3))
 
 
-def _block_centres(slices: tuple[slice, ...], counts: tuple[int, int], block: int,
-                   full: tuple[int, int]):
+def _block_centres(slices: tuple[slice, ...], counts: tuple[int, ...], block: int,
+                   full: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """[-1, 1] tile coordinates of the block centres of an overlap region, (by, bx) each."""
     axes = [_unit(s.start + np.arange(n) * block + (block - 1) / 2, nf)
-            for s, n, nf in zip(slices[-2:], counts, full)]
-    return np.meshgrid(*axes, indexing="ij")
+            for s, n, nf in zip(slices[-2:], counts, full, strict=True)]
+    y, x = np.meshgrid(*axes, indexing="ij")
+    return y, x
 
 
-def _overlap_equations(layout: Layout, regions, dark: np.ndarray | None, degree: int,
-                       full: tuple[int, int]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _overlap_equations(
+    layout: Layout, regions, dark: np.ndarray | None, degree: int, full: tuple[int, int]
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[None, None, None]]:
     """Per channel, over overlap blocks: ``log I_i - log I_j = t_i - t_j + dlogF``.
 
     Returns, per channel, ``(dterms, pairs, rhs)``: the difference of the polynomial terms at
@@ -209,7 +217,8 @@ def _overlap_equations(layout: Layout, regions, dark: np.ndarray | None, degree:
     """
     block = max(2, max(full) // 64)
     corr = None if dark is None else TileCorrection(dark=dark)
-    out = [([], [], []) for _ in layout.channels]
+    out: list[tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]] = [
+        ([], [], []) for _ in layout.channels]
     for reg in regions:
         vi, si = _block_means(*region_pixels(layout, reg.i, reg.slices_i, corr), block)
         vj, sj = _block_means(*region_pixels(layout, reg.j, reg.slices_j, corr), block)
@@ -227,8 +236,8 @@ def _overlap_equations(layout: Layout, regions, dark: np.ndarray | None, degree:
             out[ch][0].append(diff[keep])
             out[ch][1].append(np.tile([reg.i, reg.j], (int(keep.sum()), 1)))
             out[ch][2].append(np.log(a[keep]) - np.log(b[keep]))
-    return [tuple(np.concatenate(v) for v in eq) if eq[0] else (None, None, None)
-            for eq in out]
+    return [(np.concatenate(d), np.concatenate(p), np.concatenate(r)) if d else (None, None, None)
+            for d, p, r in out]
 
 
 def _refine(prior: np.ndarray, dterms: np.ndarray | None, pairs: np.ndarray | None,
@@ -242,7 +251,7 @@ def _refine(prior: np.ndarray, dterms: np.ndarray | None, pairs: np.ndarray | No
     with no neighbours) follow the content fit ``prior``; the higher terms are pulled towards it
     by ``prior_weight`` x the mean data curvature.
     """
-    if dterms is None:
+    if dterms is None or pairs is None or rhs is None:  # all None: no usable overlap block
         return prior
     tiles, local = np.unique(pairs, return_inverse=True)
     local = local.reshape(pairs.shape)
@@ -367,7 +376,7 @@ def estimate_flatfield(
         raise InputError(f"smooth_sigma must be >= 0 pixels, got {smooth_sigma}")
     if not 2 <= int(degree) <= 8:
         raise InputError(f"degree must be between 2 and 8, got {degree}")
-    full = tuple(shape[-2:])
+    full = _yx(shape)
     factor = _bin_factor(full)
     rng = np.random.default_rng(seed)
     stack = _sample_stack(layout, sample, rng)
@@ -383,13 +392,14 @@ def estimate_flatfield(
     if overlaps:
         regions = _sample_regions(layout, sample, rng)
         eqs = _overlap_equations(layout, regions, dark, degree, full)
-        coefs = [_refine(p, *eq, prior_weight) for p, eq in zip(prior, eqs)]
+        coefs = [_refine(p, dterms, pairs, rhs, prior_weight)
+                 for p, (dterms, pairs, rhs) in zip(prior, eqs, strict=True)]
     else:
         coefs = prior
     flat = np.stack([_evaluate(cf, degree, full) for cf in coefs])
     if sigma > 0:
         flat *= np.stack([_smooth_residual(m, cf, degree, sigma, factor, full)
-                          for m, cf in zip(median, coefs)])
+                          for m, cf in zip(median, coefs, strict=True)])
     flat /= flat.mean(axis=(1, 2), keepdims=True)
     flat = np.maximum(flat, MIN_FLAT).astype(np.float32)
     return (flat[:, None] if len(shape) == 3 else flat), dark
@@ -403,7 +413,7 @@ def _remove_dark(stack: np.ndarray, factor: int, shape: tuple[int, ...]):
     stack : numpy.ndarray, the binned tiles minus the dark field
     dark : numpy.ndarray, shape (c, y, x) or (c, 1, y, x), float32, at full resolution
     """
-    full = tuple(shape[-2:])
+    full = _yx(shape)
     dark_bin = _estimate_dark(stack, max(full) / 16 / factor)
     dark = np.stack([_upsample(ch, factor, full) for ch in dark_bin]).astype(np.float32)
     return stack - dark_bin, (dark[:, None] if len(shape) == 3 else dark)

@@ -95,8 +95,8 @@ def overlap_regions(layout: Layout, margin: int = MARGIN) -> list[OverlapRegion]
             continue
         regions.append(OverlapRegion(
             int(i), int(j),
-            tuple(slice(int(a), int(b)) for a, b in zip(lo - pos[i], hi - pos[i])),
-            tuple(slice(int(a), int(b)) for a, b in zip(lo - pos[j], hi - pos[j])),
+            tuple(slice(int(a), int(b)) for a, b in zip(lo - pos[i], hi - pos[i], strict=True)),
+            tuple(slice(int(a), int(b)) for a, b in zip(lo - pos[j], hi - pos[j], strict=True)),
         ))
     return regions
 
@@ -107,11 +107,9 @@ def _correction_of(corrections, index: int) -> TileCorrection | None:
     return corrections[index]
 
 
-def _crop(field: np.ndarray | None, slices: tuple[slice, ...]) -> np.ndarray | None:
+def _crop(field: np.ndarray, slices: tuple[slice, ...]) -> np.ndarray:
     """Cut a (c, *spatial) field to ``slices``, honouring axes of size 1 (broadcast)."""
-    if field is None:
-        return None
-    sl = tuple(slice(None) if n == 1 else s for n, s in zip(field.shape[1:], slices))
+    sl = tuple(slice(None) if n == 1 else s for n, s in zip(field.shape[1:], slices, strict=True))
     return field[(slice(None), *sl)]
 
 

@@ -26,6 +26,8 @@ from tilefuse.errors import InputError
 __all__ = [
     "MANIFEST",
     "MANIFEST_KEY",
+    "ZARR_SUFFIXES",
+    "image_stem",
     "is_finished",
     "check_file_output",
     "check_image_output",
@@ -44,6 +46,9 @@ tilefuse's and says what the run was asked to do."""
 MANIFEST = "tilefuse-run.json"
 """Where versions before 0.2 kept the manifest (a file in the image folder); still read."""
 
+ZARR_SUFFIXES = (".ome.zarr", ".zarr")
+"""Endings of an image folder's name that are not part of the image's name (any case)."""
+
 # What tilefuse writes into an image folder: zarr metadata, level folders, the manifest.
 _OWN_ENTRIES = re.compile(r"^(zarr\.json|\.zattrs|\.zgroup|\.zmetadata|\d+|"
                           + re.escape(MANIFEST) + r"|\.tilefuse-write-test)$")
@@ -61,6 +66,20 @@ def refuse_url(path: str | os.PathLike, what: str = "output") -> None:
     if _URL.match(str(path)):
         raise InputError(f"{what} {path}: remote URLs are not supported; write to a local or "
                          "mounted folder (e.g. one that rclone or s3fs mounts) and copy it there")
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """An image folder's name without ``.ome.zarr`` / ``.zarr`` (any case): the image's name,
+    its napari layer's, and the stem of the layout files saved beside it.
+
+    >>> image_stem("out/Mosaic.OME.zarr"), image_stem("m.zarr"), image_stem("folder")
+    ('Mosaic', 'm', 'folder')
+    """
+    name = Path(path).name
+    for suffix in ZARR_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or name
+    return name
 
 
 def read_manifest(folder: Path) -> dict | None:

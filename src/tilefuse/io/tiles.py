@@ -27,6 +27,8 @@ import numpy as np
 from tilefuse.errors import InputError
 
 __all__ = [
+    "DEFAULT_CACHE_BYTES",
+    "TIFF_SUFFIXES",
     "ArraySource",
     "FileSource",
     "PlaneStackSource",
@@ -40,7 +42,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
+"""File name endings read as TIFF (lower case): tiles, OME-TIFF layouts, calibration."""
+DEFAULT_CACHE_BYTES = 512 * 2**20
+"""Decoded-tile cache budget per process when none is given (``--cache-mb 512``)."""
 MAX_TILE_BYTES = 4 * 2**30  # one decoded tile; beyond this a header is lying or a tile is a mosaic
 _SPATIAL = "ZYX"
 _CHANNEL = "CS"
@@ -68,16 +73,16 @@ class TileHeader:
 
 
 def _is_tiff(path: str) -> bool:
-    return path.lower().endswith(_TIFF_SUFFIXES)
+    return path.lower().endswith(TIFF_SUFFIXES)
 
 
 def _axes_to_layout(axes: str, shape: tuple[int, ...], path: str) -> tuple[list, list, list]:
     """Split tifffile axes into spatial, channel and squeezable axes, or refuse."""
     spatial, channel, squeeze = [], [], []
-    stack = [a for a, n in zip(axes, shape) if a in "QI" and n > 1]
+    stack = [a for a, n in zip(axes, shape, strict=True) if a in "QI" and n > 1]
     if "Z" not in axes and len(stack) == 1:  # a plain multi-page TIFF is a z-stack
         axes = axes.replace(stack[0], "Z")
-    for i, (ax, n) in enumerate(zip(axes, shape)):
+    for i, (ax, n) in enumerate(zip(axes, shape, strict=True)):
         if ax in _SPATIAL:
             spatial.append(i)
         elif ax in _CHANNEL:
@@ -147,7 +152,8 @@ def _check_plausible(path: str, shape: tuple, dtype: np.dtype, page) -> None:
         )
     if page is None:
         return
-    end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts)), default=0)
+    end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=True)),
+              default=0)
     size = os.path.getsize(path)
     uncompressed = getattr(page, "compression", 1) == 1
     if end > size or (uncompressed and sum(page.databytecounts) < page.size * dtype.itemsize):
@@ -318,7 +324,7 @@ class PlaneStackSource:
 
 def _file_stamps(paths) -> tuple:
     """``(size, mtime_ns)`` per file, ``None`` for one that is missing (reading names it)."""
-    stamps = []
+    stamps: list[tuple[int, int] | None] = []
     for path in paths:
         try:
             st = os.stat(path)
@@ -446,7 +452,7 @@ class _TileCache:
             self.decodes = 0
 
 
-_CACHE = _TileCache(512 * 2**20)
+_CACHE = _TileCache(DEFAULT_CACHE_BYTES)
 
 
 def set_cache_limit(limit_bytes: int) -> None:

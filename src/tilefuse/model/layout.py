@@ -16,9 +16,9 @@ one layout per time point.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, overload, runtime_checkable
 
 import numpy as np
 
@@ -47,12 +47,12 @@ class TileSource(Protocol):
     def read(self) -> np.ndarray: ...
 
 
-def translation_affine(position: Sequence[float]) -> np.ndarray:
+def translation_affine(position: Sequence[float] | np.ndarray) -> np.ndarray:
     """Homogeneous affine that moves a tile's first pixel to ``position``.
 
     Parameters
     ----------
-    position : sequence of float, length ndim
+    position : sequence or array of float, length ndim
         Mosaic pixel index of the tile's first pixel, zyx order.
 
     Returns
@@ -65,7 +65,7 @@ def translation_affine(position: Sequence[float]) -> np.ndarray:
     return affine
 
 
-class PixelSize(tuple):
+class PixelSize(tuple[float, ...]):
     """Physical size of one pixel per spatial axis (zyx), and where that size came from.
 
     A tuple of float, equal to the plain tuple of the same numbers, with one more attribute:
@@ -89,7 +89,9 @@ class PixelSize(tuple):
     (True, 'OME-XML', True)
     """
 
-    def __new__(cls, values, source: str = GIVEN_SOURCE) -> PixelSize:
+    _source: str
+
+    def __new__(cls, values: Iterable[float], source: str = GIVEN_SOURCE) -> PixelSize:
         self = super().__new__(cls, (float(v) for v in values))
         self._source = str(source)
         return self
@@ -109,6 +111,33 @@ class PixelSize(tuple):
 
     def __repr__(self) -> str:
         return f"PixelSize({tuple(self)!r}, source={self._source!r})"
+
+
+class _PixelSizeField:
+    """``Layout.pixel_size``: set as None, plain numbers or a PixelSize; read as a PixelSize.
+
+    A data descriptor, so that type checkers tell what ``Layout(...)`` and ``replace`` accept (the
+    ``__set__`` type) from what the attribute holds once ``Layout.__post_init__`` has converted it
+    (the ``__get__`` type). The value lives in the instance ``__dict__`` under the field's name.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> None: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> PixelSize: ...
+
+    def __get__(self, obj: object | None, owner: type | None = None) -> PixelSize | None:
+        if obj is None:
+            return None  # class access: dataclasses reads the field's default (None) here
+        size: PixelSize = vars(obj)[self._name]
+        return size
+
+    def __set__(self, obj: object, value: PixelSize | Sequence[float] | None) -> None:
+        vars(obj)[self._name] = value
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -193,10 +222,10 @@ class Layout:
     tiles: tuple[Tile, ...]
     dtype: np.dtype
     channels: tuple[str, ...] = ("0",)
-    pixel_size: PixelSize | Sequence[float] | None = None
+    pixel_size: _PixelSizeField = _PixelSizeField()
     unit: str = "micrometer"
     origin: str | None = None
-    metadata: dict = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f" in {self.origin}" if self.origin else ""
@@ -211,16 +240,19 @@ class Layout:
         object.__setattr__(self, "tiles", tuple(self.tiles))
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
         object.__setattr__(self, "channels", tuple(str(c) for c in self.channels))
-        if self.pixel_size is None:
+        # As given, before the conversion below (see _PixelSizeField).
+        given: PixelSize | Sequence[float] | None = vars(self)["pixel_size"]
+        size: tuple[float, ...]
+        if given is None:
             size = PixelSize((1.0,) * ndim, DEFAULT_SOURCE)
         else:
-            source = getattr(self.pixel_size, "source", GIVEN_SOURCE)
+            source = getattr(given, "source", GIVEN_SOURCE)
             try:
-                size = PixelSize(self.pixel_size, source)
+                size = PixelSize(given, source)
             except (TypeError, ValueError):
                 size = ()
         if len(size) != ndim or not all(np.isfinite(s) and s > 0 for s in size):
-            raise InputError(f"pixel size {self.pixel_size} must be {ndim} positive numbers")
+            raise InputError(f"pixel size {given} must be {ndim} positive numbers")
         object.__setattr__(self, "pixel_size", size)
 
     @property
@@ -258,7 +290,8 @@ class Layout:
         affines = np.asarray(affines, dtype=np.float64)
         if affines.shape[0] != len(self.tiles):
             raise ValueError(f"got {affines.shape[0]} affines for {len(self.tiles)} tiles")
-        return replace(self, tiles=tuple(t.with_affine(a) for t, a in zip(self.tiles, affines)))
+        return replace(self, tiles=tuple(t.with_affine(a)
+                                         for t, a in zip(self.tiles, affines, strict=True)))
 
     def with_positions(self, positions: np.ndarray) -> Layout:
         """A copy with each tile's translation replaced, shape (n_tiles, ndim), zyx."""

@@ -70,7 +70,7 @@ class TimeSeries:
             raise InputError("a time series needs at least one time point")
         if len(self.names) != len(self.layouts) or len(set(self.names)) != len(self.names):
             raise InputError(f"time point names {self.names} must be distinct, one per layout")
-        for name, layout in zip(self.names[1:], self.layouts[1:]):
+        for name, layout in zip(self.names[1:], self.layouts[1:], strict=True):
             self._check_like_first(name, layout)
             if self.shared:
                 self._check_same_tiles(name, layout)
@@ -105,7 +105,7 @@ class TimeSeries:
                 f"{where}time point {name} has {len(layout.tiles)} tiles, time point {t0} has "
                 f"{len(first.tiles)}; with shared positions every time point needs every tile"
             )
-        for a, b in zip(first.tiles, layout.tiles):
+        for a, b in zip(first.tiles, layout.tiles, strict=True):
             if a.shape != b.shape:
                 raise InputError(
                     f"{where}tile {b.name} (time point {name}) is {_shape_text(b.shape)}, but "

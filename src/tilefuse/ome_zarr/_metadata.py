@@ -6,23 +6,19 @@ import logging
 import math
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tilefuse.errors import InputError
+from tilefuse.model.mosaic import SPATIAL_AXES, check_axes
+
+__all__ = ["channel_specs", "check_axes", "image_attrs", "spatial_origin", "spatial_sizes"]
 
 log = logging.getLogger(__name__)
 
 
-_AXIS_ORDER = "tczyx"
-
-
 _AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
-
-
-_SPATIAL = ("z", "y", "x")
 
 
 _PALETTE = ("00FF00", "FF00FF", "00FFFF", "FFFF00", "FF0000", "0000FF", "FFFFFF")
@@ -34,22 +30,9 @@ _GREY = "FFFFFF"
 _HEX = re.compile(r"^#?([0-9A-Fa-f]{6})$")
 
 
-def check_axes(axes: Sequence[str], ndim: int) -> tuple[str, ...]:
-    """Validate axis names: one per dim, from ``tczyx`` in that order, with y and x."""
-    axes = tuple(str(a).lower() for a in axes)
-    if len(axes) != ndim:
-        raise InputError(f"axes {axes} name {len(axes)} dims but the array has {ndim}")
-    order = [_AXIS_ORDER.find(a) for a in axes]
-    if -1 in order or order != sorted(set(order)):
-        raise InputError(f"axes must be distinct names from 't c z y x' in that order, got {axes}")
-    if "y" not in axes or "x" not in axes:
-        raise InputError(f"axes must include 'y' and 'x', got {axes}")
-    return axes
-
-
 def spatial_sizes(axes: Sequence[str], pixel_size: Sequence[float] | None) -> dict[str, float]:
     """Map each spatial axis present to its physical pixel size."""
-    spatial = [a for a in axes if a in _SPATIAL]
+    spatial = [a for a in axes if a in SPATIAL_AXES]
     if pixel_size is None:
         pixel_size = [1.0] * len(spatial)
     sizes = [float(s) for s in pixel_size]
@@ -60,7 +43,7 @@ def spatial_sizes(axes: Sequence[str], pixel_size: Sequence[float] | None) -> di
         )
     if not all(math.isfinite(s) and s > 0 for s in sizes):
         raise InputError(f"pixel sizes must be finite and > 0, got {tuple(sizes)}")
-    return dict(zip(spatial, sizes))
+    return dict(zip(spatial, sizes, strict=True))
 
 
 def channel_specs(
@@ -85,26 +68,17 @@ def channel_specs(
         if match is None:
             raise InputError(f"channel colour {color!r} is not a hex RRGGBB value")
         hexes.append(match.group(1).upper())
-    return list(zip((str(s) for s in names), hexes))
+    return list(zip((str(s) for s in names), hexes, strict=True))
 
 
 def spatial_origin(axes: Sequence[str], origin: Sequence[float] | None) -> dict[str, float]:
     """Map each spatial axis present to the pixel position of the mosaic's first pixel."""
-    spatial = [a for a in axes if a in _SPATIAL]
+    spatial = [a for a in axes if a in SPATIAL_AXES]
     values = [0.0] * len(spatial) if origin is None else [float(v) for v in origin]
     if len(values) != len(spatial) or not all(math.isfinite(v) for v in values):
         raise InputError(f"origin {tuple(values)} must give one finite value per spatial axis "
                          f"{tuple(spatial)}")
     return dict(zip(spatial, values, strict=True))
-
-
-def default_name(path: Path) -> str:
-    """Folder name without ``.ome.zarr`` / ``.zarr``."""
-    name = path.name
-    for suffix in (".ome.zarr", ".zarr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)] or name
-    return name
 
 
 def image_attrs(

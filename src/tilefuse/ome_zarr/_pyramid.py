@@ -87,7 +87,7 @@ def _needs_level(
     """Whether to add a level: below `levels` if given, else while y or x spans several chunks."""
     if levels is not None:
         return n_levels < levels
-    return any(shape[a] > c for a, c in zip(yx_axes, chunks_yx))
+    return any(shape[a] > c for a, c in zip(yx_axes, chunks_yx, strict=True))
 
 
 def _is_regular(chunks: Sequence[int]) -> bool:
@@ -146,6 +146,7 @@ class _DownsampledBlock:
     ix: int
 
     def __call__(self, block_id: tuple[int, ...] | None = None) -> np.ndarray:
+        assert block_id is not None  # map_blocks passes it to a function that takes it
         first = [b * 2 if i in (self.iy, self.ix) else b for i, b in enumerate(block_id)]
         grid = [-(-n // c) for n, c in zip(self.files.shape, self.files.chunks, strict=True)]
         spans = [range(f, min(f + 2, g)) if i in (self.iy, self.ix) else range(f, f + 1)
@@ -191,7 +192,7 @@ def _pair_mean(a: np.ndarray, axis: int, work: type) -> np.ndarray:
     n = a.shape[axis]
     pick = [slice(None)] * a.ndim
     pick[axis] = slice(0, n - 1, 2)
-    out = a[tuple(pick)].astype(work)
+    out: np.ndarray = a[tuple(pick)].astype(work)
     pick[axis] = slice(1, n, 2)
     out += a[tuple(pick)]
     out *= 0.5  # exact: a division by 2

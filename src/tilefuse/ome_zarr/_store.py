@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import dask
 import dask.array as da
@@ -18,6 +19,7 @@ import numpy as np
 import zarr
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
+from dask.typing import Graph
 
 from tilefuse.errors import InputError
 from tilefuse.io.outputs import is_finished, read_manifest
@@ -41,15 +43,14 @@ def create_level(
 ) -> zarr.Array:
     """Create one empty level (replacing any left by an interrupted run): zstd (v3 default) or
     Blosc/zstd with "/" chunk keys (v2)."""
-    common = {"shape": shape, "chunks": chunks, "dtype": dtype, "overwrite": True,
-              "config": {"write_empty_chunks": write_empty_chunks}}
+    create = functools.partial(group.create_array, key, shape=shape, chunks=tuple(chunks),
+                               dtype=dtype, overwrite=True,
+                               config={"write_empty_chunks": write_empty_chunks})
     if zarr_format == 3:
-        return group.create_array(key, dimension_names=list(axes), **common)
-    return group.create_array(
-        key,
+        return create(dimension_names=list(axes))
+    return create(
         compressors=numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
         chunk_key_encoding={"name": "v2", "separator": "/"},
-        **common,
     )
 
 
@@ -79,11 +80,15 @@ def store_level(
         channel_axis = axes.index("c") if "c" in axes else None
         return _store_direct(source, writer, blocks, reduce_axes if stats else None, compute,
                              channel_axis)
+    # dask types store's targets as ArrayLike; it needs only __setitem__, which zarr.Array has.
     if blocks is not None:
-        source, target, regions = _block_regions(source, target, blocks)
-        stored = da.store(source, target, regions=regions, lock=False, compute=False)
+        assert target is not None  # only the stats-only pass (no blocks) has no target
+        sources, targets, regions = _block_regions(source, target, blocks)
+        stored = da.store(sources, targets,  # type: ignore[arg-type]  # see above
+                          regions=regions, lock=False, compute=False)
     else:
-        stored = da.store(source, target, lock=False, compute=False) if target is not None else None
+        stored = (da.store(source, target, lock=False, compute=False)  # type: ignore[arg-type]
+                  if target is not None else None)
     if not stats:
         compute(stored)
         return None, None
@@ -98,9 +103,12 @@ def store_level(
     return np.atleast_1d(lo), np.atleast_1d(hi)
 
 
-def _block_regions(source: da.Array, target: zarr.Array, blocks):
+def _block_regions(
+    source: da.Array, target: zarr.Array, blocks: Sequence[tuple[int, ...]]
+) -> tuple[list[da.Array], list[zarr.Array], list[tuple[slice, ...]]]:
     starts = [np.cumsum((0, *c)) for c in source.chunks]
-    regions = [tuple(slice(int(s[i]), int(s[i + 1])) for s, i in zip(starts, b)) for b in blocks]
+    regions = [tuple(slice(int(s[i]), int(s[i + 1])) for s, i in zip(starts, b, strict=True))
+               for b in blocks]
     return [source.blocks[b] for b in blocks], [target] * len(blocks), regions
 
 
@@ -108,7 +116,7 @@ def _direct_writer(source: da.Array, target: zarr.Array | None) -> ChunkFiles | 
     """A ChunkFiles for `target` when each dask block of `source` is exactly one chunk."""
     if target is None:
         return None
-    for cs, c in zip(source.chunks, target.chunks):
+    for cs, c in zip(source.chunks, target.chunks, strict=True):
         if any(n != c for n in cs[:-1]) or cs[-1] > c:
             return None
     return ChunkFiles.for_array(target, skip_empty=not target.config.write_empty_chunks)
@@ -134,7 +142,7 @@ def _store_direct(source, writer: ChunkFiles, blocks, reduce_axes, compute, chan
     for first in range(0, len(blocks), BATCH_CHUNKS):  # a bounded graph per compute
         batch = blocks[first : first + BATCH_CHUNKS]
         name = "store-" + dask.base.tokenize(source.name, writer.folder, reduce_axes, batch)
-        dsk = {(name, i): (_StoreBlock(writer, b, reduce_axes), (source.name, *b))
+        dsk: Graph = {(name, i): (_StoreBlock(writer, b, reduce_axes), (source.name, *b))
                for i, b in enumerate(batch)}
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=[source])
         results += compute(*[Delayed((name, i), graph, layer=name) for i in range(len(batch))])
@@ -143,7 +151,7 @@ def _store_direct(source, writer: ChunkFiles, blocks, reduce_axes, compute, chan
     n = source.shape[channel_axis] if channel_axis is not None else 1
     lo, hi = np.full(n, np.inf), np.full(n, -np.inf)
     step = source.chunks[channel_axis][0] if channel_axis is not None else 0
-    for b, (block_lo, block_hi) in zip(blocks, results):
+    for b, (block_lo, block_hi) in zip(blocks, results, strict=True):
         first = b[channel_axis] * step if channel_axis is not None else 0
         sl = slice(first, first + np.size(block_lo))
         lo[sl] = np.minimum(lo[sl], block_lo)
@@ -194,7 +202,7 @@ def _differences(saved: dict | None, manifest: dict) -> str:
                             if saved.get(k) != manifest.get(k)))
 
 
-def open_unfinished(out: Path, zarr_format: int, manifest: dict | None) -> zarr.Group:
+def open_unfinished(out: Path, zarr_format: Literal[2, 3], manifest: dict | None) -> zarr.Group:
     """Open an interrupted write for resuming, refusing anything that is not exactly that."""
     if read_manifest(out) is None:
         raise InputError(f"{out}: nothing to resume (no tilefuse run manifest); run without "
@@ -230,7 +238,7 @@ def level_zero(group, shape, chunks, dtype, axes, zarr_format, resume: bool) -> 
 
 def written_blocks(target: zarr.Array, folder: Path) -> set[tuple[int, ...]]:
     """Chunks of `target` that exist as files and decode; broken chunk files are removed."""
-    grid = tuple(-(-n // c) for n, c in zip(target.shape, target.chunks))
+    grid = tuple(-(-n // c) for n, c in zip(target.shape, target.chunks, strict=True))
 
     def check(block: tuple[int, ...]) -> tuple[int, ...] | None:
         path = folder / target.metadata.encode_chunk_key(block)

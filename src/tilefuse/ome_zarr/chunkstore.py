@@ -20,6 +20,7 @@ and :func:`remove_partial_files` deletes the temporaries a killed writer left be
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -87,24 +88,24 @@ class ChunkFiles:
         if dtype.byteorder == ">" or dtype.kind not in "biuf":
             return None
         folder = str(Path(store.root) / array.path)
-        common = {"folder": folder, "shape": tuple(array.shape), "chunks": tuple(array.chunks),
-                  "dtype": dtype, "fill_value": meta.fill_value,
-                  "metadata": meta, "skip_empty": skip_empty}
+        make = functools.partial(
+            cls, folder=folder, shape=tuple(array.shape), chunks=tuple(array.chunks), dtype=dtype,
+            fill_value=meta.fill_value, metadata=meta, skip_empty=skip_empty)
         if meta.zarr_format == 2:
             if meta.filters or meta.order != "C":
                 return None
-            return cls(compressor=meta.compressor, encode_array=True, **common)
+            return make(compressor=meta.compressor, encode_array=True)
         codecs = tuple(meta.codecs)
         if not codecs or not isinstance(codecs[0], BytesCodec) or len(codecs) > 2:
             return None
         if codecs[0].endian is not None and codecs[0].endian.value != "little":
             return None
         if len(codecs) == 1:
-            return cls(compressor=None, encode_array=False, **common)
+            return make(compressor=None, encode_array=False)
         if not isinstance(codecs[1], ZstdCodec):
             return None
         zstd = numcodecs.Zstd(level=codecs[1].level, checksum=codecs[1].checksum)
-        return cls(compressor=zstd, encode_array=False, **common)
+        return make(compressor=zstd, encode_array=False)
 
     def path(self, block: tuple[int, ...]) -> Path:
         """The file that holds chunk ``block``."""
@@ -130,7 +131,7 @@ class ChunkFiles:
             path.unlink(missing_ok=True)
             return
         payload = chunk if self.encode_array else chunk.reshape(-1).view(np.uint8)
-        encoded = self.compressor.encode(payload) if self.compressor is not None else payload
+        encoded = self.compressor.encode(payload) if self.compressor is not None else payload.data
         _write_atomic(path, memoryview(encoded).cast("B"))
 
     @property
@@ -189,7 +190,7 @@ def _write_atomic(path: Path, payload: memoryview) -> None:
         raise
 
 
-def remove_partial_files(folder: str | os.PathLike) -> int:
+def remove_partial_files(folder: str | os.PathLike[str]) -> int:
     """Delete the temporaries that writes killed before their rename left under ``folder``.
 
     Only files named as :class:`ChunkFiles` names them (``.{chunk}.{32 hex digits}.partial``)

@@ -39,7 +39,7 @@ def tile_digests(layouts: list[Layout]) -> list[str]:
     out = []
     for layout in layouts:
         for tile in layout.tiles:
-            stats = []
+            stats: list[tuple[int, int] | None] = []
             for path in tile_files(tile):
                 try:
                     st = os.stat(path)
@@ -72,7 +72,7 @@ def refresh_changed_tiles(output: Path, saved: dict, manifest: dict, plan) -> No
     old, new = saved.get(TILE_FILES_KEY), manifest.get(TILE_FILES_KEY)
     others = {k for k in set(saved) | set(manifest) if k != TILE_FILES_KEY
               and saved.get(k) != manifest.get(k)}
-    if old == new or others or old is None or len(old) != len(new):
+    if old == new or others or old is None or new is None or len(old) != len(new):
         return
     changed = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
     if isinstance(plan, tuple):

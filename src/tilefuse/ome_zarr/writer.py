@@ -13,8 +13,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Literal
 
 import dask
 import dask.array as da
@@ -27,15 +28,14 @@ from tilefuse.io.outputs import (
     MANIFEST,
     MANIFEST_KEY,
     check_image_output,
+    image_stem,
     is_finished,
     remove_image,
 )
-from tilefuse.model.units import check_unit
-from tilefuse.ome_zarr import _store
+from tilefuse.model.mosaic import Mosaic
+from tilefuse.ome_zarr import NGFF_VERSIONS, _store
 from tilefuse.ome_zarr._metadata import (
     channel_specs,
-    check_axes,
-    default_name,
     image_attrs,
     spatial_origin,
     spatial_sizes,
@@ -64,8 +64,8 @@ __all__ = ["MANIFEST", "is_finished_image", "max_levels",
 
 log = logging.getLogger(__name__)
 
-_VERSIONS = ("0.4", "0.5")
-# Green/magenta first: the pair stays distinguishable for colour-blind viewers.
+Compute = Callable[..., tuple]
+"""Runs dask collections like ``dask.compute(*collections)`` (may take ``label=``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,67 +74,36 @@ _VERSIONS = ("0.4", "0.5")
 
 
 def write_ome_zarr(
-    array: da.Array,
+    mosaic: Mosaic,
     path: str | os.PathLike,
     *,
-    axes: Sequence[str],
-    pixel_size: Sequence[float] | None = None,
-    unit: str = "micrometer",
     ngff_version: str = "0.5",
     levels: int | None = None,
-    channel_names: Sequence[str] | None = None,
-    channel_colors: Sequence[str] | None = None,
-    origin: Sequence[float] | None = None,
     overwrite: bool = False,
     name: str | None = None,
-    compute_kwargs: dict | None = None,
-    compute: Callable[..., tuple] | None = None,
-    manifest: dict | None = None,
-    resume: bool = False,
 ) -> Path:
-    """Write `array` and its 2x mean pyramid as an OME-Zarr image.
+    """Write a mosaic and its 2x mean pyramid as an OME-Zarr image.
+
+    Everything but the pixels comes from the mosaic itself: axes, pixel size and unit (the
+    scale of every level), channel names and colours (omero), and its origin (the translation).
 
     Parameters
     ----------
-    array : dask.array.Array, shape (..., y, x)
-        The mosaic; its axes are named by `axes` (a subset of ``t, c, z, y, x`` in that order).
-        Each dask chunk becomes one zarr chunk (irregular chunks are rechunked first).
+    mosaic : Mosaic
+        What :func:`tilefuse.fuse` returns, or a :class:`~tilefuse.Mosaic` made around any
+        dask array (``Mosaic(data, axes=("c", "y", "x"), pixel_size=(0.5, 0.5))``). Each dask
+        chunk becomes one zarr chunk (irregular chunks are rechunked first).
     path : str or os.PathLike
         Output folder, e.g. ``mosaic.ome.zarr``.
-    axes : sequence of str
-        One name per dimension of `array`.
-    pixel_size : sequence of float, optional
-        Physical pixel size per spatial axis (the z, y, x present), default 1.0 each.
-    unit : str
-        Unit of the spatial axes.
     ngff_version : {"0.5", "0.4"}
         "0.5" writes a zarr v3 store, "0.4" a zarr v2 store.
     levels : int, optional
         Number of levels including level 0; by default until one chunk holds y and x.
-    channel_names, channel_colors : sequence of str, optional
-        One per channel (hex ``RRGGBB`` colours); default ``"Channel i"`` and a palette.
-    origin : sequence of float, optional
-        Position of the mosaic's first pixel, in pixels, one per spatial axis present (z, y, x),
-        e.g. a plan's output origin; written as the NGFF translation (times the pixel size).
-        Default 0.
     overwrite : bool
         Replace an existing `path` that tilefuse wrote (or an empty folder) instead of
         refusing. Any other folder or file is never deleted (see :mod:`tilefuse.io.outputs`).
     name : str, optional
-        Image name in the metadata; default the folder name without ``.zarr``.
-    compute_kwargs : dict, optional
-        Keyword arguments for every dask compute (e.g. ``scheduler="threads"``).
-    compute : callable, optional
-        Runs the dask collections of one level, like ``dask.compute(*collections)``; lets a
-        caller drive progress bars on any scheduler. Overrides `compute_kwargs`.
-    manifest : dict, optional
-        What this run was asked to do (layout hash, parameters, version), saved as
-        the group attribute ``tilefuse`` before any pixel is written (with the tilefuse version
-        always: it marks the folder as tilefuse's); a resume must present the same.
-    resume : bool
-        Continue an interrupted write of the same image at `path`: level-0 chunks that exist
-        and decode are kept, the others are written; the pyramid and metadata are then made.
-        Resuming a finished image of the same manifest does nothing.
+        Image name in the metadata; default the folder name without ``.ome.zarr``.
 
     Returns
     -------
@@ -146,31 +115,78 @@ def write_ome_zarr(
     FileExistsError
         `path` exists and `overwrite` is False.
     InputError
+        Invalid options, or `path` cannot be written.
+
+    Examples
+    --------
+    >>> import tilefuse
+    >>> layout = tilefuse.read_layout("tiles/TileConfiguration.txt")  # doctest: +SKIP
+    >>> tilefuse.write_ome_zarr(tilefuse.fuse(layout), "mosaic.ome.zarr")  # doctest: +SKIP
+    """
+    return write_image(mosaic, path, ngff_version=ngff_version, levels=levels,
+                       overwrite=overwrite, name=name)
+
+
+def write_image(
+    mosaic: Mosaic,
+    path: str | os.PathLike,
+    *,
+    ngff_version: str = "0.5",
+    levels: int | None = None,
+    overwrite: bool = False,
+    name: str | None = None,
+    compute: Compute | None = None,
+    manifest: dict | None = None,
+    resume: bool = False,
+) -> Path:
+    """:func:`write_ome_zarr` with the plumbing of a run (:mod:`tilefuse.pipeline`): not public.
+
+    Parameters
+    ----------
+    mosaic, path, ngff_version, levels, overwrite, name
+        As in :func:`write_ome_zarr`.
+    compute : callable, optional
+        Runs the dask collections of one level, like ``dask.compute(*collections)``; lets a
+        caller choose the scheduler and drive progress bars. Default ``dask.compute``.
+    manifest : dict, optional
+        What this run was asked to do (layout hash, parameters, version), saved as
+        the group attribute ``tilefuse`` before any pixel is written (with the tilefuse version
+        always: it marks the folder as tilefuse's); a resume must present the same.
+    resume : bool
+        Continue an interrupted write of the same image at `path`: level-0 chunks that exist
+        and decode are kept, the others are written; the pyramid and metadata are then made.
+        Resuming a finished image of the same manifest does nothing.
+
+    Raises
+    ------
+    FileExistsError
+        `path` exists and `overwrite` is False.
+    InputError
         Invalid options, `path` cannot be written, or a resume finds a finished image, another
         run's manifest, or a level 0 of another shape.
     """
-    array = da.asarray(array)
-    axes = check_axes(axes, array.ndim)
+    if not isinstance(mosaic, Mosaic):
+        raise InputError(f"write_ome_zarr takes a Mosaic (what tilefuse.fuse returns), got "
+                         f"{type(mosaic).__name__}; wrap an array as Mosaic(data, axes=...)")
+    array, axes = mosaic.data, mosaic.axes
     if resume and overwrite:
         raise InputError("resume and overwrite exclude each other")
     _check_dtype(array.dtype)
-    if ngff_version not in _VERSIONS:
-        raise InputError(f"ngff_version must be one of {_VERSIONS}, got {ngff_version!r}")
+    if ngff_version not in NGFF_VERSIONS:
+        raise InputError(f"ngff_version must be one of {NGFF_VERSIONS}, got {ngff_version!r}")
     if array.size == 0:
         raise InputError(f"cannot write an empty image of shape {array.shape}")
-    sizes = spatial_sizes(axes, pixel_size)
-    unit = check_unit(unit)
-    offsets = spatial_origin(axes, origin)
-    channels = channel_specs(axes, array.shape, channel_names, channel_colors)
+    sizes = spatial_sizes(axes, mosaic.pixel_size)
+    offsets = spatial_origin(axes, mosaic.origin)
+    channels = channel_specs(axes, array.shape, mosaic.channel_names, mosaic.channel_colors)
     array = regular_chunks(array)
     chunks = tuple(c[0] for c in array.chunks)
     iy, ix = axes.index("y"), axes.index("x")
     check_levels(levels, (array.shape[iy], array.shape[ix]))
     shapes = pyramid_shapes(array.shape, (chunks[iy], chunks[ix]), axes, levels)
-    zarr_format = 3 if ngff_version == "0.5" else 2
+    zarr_format: Literal[2, 3] = 3 if ngff_version == "0.5" else 2
     if compute is None:
-        kwargs = dict(compute_kwargs or {})
-        compute = lambda *collections: dask.compute(*collections, **kwargs)  # noqa: E731
+        compute = dask.compute
     manifest = json.loads(json.dumps({"tilefuse": __version__, **(manifest or {})}))
     out = check_image_output(path, overwrite=overwrite, resume=resume)
     if resume:
@@ -194,12 +210,14 @@ def write_ome_zarr(
             lo, hi = store_missing_blocks(array, target, out / "0", axes, last,
                                            labelled("fuse"), resume)
             continue
-        source = downsample_level(group[str(k - 1)], axes)
+        previous = group[str(k - 1)]
+        assert isinstance(previous, zarr.Array)
+        source = downsample_level(previous, axes)
         target = create_level(group, str(k), shape, chunks, array.dtype, axes, zarr_format)
         lo, hi = store_level(source, target, axes, stats=last, compute=labelled(f"pyramid {k}"))
 
-    attrs = image_attrs(axes, sizes, offsets, unit, len(shapes), ngff_version, channels, lo, hi,
-                         name or default_name(out))
+    attrs = image_attrs(axes, sizes, offsets, mosaic.unit, len(shapes), ngff_version, channels,
+                        lo, hi, name or image_stem(out))
     group.attrs.update(attrs)
     log.info("wrote %s (%d levels, NGFF %s)", out, len(shapes), ngff_version)
     return out
@@ -229,14 +247,14 @@ def read_ome_zarr_level(path: str | os.PathLike, level: int = 0) -> da.Array:
         group = zarr.open_group(Path(path), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise InputError(f"{path}: not a zarr group") from exc
-    attrs = group.attrs.asdict()
+    attrs: dict[str, Any] = group.attrs.asdict()
     multiscales = attrs.get("ome", attrs).get("multiscales")
     if not multiscales:
         raise InputError(f"{path}: no OME-Zarr multiscales metadata (unfinished write?)")
     datasets = multiscales[0]["datasets"]
     if not -len(datasets) <= level < len(datasets):
         raise InputError(f"{path}: level {level} does not exist ({len(datasets)} levels)")
-    return da.from_zarr(group[datasets[level]["path"]])
+    return da.from_zarr(group[str(datasets[level]["path"])])
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +268,7 @@ def _check_dtype(dtype: np.dtype) -> None:
         raise InputError(f"cannot write dtype {dtype}; expected an integer or real float type")
 
 
-def _new_image(out: Path, zarr_format: int, manifest: dict) -> zarr.Group:
+def _new_image(out: Path, zarr_format: Literal[2, 3], manifest: dict) -> zarr.Group:
     """Empty `out` (a tilefuse image or empty folder, checked before), mark it as tilefuse's
     with the manifest, and create the zarr group.
 
@@ -267,27 +285,6 @@ def _new_image(out: Path, zarr_format: int, manifest: dict) -> zarr.Group:
     return group
 
 
-# --------------------------------------------------------------------------------------------
-# Chunks and pyramid
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Storing
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Level 0, resumable
-# --------------------------------------------------------------------------------------------
-
 def is_finished_image(folder: str | os.PathLike) -> bool:
     """Whether `folder` is a zarr group carrying OME multiscales metadata (written last)."""
     return is_finished(Path(folder))
-
-
-# --------------------------------------------------------------------------------------------
-# Metadata
-# --------------------------------------------------------------------------------------------
-
-

@@ -15,6 +15,7 @@ from tilefuse.errors import InputError
 from tilefuse.model.layout import Layout
 
 __all__ = [
+    "EPS",
     "ChunkPlan",
     "Overlaps",
     "neighbour_overlaps",
@@ -24,7 +25,8 @@ __all__ = [
     "tile_bounds",
 ]
 
-_EPS = 1e-6
+EPS = 1e-6
+"""Tolerance, in pixels, for a coordinate that lands on a pixel centre or a tile edge."""
 MAX_OUTPUT_VOXELS = 2**44  # 16 Tera-voxels: beyond this a layout is a mistake, not a mosaic
 
 
@@ -71,8 +73,8 @@ def output_box(layout: Layout) -> tuple[np.ndarray, tuple[int, ...]]:
         The mosaic would be absurdly large (positions far apart), reported before allocating.
     """
     lo, hi = tile_bounds(*_layout_arrays(layout))
-    origin = np.ceil(lo.min(axis=0) - _EPS).astype(np.int64)
-    end = np.floor(hi.max(axis=0) + _EPS).astype(np.int64)
+    origin = np.ceil(lo.min(axis=0) - EPS).astype(np.int64)
+    end = np.floor(hi.max(axis=0) + EPS).astype(np.int64)
     shape = tuple(int(v) for v in end - origin + 1)
     voxels = float(np.prod(shape, dtype=np.float64)) * len(layout.channels)
     if voxels > MAX_OUTPUT_VOXELS:
@@ -143,7 +145,7 @@ class ChunkPlan:
     def chunks(self) -> tuple[tuple[int, ...], ...]:
         """Dask-style chunk sizes per axis."""
         out = []
-        for n, c in zip(self.shape, self.chunk_shape):
+        for n, c in zip(self.shape, self.chunk_shape, strict=True):
             sizes = [c] * (n // c) + ([n % c] if n % c else [])
             out.append(tuple(sizes))
         return tuple(out)
@@ -191,9 +193,13 @@ def plan_chunks(
     """
     ndim = layout.ndim
     origin, shape = output_box(layout) if box is None else _check_box(box, ndim)
-    chunk = np.array([min(int(c), n) for c, n in zip(chunk_shape, shape)], dtype=np.int64)
-    if len(chunk_shape) != ndim or np.any(chunk < 1):
-        raise InputError(f"chunk shape {tuple(chunk_shape)} must be {ndim} positive integers")
+    bad = f"chunk shape {tuple(chunk_shape)} must be {ndim} positive integers"
+    if len(chunk_shape) != ndim:
+        raise InputError(bad)
+    chunk = np.array([min(int(c), n) for c, n in zip(chunk_shape, shape, strict=True)],
+                     dtype=np.int64)
+    if np.any(chunk < 1):
+        raise InputError(bad)
     grid = tuple(int(v) for v in -(-np.asarray(shape) // chunk))
     lo, hi = tile_bounds(*_layout_arrays(layout))
     first = np.floor(lo - origin - margin).astype(np.int64) // chunk

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from tilefuse.errors import InputError
-from tilefuse.fusion.graph import DEFAULT_CACHE_BYTES, plan_fusion
+from tilefuse.fusion.graph import plan_fusion
 from tilefuse.fusion.kernel import resolve_backend
 from tilefuse.fusion.resample import classify
+from tilefuse.io.tiles import DEFAULT_CACHE_BYTES
 from tilefuse.model.layout import Layout
 from tilefuse.model.timeseries import TimeSeries
+from tilefuse.plan.chunking import DEFAULT_CHUNK, chunk_shape
 from tilefuse.plan.geometry import neighbour_overlaps, union_box
 from tilefuse.plan.memory import memory_limits, parse_bytes, total_memory
 
@@ -258,8 +260,8 @@ def choose_chunk(
         Not even 64-pixel chunks fit; the message gives what the smallest chunk needs, part by
         part, and what to change.
     """
-    for side in (1024, 512, 256, 128, 64):
-        shape = ((min(side, 64),) if ndim == 3 else ()) + (side, side)
+    for side in (DEFAULT_CHUNK, 512, 256, 128, 64):
+        shape = chunk_shape(side, ndim)
         need = chunk_peak(shape, n_channels, itemsize, threads, cache_bytes, backend,
                           **layout_options)
         if need.total <= budget:
@@ -334,7 +336,7 @@ def describe(
     peak = chunk_peak(plan.chunks.chunk_shape, len(layout.channels), layout.dtype.itemsize,
                       threads, cache_bytes, plan.backend, **options)
     limits = memory_limits()
-    source = min(limits, key=limits.get) if limits else None
+    source = min(limits, key=limits.__getitem__) if limits else None
     per_chunk = np.diff(plan.chunks.indptr)
     lines += [
         f"chunks:       {plan.chunks.n_chunks} of {' x '.join(map(str, plan.chunks.chunk_shape))}"

@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
-_V2_FILES = ("memory.max", "memory.high")
-_V1_FILES = ("memory.limit_in_bytes",)
+_V2_FILES: tuple[str, ...] = ("memory.max", "memory.high")
+_V1_FILES: tuple[str, ...] = ("memory.limit_in_bytes",)
 _FALLBACK_BYTES = 8 * 2**30
 SYSTEM = "RAM, root cgroup or RLIMIT_RSS"  # the key of distributed's reading
 _SLURM_UNITS = {"": 2**20, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}

@@ -230,7 +230,7 @@ def _decide(layout, pairs, found: list[Measurement], threshold: float, radius: f
     stds = [s for m in found for s in (m.std_a, m.std_b) if s > 0]
     typical = float(np.median(stds)) if stds else 0.0
     reasons = []
-    for pair, m in zip(pairs, found):
+    for pair, m in zip(pairs, found, strict=True):
         reasons.append(_reason(layout, pair, m, threshold, radius, typical))
     return reasons
 
@@ -284,7 +284,7 @@ def _report(layout, pairs, found, reasons, solution: Solution, threshold, radius
     accepted = [k for k, r in enumerate(reasons) if not r]
     removed = {accepted[k]: why for k, why in solution.removed.items()}
     links = []
-    for k, (pair, m) in enumerate(zip(pairs, found)):
+    for k, (pair, m) in enumerate(zip(pairs, found, strict=True)):
         measured = None if m.shift is None else pair.to_mosaic(m.shift)
         residual = None
         if measured is not None:

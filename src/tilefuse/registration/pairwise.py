@@ -84,7 +84,7 @@ class Pair:
     def crop(self, image: np.ndarray, which: str) -> np.ndarray:
         """Cut this pair's crop (``which`` is "a" or "b") from a tile's spatial array."""
         box = self.box_a if which == "a" else self.box_b
-        return image[tuple(slice(lo, hi) for lo, hi in zip(*box))]
+        return image[tuple(slice(lo, hi) for lo, hi in zip(*box, strict=True))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +264,7 @@ def _search(crop_a, crop_b, nominal, radius: float, min_extent: int, refine: boo
                            std_a, std_b, out_shift, out_ncc)
     start = lo + np.asarray(best)
     sl = overlap_slices(a.shape, b.shape, start)
+    assert sl is not None  # start is within [lo, hi]: the crops overlap there
     count = int(np.prod([s.stop - s.start for s in sl[0]]))
     edge = search.edge(best, msd if same else -scores, inside, within)
     if not refine:
@@ -291,6 +292,7 @@ def _full_resolution(crop_a, crop_b, coarse: Measurement, downsample: int,
     """
     a, b = np.asarray(crop_a), np.asarray(crop_b)
     window = downsample + 1
+    assert coarse.shift is not None  # called for a found link only
     start = np.rint(coarse.shift).astype(np.int64)
     regions = overlap_slices(a.shape, b.shape, start)
     if regions is None:

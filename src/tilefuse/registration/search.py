@@ -30,7 +30,7 @@ def overlap_slices(
     ``margin`` pixels are dropped where the overlap meets an edge of crop ``b``.
     """
     sl_a, sl_b = [], []
-    for na, nb, s in zip(shape_a, shape_b, shift):
+    for na, nb, s in zip(shape_a, shape_b, shift, strict=True):
         s = int(s)
         lo, hi = max(0, s, s + margin), min(na, s + nb, s + nb - margin)
         if hi <= lo:
@@ -106,7 +106,7 @@ def _box_sums(image: np.ndarray, lo: list[np.ndarray], hi: list[np.ndarray]) -> 
     along the previous axes, replaces a full summed-area table and its ``2**ndim`` gathers.
     """
     out = image
-    for axis, (bottom, top) in enumerate(zip(lo, hi)):
+    for axis, (bottom, top) in enumerate(zip(lo, hi, strict=True)):
         moved = np.moveaxis(out, axis, -1)  # running sums are fastest into a contiguous axis
         table = np.zeros((*moved.shape[:-1], moved.shape[-1] + 1))
         np.cumsum(moved, axis=-1, out=table[..., 1:])
@@ -153,13 +153,13 @@ def score_maps(
     b = np.asarray(crop_b, dtype=np.float64)
     ca, cb = a.mean(), b.mean()
     a, b = a - ca, b - cb
-    shifts = [np.arange(l_, h_ + 1) for l_, h_ in zip(lo, hi)]
+    shifts = [np.arange(l_, h_ + 1) for l_, h_ in zip(lo, hi, strict=True)]
     sab = _cross_products(a, b, shifts)
-    a_lo = [np.clip(s, 0, na) for s, na in zip(shifts, a.shape)]
-    a_hi = [np.clip(s + nb, 0, na) for s, na, nb in zip(shifts, a.shape, b.shape)]
-    b_lo = [lo_ - s for lo_, s in zip(a_lo, shifts)]
-    b_hi = [hi_ - s for hi_, s in zip(a_hi, shifts)]
-    extent = [h_ - l_ for l_, h_ in zip(a_lo, a_hi)]
+    a_lo = [np.clip(s, 0, na) for s, na in zip(shifts, a.shape, strict=True)]
+    a_hi = [np.clip(s + nb, 0, na) for s, na, nb in zip(shifts, a.shape, b.shape, strict=True)]
+    b_lo = [lo_ - s for lo_, s in zip(a_lo, shifts, strict=True)]
+    b_hi = [hi_ - s for hi_, s in zip(a_hi, shifts, strict=True)]
+    extent = [h_ - l_ for l_, h_ in zip(a_lo, a_hi, strict=True)]
     count = np.ones(())
     for e in extent:
         count = np.multiply.outer(count, e.astype(np.float64))
@@ -194,12 +194,12 @@ def _cross_products(a: np.ndarray, b: np.ndarray, shifts: list[np.ndarray]) -> n
     numpy.ndarray, shape (*k), float64
     """
     size = [sfft.next_fast_len(int(max(na - s[0], s[-1] + nb)), real=True)
-            for na, nb, s in zip(a.shape, b.shape, shifts)]
+            for na, nb, s in zip(a.shape, b.shape, shifts, strict=True)]
     axes = tuple(range(a.ndim))
     spectrum = sfft.rfftn(a, size, axes=axes)
     spectrum *= np.conj(sfft.rfftn(b, size, axes=axes))
     cross = sfft.irfftn(spectrum, size, axes=axes, overwrite_x=True)
-    return cross[np.ix_(*[s % n for s, n in zip(shifts, size)])]
+    return cross[np.ix_(*[s % n for s, n in zip(shifts, size, strict=True)])]
 
 
 # ------------------------------------------------------------------------------------- choosing
@@ -214,7 +214,7 @@ def within_radius(lo: np.ndarray, hi: np.ndarray, nominal: np.ndarray,
     numpy.ndarray, shape ``hi - lo + 1``, bool
     """
     ok = np.ones((), dtype=bool)
-    for l_, h_, n in zip(lo, hi, nominal):
+    for l_, h_, n in zip(lo, hi, nominal, strict=True):
         ok = np.logical_and.outer(ok, np.abs(np.arange(l_, h_ + 1) - n) <= radius + 1e-9)
     return ok
 
@@ -222,7 +222,7 @@ def within_radius(lo: np.ndarray, hi: np.ndarray, nominal: np.ndarray,
 def thick(lo, hi, shape_a, shape_b, min_extent: int) -> np.ndarray:
     """Shifts in ``[lo, hi]`` whose overlap is at least ``min_extent`` thick in every axis."""
     ok = np.ones((), dtype=bool)
-    for l_, h_, na, nb in zip(lo, hi, shape_a, shape_b):
+    for l_, h_, na, nb in zip(lo, hi, shape_a, shape_b, strict=True):
         s = np.arange(l_, h_ + 1)
         extent = np.minimum(na, s + nb) - np.maximum(0, s)
         ok = np.logical_and.outer(ok, extent >= min(min_extent, na, nb))
@@ -285,7 +285,7 @@ def ambiguity(misfit: np.ndarray, inside: np.ndarray, best: tuple[int, ...],
     weight[tuple(slice(max(0, k - 1), k + 2) for k in best)] = 0.0  # keep the far shifts
     weight /= total
     delta = [(np.arange(n) - k).reshape((-1,) + (1,) * (ndim - 1 - axis))
-             for axis, (n, k) in enumerate(zip(misfit.shape, best))]
+             for axis, (n, k) in enumerate(zip(misfit.shape, best, strict=True))]
     out = np.empty((ndim, ndim))
     for k in range(ndim):
         for l_ in range(k, ndim):

@@ -128,9 +128,9 @@ class _Objective:
         if self._gradient_cols is None:
             reach = int(np.ceil(4 * _GRADIENT_SIGMA))
             grown = tuple(slice(max(0, r.start - reach), min(n, r.stop + reach))
-                          for r, n in zip(region_b, b.shape))
+                          for r, n in zip(region_b, b.shape, strict=True))
             inner = tuple(slice(r.start - g.start, r.stop - g.start)
-                          for r, g in zip(region_b, grown))
+                          for r, g in zip(region_b, grown, strict=True))
             self._gradient_cols = np.stack([g[inner].ravel() for g in _gradients(b[grown])],
                                            axis=1)
         cols = self._gradient_cols
@@ -161,10 +161,10 @@ class _Objective:
         if base not in self.grams:
             shape = tuple(r.stop - r.start for r in self.region_a)
             cols = np.empty((len(self.taps) + 1, *shape))  # one row per tap, then a itself
-            for row, tap in zip(cols, self.taps):
+            for row, tap in zip(cols[:-1], self.taps, strict=True):
                 offset = self.start + np.asarray(base) - tap - self.pad
                 row[...] = self.coeffs[tuple(slice(r.start - o, r.stop - o)
-                                             for r, o in zip(self.region_a, offset))]
+                                             for r, o in zip(self.region_a, offset, strict=True))]
             cols[-1] = self.av.reshape(shape)
             flat = cols.reshape(len(cols), -1)
             gram = serial_gram(flat.T)
@@ -272,7 +272,7 @@ def _quadratic_step(points: np.ndarray, values: np.ndarray) -> tuple[np.ndarray,
     coef, *_ = np.linalg.lstsq(design, values, rcond=None)
     grad = coef[1 : ndim + 1]
     hess = np.zeros((ndim, ndim))
-    for c, (k, l_) in zip(coef[ndim + 1 :], pairs):
+    for c, (k, l_) in zip(coef[ndim + 1 :], pairs, strict=True):
         hess[k, l_] += c
         hess[l_, k] += c
     return np.linalg.solve(hess, -grad), hess

@@ -34,7 +34,8 @@ def tile_pixels(layout: Layout, index: int, channel: int) -> np.ndarray:
 def _box_bounds(layout: Layout, index: int, lo: np.ndarray, hi: np.ndarray):
     """Mosaic bounding box of the index box ``[lo, hi)`` of a tile."""
     affine = layout.tiles[index].affine
-    corners = np.array(np.meshgrid(*zip(lo, hi - 1), indexing="ij")).reshape(lo.size, -1)
+    corners = np.array(np.meshgrid(*zip(lo, hi - 1, strict=True), indexing="ij"))
+    corners = corners.reshape(lo.size, -1)
     mapped = affine[:-1, :-1] @ corners + affine[:-1, -1:]
     return mapped.min(axis=1), mapped.max(axis=1)
 
@@ -85,7 +86,7 @@ def null_scores(layout, pairs, channel, radius, measure, pool) -> list[float]:
         crop_a = pair.crop(tile_pixels(layout, pair.a, channel), "a")
         size = pair.box_b[1] - pair.box_b[0]
         crop_c = tile_pixels(layout, other, channel)[tuple(slice(s, s + k) for s, k in
-                                                        zip(lo, size))]
+                                                        zip(lo, size, strict=True))]
         found = measure(crop_a, crop_c, pair.nominal, radius, refine=False)
         usable = found.shift is not None and not found.edge and np.isfinite(found.ncc)
         return found.ncc if usable else 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -23,8 +24,10 @@ def contrast_stretch(image: np.ndarray, low: float = 0.5, high: float = 99.5) ->
     return np.rint(np.clip(scaled, 0, 1) * 255).astype(np.uint8)
 
 
-def _multiscale(path: Path) -> dict:
-    attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+def _multiscale(path: Path) -> dict[str, Any]:
+    """The first ``multiscales`` entry of an OME-NGFF image (0.5: under ``"ome"``)."""
+    # Walked as untyped JSON: the keys are those the NGFF specification (and tilefuse) writes.
+    attrs: dict[str, Any] = zarr.open_group(str(path), mode="r").attrs.asdict()
     return attrs.get("ome", attrs)["multiscales"][0]
 
 

@@ -44,14 +44,20 @@ def _is_ome_zarr(path: Path) -> bool:
 
 
 def _sidecar_layout(zarr_path: Path) -> Layout | None:
-    from tilefuse.io.readers import read_layout
+    """The layout saved beside an image (of a time series, its first time point)."""
+    from tilefuse.io.outputs import image_stem
 
-    name = zarr_path.name
-    for ext in (".ome.zarr", ".zarr"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-    csv = zarr_path.with_name(name + ".layout.csv")
-    return read_layout(csv) if csv.exists() else None
+    csv = zarr_path.with_name(image_stem(zarr_path) + ".layout.csv")
+    return _one_layout(csv) if csv.exists() else None
+
+
+def _one_layout(path: str | os.PathLike, **options: object) -> Layout:
+    """The layout at `path`; of a time series, its first time point."""
+    from tilefuse.io.readers import read_layout
+    from tilefuse.model.timeseries import TimeSeries
+
+    read = read_layout(path, **options)
+    return read.at_time(0) if isinstance(read, TimeSeries) else read
 
 
 def _downsample(tile: np.ndarray, f: int) -> np.ndarray:
@@ -171,7 +177,8 @@ def preview_image(
     Parameters
     ----------
     source : path or Layout
-        A fused OME-Zarr image, a layout file/folder (read with ``layout_options``), or a Layout.
+        A fused OME-Zarr image, a layout file/folder (read with ``layout_options``; of a time
+        series, its first time point), or a Layout.
     max_size : int
         Longest side of the picture in pixels.
     report : RegistrationReport, dict or path to its JSON, optional
@@ -180,10 +187,10 @@ def preview_image(
     """
     from PIL import Image
 
-    from tilefuse.io.readers import read_layout
     from tilefuse.plan.geometry import output_box
     from tilefuse.viz.overview import contrast_stretch, screen_image
 
+    layout: Layout | None  # None: an image without a layout file beside it
     if isinstance(source, Layout):
         layout = source
         image, scale = _fuse_small(layout, max_size)
@@ -191,7 +198,7 @@ def preview_image(
         layout = _sidecar_layout(Path(source))
         image, scale = screen_image(source, max_size)
     else:
-        layout = read_layout(source, **(layout_options or {}))
+        layout = _one_layout(source, **(layout_options or {}))
         image, scale = _fuse_small(layout, max_size)
     picture = Image.fromarray(contrast_stretch(image))
     if max(picture.size) > max_size:  # resize first, draw last: lines stay crisp

@@ -22,7 +22,7 @@ import functools
 import numpy as np
 
 from tilefuse.fusion._numba.compiled import jit
-from tilefuse.fusion.resample import _EPS
+from tilefuse.plan.geometry import EPS
 
 __all__ = ["add_affine", "add_affine_2d", "ramp_tables"]
 
@@ -117,7 +117,7 @@ def add_affine(acc, wsum, covered, data, lo, hi, origin, inv, widths, tables, mo
                 inside = True
                 for r in range(3):  # numpy's order: ((inv[r,3] + i0*oz) + i1*oy) + i2*ox
                     t[r] = ((inv[r, 3] + inv[r, 0] * oz) + inv[r, 1] * oy) + inv[r, 2] * ox
-                    inside = inside and -_EPS <= t[r] <= shape[r] - 1 + _EPS
+                    inside = inside and -EPS <= t[r] <= shape[r] - 1 + EPS
                 if not inside:
                     continue
                 w = np.float32(1.0)
@@ -290,7 +290,7 @@ def _affine_2d(acc, wsum, covered, data, lo, hi, origin, inv, widths, tables, mo
         ox = lo[1]
         while ox < hi[1]:
             ty, tx = by + ay * ox, bx + ax * ox
-            if not (-_EPS <= ty <= ny - 1 + _EPS and -_EPS <= tx <= nx - 1 + _EPS):
+            if not (-EPS <= ty <= ny - 1 + EPS and -EPS <= tx <= nx - 1 + EPS):
                 ox += 1
                 continue
             sy, sx = np.floor(ty), np.floor(tx)

@@ -26,12 +26,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from tilefuse.fusion._numba.affine import add_affine, add_affine_2d, ramp_tables
 from tilefuse.fusion._numba.compiled import jit
 from tilefuse.fusion.blend import cosine_ramp
-from tilefuse.fusion.kernel import finalize, read_checked
-from tilefuse.fusion.resample import _affine_footprint, _snap, _translation_span
+from tilefuse.fusion.chunk import finalize, read_checked
+from tilefuse.fusion.resample import affine_footprint, snap, translation_span
 
 __all__ = ["fuse_chunk_compiled"]
 
@@ -200,14 +201,14 @@ def _translation_args(pos, tile_shape, origin, chunk_shape, exact: bool, widths,
     for 2D (length-1 axis at 0); the tap weights are of the ``accumulator`` dtype. Mirrors
     :func:`tilefuse.fusion.resample._place_translation`.
     """
-    pos = _snap(np.asarray(pos, dtype=np.float64))
+    pos = snap(np.asarray(pos, dtype=np.float64))
     box0, nbox, src0 = (np.zeros(3, np.int64) for _ in range(3))
     wlo, whi = np.zeros(3, accumulator), np.ones(3, accumulator)
     frac = np.zeros(3, np.bool_)
     ramps = []
     for ax in range(3):
         p, n, c0 = float(pos[ax]), int(tile_shape[ax]), int(origin[ax])
-        span = _translation_span(p, n, c0, int(chunk_shape[ax]))
+        span = translation_span(p, n, c0, int(chunk_shape[ax]))
         if span is None:
             return None
         lo, hi = span
@@ -227,7 +228,7 @@ def _translation_args(pos, tile_shape, origin, chunk_shape, exact: bool, widths,
 
 def _affine_args(affine, tile_shape, origin, chunk_shape, ndim):
     """Footprint and inverse (embedded in 3D) of one affine tile, or None when it misses."""
-    span = _affine_footprint(affine, tile_shape[-ndim:], origin[-ndim:], chunk_shape[-ndim:])
+    span = affine_footprint(affine, tile_shape[-ndim:], origin[-ndim:], chunk_shape[-ndim:])
     if span is None:
         return None
     pad = 3 - ndim
@@ -327,13 +328,13 @@ def _finalize(acc, wsum, covered, weighted, dtype, fill) -> np.ndarray:
     return out
 
 
-def warm_up(dtype: np.dtype | str = np.uint16) -> None:
+def warm_up(dtype: npt.DTypeLike = np.uint16) -> None:
     """Load (or compile) the kernels for 2D tiles of ``dtype``, translations and affines.
 
     The first call in a process costs ~0.5 s (numba's own lazy imports and its on-disk cache);
     the CLI runs this in a background thread while it reads the layout.
     """
-    from tilefuse.fusion.kernel import ChunkTile
+    from tilefuse.fusion.chunk import ChunkTile
 
     data = np.zeros((1, 4, 4), dtype)
     data.flags.writeable = False  # as the tile cache hands them out

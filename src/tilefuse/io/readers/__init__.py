@@ -1,25 +1,29 @@
-"""Readers: each turns a path into a :class:`~tilefuse.model.layout.Layout`.
-
-Inputs that name time points (``{t}`` in a pattern, a ``t`` column in a CSV) read as a
-:class:`~tilefuse.model.timeseries.TimeSeries` through :func:`read_acquisition`; :func:`read_layout`
-then returns one time point (``timepoint``).
+"""Readers: each turns a path into a :class:`~tilefuse.model.layout.Layout`, or a
+:class:`~tilefuse.model.timeseries.TimeSeries` when the input names time points (``{t}`` in a
+pattern, a ``t`` column in a CSV); :func:`read_layout` picks the reader.
 """
 
 from __future__ import annotations
 
+import csv as csvlib  # the name csv is this package's module
 import os
+import re
 from pathlib import Path
 
 from tilefuse.errors import InputError
 from tilefuse.io.readers.csv import read_csv_layout, write_csv_layout
+from tilefuse.io.readers.czi import read_czi
 from tilefuse.io.readers.memory import layout_from_arrays
+from tilefuse.io.readers.ometiff import read_ome_tiff
+from tilefuse.io.readers.pattern import read_pattern
 from tilefuse.io.readers.tileconfig import read_tileconfig, write_tileconfig
+from tilefuse.io.tiles import TIFF_SUFFIXES
 from tilefuse.model.layout import Layout
 from tilefuse.model.timeseries import TimeSeries
 
 __all__ = [
     "layout_from_arrays",
-    "read_acquisition",
+    "looks_like_layout",
     "read_czi",
     "read_csv_layout",
     "read_layout",
@@ -43,32 +47,10 @@ _OPTIONS = {
     "csv": (),
     "tileconfig": (),
 }
-_TIFF = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 _NOT_LAYOUTS = (
     ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".nd2", ".lif", ".lsm", ".ims", ".h5", ".hdf5",
     ".zarr", ".n5", ".vsi", ".svs", ".oib", ".oir", ".ndpi", ".scn", ".dv", ".nrrd", ".mrc",
 )
-
-
-def read_czi(*args, **kwargs) -> Layout:
-    """Read a Zeiss CZI mosaic; see :func:`tilefuse.io.readers.czi.read_czi`."""
-    from tilefuse.io.readers.czi import read_czi as _read
-
-    return _read(*args, **kwargs)
-
-
-def read_ome_tiff(*args, **kwargs) -> Layout:
-    """Read OME-TIFF tiles placed by stage positions; see :mod:`tilefuse.io.readers.ometiff`."""
-    from tilefuse.io.readers.ometiff import read_ome_tiff as _read
-
-    return _read(*args, **kwargs)
-
-
-def read_pattern(*args, **kwargs) -> Layout | TimeSeries:
-    """Read tiles named by a pattern on a grid; see :mod:`tilefuse.io.readers.pattern`."""
-    from tilefuse.io.readers.pattern import read_pattern as _read
-
-    return _read(*args, **kwargs)
 
 
 def _kind(path: Path) -> str:
@@ -80,7 +62,7 @@ def _kind(path: Path) -> str:
         return "ome-tiff"
     if name.endswith(".csv"):
         return "csv"
-    if name.endswith(_TIFF):
+    if name.endswith(TIFF_SUFFIXES):
         import tifffile
 
         try:
@@ -115,7 +97,7 @@ def _check_options(path: Path, kind: str, options: dict) -> dict:
     return given
 
 
-def read_layout(path: str | os.PathLike, *, timepoint: int | None = None, **options) -> Layout:
+def read_layout(path: str | os.PathLike, **options: object) -> Layout | TimeSeries:
     """Read a layout: a layout file, a CZI or OME-TIFF acquisition, or a folder with a pattern.
 
     Parameters
@@ -123,14 +105,18 @@ def read_layout(path: str | os.PathLike, *, timepoint: int | None = None, **opti
     path : str or path-like
         A ``.csv`` layout, a Fiji ``TileConfiguration`` (any other text file), a ``.czi``, an
         OME-TIFF with stage positions, or a folder of tiles (with ``pattern``).
-    timepoint : int, optional
-        Which time point of a time series to return (counted from 0, in time order); required
-        for a time series, 0 or None for anything else.
     **options
         For a folder: ``pattern`` (required), ``grid``, ``order``, ``overlap``, ``first_index``,
         ``z_step`` (see :func:`~tilefuse.io.readers.pattern.read_pattern`). For CZI and OME-TIFF:
         ``flip_x``, ``flip_y``, ``swap_xy``; for CZI also ``scene``. Options set to None or
         False count as not given.
+
+    Returns
+    -------
+    Layout or TimeSeries
+        A :class:`~tilefuse.model.timeseries.TimeSeries` when the input names time points (a
+        pattern with ``{t}``, a CSV with a ``t`` column; ``series.at_time(i)`` is one of
+        them), else a Layout.
 
     Raises
     ------
@@ -138,31 +124,7 @@ def read_layout(path: str | os.PathLike, *, timepoint: int | None = None, **opti
         The layout or one of its tiles does not exist.
     InputError
         The layout is malformed, its tiles are inconsistent, the file type is not one tilefuse
-        reads, or an option does not apply; the message names the file (and line). A time
-        series without ``timepoint``.
-    """
-    read = read_acquisition(path, **options)
-    if isinstance(read, TimeSeries):
-        if timepoint is None:
-            raise InputError(
-                f"{path}: holds {len(read)} time points; pick one (timepoint=N, --timepoint N) "
-                "or read them all with read_acquisition"
-            )
-        return read.at_time(timepoint)
-    if timepoint not in (None, 0):
-        raise InputError(f"{path}: has no time points; time point {timepoint} does not exist")
-    return read
-
-
-def read_acquisition(path: str | os.PathLike, **options) -> Layout | TimeSeries:
-    """Read a layout, or a time series when the input names time points.
-
-    Parameters are those of :func:`read_layout` (without ``timepoint``).
-
-    Returns
-    -------
-    Layout or TimeSeries
-        A TimeSeries for a pattern with ``{t}`` or a CSV with a ``t`` column, else a Layout.
+        reads, or an option does not apply; the message names the file (and line).
     """
     path = Path(path)
     if path.is_dir():
@@ -186,3 +148,59 @@ def read_acquisition(path: str | os.PathLike, **options) -> Layout | TimeSeries:
     if kind == "csv":
         return read_csv_layout(path)
     return read_tileconfig(path)
+
+
+_CZI_MAGIC = b"ZISRAWFILE"
+_DIM_LINE = re.compile(rb"^\s*dim\s*=\s*\S+\s*$", re.IGNORECASE | re.MULTILINE)
+_SNIFF_BYTES = 1 << 16
+
+
+def looks_like_layout(path: str | os.PathLike) -> bool:
+    """Whether a file is a layout tilefuse reads, told from its name and first bytes only.
+
+    True for a CZI (its magic number), an OME-TIFF whose OME-XML places images (``PositionX``
+    or ``StageLabel``), a CSV whose header names ``file`` and ``x, y`` or ``affine``, and a text
+    file with a ``dim = 2|3`` line (a TileConfiguration). Reading such a file may still fail
+    (a malformed line, a missing tile): that is a broken layout, not another kind of file.
+    Folders (a pattern is needed to read them) and everything else give False. Never raises.
+    """
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return False
+        name = path.name.lower()
+        with open(path, "rb") as fh:
+            head = fh.read(_SNIFF_BYTES)
+        if name.endswith(".czi"):
+            return head.startswith(_CZI_MAGIC)
+        if name.endswith(TIFF_SUFFIXES):
+            return _places_images(path)
+        if b"\x00" in head or name.endswith(_NOT_LAYOUTS):
+            return False
+        text = head.decode("utf-8-sig", errors="replace")
+        if name.endswith(".csv"):
+            return _csv_header_is_layout(text)
+        return _DIM_LINE.search(head.removeprefix(b"\xef\xbb\xbf")) is not None  # UTF-8 BOM
+    except OSError:
+        return False
+
+
+def _places_images(path: Path) -> bool:
+    """An OME-TIFF whose OME-XML holds stage positions (not a plain image)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            xml = tif.ome_metadata if tif.is_ome else None
+    except Exception:  # not readable as TIFF: not a layout
+        return False
+    return isinstance(xml, str) and ("PositionX" in xml or "StageLabel" in xml)
+
+
+def _csv_header_is_layout(text: str) -> bool:
+    """The first line that is neither blank nor a # comment names file and x, y or affine."""
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            cols = {c.strip().lower() for c in next(csvlib.reader([line]), [])}
+            return "file" in cols and ({"x", "y"} <= cols or "affine" in cols)
+    return False

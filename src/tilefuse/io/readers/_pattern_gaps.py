@@ -113,6 +113,7 @@ def log_gaps(
     widths = field_widths({f: [values[f] for values in found] for f in numeric})
     note = ""
     if acquisition is not None:
+        assert grid is not None  # {index} places tiles on a given grid (pattern.py needs one)
         smallest = min(int(values["index"]) for values in found)
         first = smallest if first_index is None else int(first_index)
         missing = sorted(missing_positions(keys, grid), key=acquisition.__getitem__)

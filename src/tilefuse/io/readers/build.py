@@ -18,7 +18,7 @@ import numpy as np
 from tilefuse.errors import InputError
 from tilefuse.io.readers.calibration import stated_pixel_size
 from tilefuse.io.tiles import FileSource, PlaneStackSource, TileHeader, probe_tile
-from tilefuse.model.layout import Layout, PixelSize, Tile
+from tilefuse.model.layout import Layout, PixelSize, Tile, TileSource
 
 __all__ = ["Entry", "find_planes", "layout_from_entries"]
 
@@ -84,10 +84,10 @@ def _expand_planes(e: Entry) -> Entry:
         return e
     per_file = [find_planes(p, e.where) for p in e.paths]
     if len({len(files) for files in per_file}) != 1:
-        counts = ", ".join(f"{len(f)} for {p}" for f, p in zip(per_file, e.paths))
+        counts = ", ".join(f"{len(f)} for {p}" for f, p in zip(per_file, e.paths, strict=True))
         raise InputError(f"{e.where}: channel files of tile {e.name} have different plane "
                          f"counts ({counts})")
-    return replace(e, planes=tuple(zip(*per_file)))
+    return replace(e, planes=tuple(zip(*per_file, strict=True)))
 
 
 def _files(e: Entry) -> tuple[str, ...]:
@@ -149,13 +149,13 @@ def layout_from_entries(
     entries = [_expand_planes(e) for e in entries]
     names = [e.label or (e.name if e.series == 0 else f"{e.name}#{e.series}") for e in entries]
     seen: dict[str, str] = {}
-    for name, e in zip(names, entries):
+    for name, e in zip(names, entries, strict=True):
         if name in seen:
             raise InputError(f"{e.where}: tile {name} is listed twice (first at {seen[name]})")
         seen[name] = e.where
     headers = _probe_all(entries)
     first = headers[0]
-    for e, h in zip(entries, headers):
+    for e, h in zip(entries, headers, strict=True):
         if h.dtype != first.dtype:
             raise InputError(
                 f"{e.where}: tile {e.name} is {h.dtype}, but {entries[0].name} is {first.dtype}; "
@@ -192,7 +192,8 @@ def layout_from_entries(
         pixel_size = stated_pixel_size(_files(entries[0])[0], ndim, entries[0].series)
         unit = "micrometer" if pixel_size is not None else unit
     tiles = []
-    for name, e, h in zip(names, entries, headers):
+    for name, e, h in zip(names, entries, headers, strict=True):
+        source: TileSource
         if e.planes:
             shape = (len(e.planes), *h.shape)
             source = PlaneStackSource(e.planes, keep, same, e.paths)

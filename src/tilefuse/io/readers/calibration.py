@@ -20,6 +20,7 @@ import logging
 import os
 from fractions import Fraction
 
+from tilefuse.io.tiles import TIFF_SUFFIXES
 from tilefuse.model.layout import PixelSize
 
 __all__ = ["PLAUSIBLE_UM", "stated_pixel_size"]
@@ -29,9 +30,8 @@ log = logging.getLogger(__name__)
 PLAUSIBLE_UM = (1e-5, 20.0)
 """Pixel sizes (µm) trusted from bare TIFF resolution tags: 0.01 nm to 20 µm."""
 
-_TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 _RESOLUTION_UM = {2: 25400, 3: 10000}  # ResolutionUnit inch, centimetre -> µm per unit
-_IMAGEJ_UM = {
+_IMAGEJ_UM: dict[str, int | Fraction] = {
     "micron": 1, "microns": 1, "um": 1, "µm": 1, "μm": 1, "\\u00b5m": 1, "micrometer": 1,
     "micrometre": 1, "nm": Fraction(1, 1000), "nanometer": Fraction(1, 1000),
     "mm": 1000, "millimeter": 1000, "cm": 10000, "centimeter": 10000, "m": 1000000,
@@ -61,7 +61,7 @@ def stated_pixel_size(path: str | os.PathLike, ndim: int, series: int = 0) -> Pi
         plausible calibration.
     """
     path = str(path)
-    if not path.lower().endswith(_TIFF_SUFFIXES) or not os.path.isfile(path):
+    if not path.lower().endswith(TIFF_SUFFIXES) or not os.path.isfile(path):
         return None
     try:
         found = _probe(path, series)
@@ -94,7 +94,7 @@ def _probe(path: str, series: int) -> tuple[Sizes, str] | None:
 
 
 def _from_ome(xml: str | None, path: str, series: int) -> Sizes | None:
-    from tilefuse.io.readers.ometiff import parse_ome_images
+    from tilefuse.io.readers.omexml import parse_ome_images
 
     if not xml:
         return None

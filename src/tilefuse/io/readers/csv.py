@@ -151,16 +151,22 @@ def read_csv_layout(path: str | os.PathLike) -> Layout | TimeSeries:
         raise InputError(
             f"{path}:{first}: header {','.join(cols)!r} needs 'file' and 'x,y[,z]' or 'affine'"
         )
-    line_numbers = [n for n, text in lines if text.strip()][1:]
-    entries, ndims, times = [], set(), []
+    line_numbers = [n for n, _ in lines]
+    entries: list[Entry] = []
+    ndims: set[int] = set()
+    times: list[str] = []  # one per entry when the CSV has a 't' column
     base = Path(path).parent
-    for lineno, row in zip(line_numbers, rows):
+    for row in rows:
+        # The file's number of the row's (last) line: csv counts the lines it has read, blank
+        # and whitespace-only ones included, so rows never drift from their lines.
+        lineno = line_numbers[rows.line_num - 1]
         if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
             continue
         ndim, entry = _row_entry(row, cols, base, f"{path}:{lineno}")
         ndims.add(ndim)
         entries.append(entry)
-        times.append(_time_value(row, cols, f"{path}:{lineno}"))
+        if (t := _time_value(row, cols, f"{path}:{lineno}")) is not None:
+            times.append(t)
     if len(ndims) > 1:
         raise InputError(f"{path}: rows mix 2D and 3D positions/affines")
     ndim = ndims.pop() if ndims else 2
@@ -214,7 +220,7 @@ def write_csv_layout(layout: Layout | TimeSeries, path: str | os.PathLike) -> Pa
     path = Path(path)
     folder = path.parent.resolve()
     series = layout if isinstance(layout, TimeSeries) else None
-    layouts = series.layouts if series is not None else (layout,)
+    layouts = layout.layouts if isinstance(layout, TimeSeries) else (layout,)
     per_time = [_rows(one, folder) for one in layouts]  # refuses in-memory tiles first
     n_more = max((len(r[2]) for rows in per_time for r in rows), default=0)
     columns = ["name", "file", *(f"file_{k}" for k in range(2, n_more + 2)), "series", "affine"]

@@ -157,6 +157,8 @@ def _scaling_um(root: ET.Element | None) -> tuple[float, float] | None:
     sizes = []
     for axis in "XY":
         text = root.findtext(f".//Metadata/Scaling/Items/Distance[@Id='{axis}']/Value")
+        if text is None:
+            return None
         try:
             value = float(text) * 1e6
         except (TypeError, ValueError):
@@ -259,7 +261,7 @@ def read_czi(
     tile_list = [
         Tile(f"{Path(path).name} M={m}", first.shape, translation_affine(pos),
              CziSource(path, tuple(tiles[m][c].offset for c in channels), series))
-        for series, (m, first, pos) in enumerate(zip(order, firsts, positions))
+        for series, (m, first, pos) in enumerate(zip(order, firsts, positions, strict=True))
     ]
     pixel = metadata.get("pixel_size_um")
     return Layout(tuple(tile_list), firsts[0].dtype,
@@ -288,7 +290,7 @@ def _positions(
         log.warning("%s: no pixel size (Metadata/Scaling) to convert stage positions; "
                     "using subblock start coordinates", path)
     starts = np.array([[b.dims.get("Y", 0), b.dims.get("X", 0)] for b in firsts], float)
-    meta = {"positions_from": "subblock start"}
+    meta: dict[str, object] = {"positions_from": "subblock start"}
     if scaling is not None:
         meta["pixel_size_um"] = [scaling[1], scaling[0]]
     return starts - starts.min(axis=0), meta

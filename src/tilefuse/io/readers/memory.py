@@ -60,13 +60,14 @@ def layout_from_arrays(
     if len(dtypes) != 1:
         raise InputError(f"tiles mix dtypes {sorted(map(str, dtypes))}; expected one")
     tiles = []
-    for i, (arr, aff) in enumerate(zip(arrays, affines)):
+    n_ch: set[int] = set()
+    for i, (arr, aff) in enumerate(zip(arrays, affines, strict=True)):
         if arr.ndim == ndim:
             arr = arr[None]
         if arr.ndim != ndim + 1:
             raise InputError(f"tile {i} has shape {arr.shape}; expected {ndim}D (+ channels)")
         tiles.append(Tile(f"tile {i}", tuple(arr.shape[1:]), aff, ArraySource(arr, i)))
-    n_ch = {t.source.array.shape[0] for t in tiles}
+        n_ch.add(arr.shape[0])
     if len(n_ch) != 1:
         raise InputError(f"tiles have different channel counts {sorted(n_ch)}")
     names = tuple(channels) if channels is not None else tuple(str(i) for i in range(n_ch.pop()))

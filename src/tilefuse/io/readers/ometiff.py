@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import logging
 import os
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from tilefuse.errors import InputError
 from tilefuse.io.readers.build import Entry, layout_from_entries
-from tilefuse.io.readers.text import finite_number
+from tilefuse.io.readers.omexml import OmeImage, length_to_um, parse_ome_images
 from tilefuse.model.layout import Layout, PixelSize, translation_affine
 
 __all__ = ["length_to_um", "ome_pixel_size_um", "parse_ome_images", "read_ome_tiff",
@@ -32,26 +31,14 @@ __all__ = ["length_to_um", "ome_pixel_size_um", "parse_ome_images", "read_ome_ti
 
 log = logging.getLogger(__name__)
 
-_UM_PER_UNIT = {
-    "m": 1e6, "cm": 1e4, "mm": 1e3, "µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0,
-    "micrometer": 1.0, "nm": 1e-3, "pm": 1e-6, "Å": 1e-4, "reference frame": 1.0,
-}
 _NO_POSITIONS_HINT = (
     "place the tiles with --pattern and --overlap, or with a TileConfiguration"
 )
 
 
-def length_to_um(value: float, unit: str, where: str) -> float:
-    """Convert a length to micrometres; ``unit`` is an OME unit symbol (m, mm, µm, um, nm...)."""
-    factor = _UM_PER_UNIT.get(unit.strip())
-    if factor is None:
-        raise InputError(f"{where}: unknown length unit {unit!r}; expected m, mm, µm or nm")
-    return value * factor
-
-
 def stage_to_pixels(
     stage_um: np.ndarray,
-    pixel_um: Sequence[float],
+    pixel_um: Sequence[float] | np.ndarray,
     *,
     flip_x: bool = False,
     flip_y: bool = False,
@@ -67,7 +54,7 @@ def stage_to_pixels(
     ----------
     stage_um : array, shape (n_tiles, 2) or (n_tiles, 3)
         Stage ``x, y(, z)`` of each tile in µm.
-    pixel_um : sequence of float, length 2 or 3
+    pixel_um : sequence or array of float, length 2 or 3
         Pixel size ``x, y(, z)`` in µm, matching ``stage_um``'s columns.
 
     Returns
@@ -87,75 +74,7 @@ def stage_to_pixels(
     return px[:, ::-1]
 
 
-@dataclass(frozen=True, slots=True)
-class _OmeImage:
-    """What one OME ``Image`` says about a tile (lengths in µm, ``None`` when absent)."""
-
-    name: str
-    series: int
-    size_z: int
-    pixel_um: tuple[float | None, float | None, float | None]  # x, y, z
-    stage_um: tuple[float | None, float | None, float | None]  # x, y, z
-    legacy_stage: bool
-    channels: tuple[str | None, ...]
-
-
-def _length(elem: ET.Element | None, attr: str, where: str, unit_attr: str | None = None):
-    """An OME length attribute in µm, or None when absent."""
-    if elem is None or elem.get(attr) is None:
-        return None
-    value = finite_number(elem.get(attr), where, attr)
-    unit = elem.get(unit_attr or f"{attr}Unit", "µm")
-    if unit.strip() == "reference frame":
-        log.warning("%s: %s is in 'reference frame' units; assuming micrometres", where, attr)
-    return length_to_um(value, unit, where)
-
-
-def _first_plane(pixels: ET.Element) -> ET.Element | None:
-    planes = pixels.findall("{*}Plane")
-    key = lambda p: tuple(int(p.get(a, "0")) for a in ("TheT", "TheZ", "TheC"))  # noqa: E731
-    return min(planes, key=key) if planes else None
-
-
-def _stage(image: ET.Element, plane: ET.Element | None, where: str) -> tuple:
-    """Stage x, y, z in µm from the first Plane, else from StageLabel."""
-    xyz = tuple(_length(plane, f"Position{a}", where) for a in "XYZ")
-    if xyz[0] is not None and xyz[1] is not None:
-        return xyz
-    label = image.find("{*}StageLabel")
-    return tuple(_length(label, a, where, f"{a}Unit") for a in "XYZ")
-
-
-def _parse_image(image: ET.Element, series: int, where: str) -> _OmeImage:
-    pixels = image.find("{*}Pixels")
-    if pixels is None:
-        raise InputError(f"{where}: OME Image without Pixels")
-    plane = _first_plane(pixels)
-    size = tuple(_length(pixels, f"PhysicalSize{a}", where) for a in "XYZ")
-    legacy = plane is not None and plane.find("{*}StagePosition") is not None
-    channels = tuple(c.get("Name") for c in pixels.findall("{*}Channel"))
-    return _OmeImage(image.get("Name") or f"image {series}", series,
-                     int(pixels.get("SizeZ", "1")), size, _stage(image, plane, where), legacy,
-                     channels)
-
-
-def parse_ome_images(xml: str, path: str) -> list[_OmeImage]:
-    """What each OME ``Image`` of an OME-XML document says about its tile, in document order.
-
-    Raises
-    ------
-    InputError
-        Malformed XML, an Image without Pixels, a length in an unknown unit.
-    """
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as exc:
-        raise InputError(f"{path}: malformed OME-XML ({exc})") from None
-    images = root.findall("{*}Image")
-    return [_parse_image(im, i, f"{path} image {i}") for i, im in enumerate(images)]
-
-
-def _read_images(path: str) -> list[_OmeImage]:
+def _read_images(path: str) -> list[OmeImage]:
     """The OME images of one file, each matched to its tifffile series by order."""
     import tifffile
 
@@ -180,7 +99,7 @@ def _read_images(path: str) -> list[_OmeImage]:
     return images
 
 
-def _require(path: str, img: _OmeImage, ndim: int) -> None:
+def _require(path: str, img: OmeImage, ndim: int) -> None:
     """Refuse an image without the stage position or pixel size needed to place it."""
     where = f"{path} image {img.series} ({img.name})"
     if img.stage_um[0] is None or img.stage_um[1] is None:
@@ -191,7 +110,7 @@ def _require(path: str, img: _OmeImage, ndim: int) -> None:
             + _NO_POSITIONS_HINT
         )
     needed = "XYZ"[: 3 if ndim == 3 and img.stage_um[2] is not None else 2]
-    for axis, size in zip(needed, img.pixel_um):
+    for axis, size in zip(needed, img.pixel_um[: len(needed)], strict=True):
         if size is None or size <= 0:
             raise InputError(
                 f"{where}: no positive Pixels PhysicalSize{axis} to turn stage positions into "
@@ -199,7 +118,7 @@ def _require(path: str, img: _OmeImage, ndim: int) -> None:
             )
 
 
-def _pixel_sizes(found: list[tuple[str, _OmeImage]], ndim: int) -> np.ndarray:
+def _pixel_sizes(found: list[tuple[str, OmeImage]], ndim: int) -> np.ndarray:
     """The shared pixel size x, y(, z) in µm; tiles must agree."""
     sizes = np.array([[s if s is not None else 1.0 for s in img.pixel_um[:ndim]]
                       for _, img in found])
@@ -275,15 +194,16 @@ def read_ome_tiff(
     names, origin = _names([p for p, _ in found])
     entries = [
         Entry(name, (p,), translation_affine(pos), img.series, f"{p} image {img.series}")
-        for name, (p, img), pos in zip(names, found, positions)
+        for name, (p, img), pos in zip(names, found, positions, strict=True)
     ]
     source = "OME-XML" if ndim == 2 or all(img.pixel_um[2] for _, img in found) else (
         "OME-XML; PhysicalSizeZ not stated, 1 µm")
     layout = layout_from_entries(entries, ndim=ndim, origin=origin,
                                  pixel_size=PixelSize(pixel[::-1], source), unit="micrometer")
     channels = found[0][1].channels
-    if len(channels) == len(layout.channels) and all(channels):
-        layout = replace(layout, channels=channels)
+    named = tuple(c for c in channels if c)
+    if len(named) == len(channels) == len(layout.channels):  # every channel has a name
+        layout = replace(layout, channels=named)
     metadata = {
         "reader": "ome-tiff", "stage_positions_um": stage.tolist(),
         "pixel_size_um": pixel[::-1].tolist(), "flip_x": flip_x, "flip_y": flip_y,
@@ -306,6 +226,7 @@ def ome_pixel_size_um(path: str | os.PathLike, ndim: int) -> tuple[float, ...] |
     except (InputError, FileNotFoundError):
         return None
     size = images[0].pixel_um[:ndim]
-    if any(s is None or s <= 0 for s in size):
+    stated = tuple(s for s in size if s is not None and s > 0)
+    if len(stated) != len(size):
         return None
-    return tuple(size[::-1])
+    return stated[::-1]

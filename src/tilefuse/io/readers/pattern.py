@@ -40,17 +40,17 @@ from pathlib import Path
 import numpy as np
 
 from tilefuse.errors import InputError
+from tilefuse.io.readers._grid import ORDERS, grid_index_to_rc, parse_grid
 from tilefuse.io.readers._pattern_gaps import log_gaps
 from tilefuse.io.readers.build import Entry, layout_from_entries
 from tilefuse.io.tiles import probe_tile
-from tilefuse.model.layout import Layout, translation_affine
+from tilefuse.model.layout import Layout, PixelSize, translation_affine
 from tilefuse.model.timeseries import TimeSeries
 
 __all__ = ["ORDERS", "grid_index_to_rc", "read_pattern"]
 
 log = logging.getLogger(__name__)
 
-ORDERS = ("row-major", "column-major", "snake-rows", "snake-cols")
 _FIELDS = ("row", "col", "index", "channel", "z", "t")
 _TOKEN = re.compile(r"\{([^{}]*)\}|\*\*/|\*|\?")
 _VENDOR = (".czi", ".nd2", ".lif", ".lsm", ".ims", ".vsi", ".oib", ".oir", ".svs", ".ndpi",
@@ -68,6 +68,7 @@ class _Match:
 
     def z_template(self) -> str:
         """The name relative to the folder with ``{z}`` in place of the plane number."""
+        assert self.z_span is not None  # only matches of a pattern with {z} have a template
         start, end = self.z_span
         return self.rel[:start] + "{z}" + self.rel[end:]
 
@@ -128,45 +129,6 @@ def _find(folder: Path, pattern: str) -> tuple[list[_Match], set[str]]:
     return [found[k] for k in sorted(found)], fields
 
 
-def _parse_grid(grid: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    if grid is None:
-        return None
-    if isinstance(grid, str):
-        m = re.fullmatch(r"\s*(\d+)\s*[xX\u00d7]\s*(\d+)\s*", grid)
-        if not m:
-            raise InputError(f"grid {grid!r} must be ROWSxCOLS, e.g. '5x4'")
-        grid = (int(m.group(1)), int(m.group(2)))
-    rows, cols = (int(v) for v in grid)
-    if rows < 1 or cols < 1:
-        raise InputError(f"grid {rows}x{cols} must have at least one row and one column")
-    return rows, cols
-
-
-def grid_index_to_rc(k: int, grid: tuple[int, int], order: str) -> tuple[int, int]:
-    """Grid (row, column) of the ``k``-th tile (from 0) of a Fiji Grid/Collection order.
-
-    Parameters
-    ----------
-    k : int
-        Acquisition index counted from 0, ``0 <= k < rows * cols``.
-    grid : (int, int)
-        Rows and columns.
-    order : {"row-major", "column-major", "snake-rows", "snake-cols"}
-        ``snake-rows``: row 0 left to right, row 1 right to left, ...; ``snake-cols`` likewise
-        down column 0, up column 1, ...
-    """
-    rows, cols = grid
-    if order in ("row-major", "snake-rows"):
-        row, col = divmod(k, cols)
-        if order == "snake-rows" and row % 2:
-            col = cols - 1 - col
-        return row, col
-    col, row = divmod(k, rows)
-    if order == "snake-cols" and col % 2:
-        row = rows - 1 - row
-    return row, col
-
-
 def _rc_from_index(
     matches: list[_Match], grid: tuple[int, int] | None, order: str, first_index: int | None,
     pattern: str,
@@ -180,7 +142,7 @@ def _rc_from_index(
     first = min(indices) if first_index is None else int(first_index)
     n = grid[0] * grid[1]
     out = []
-    for m, idx in zip(matches, indices):
+    for m, idx in zip(matches, indices, strict=True):
         if not 0 <= idx - first < n:
             raise InputError(
                 f"{m.path}: index {idx} is outside the {grid[0]}x{grid[1]} grid (indices "
@@ -194,7 +156,7 @@ def _rc_from_names(matches: list[_Match], grid: tuple[int, int] | None) -> list[
     raw = [(int(m.fields["row"]), int(m.fields["col"])) for m in matches]
     r0, c0 = min(r for r, _ in raw), min(c for _, c in raw)
     out = [(r - r0, c - c0) for r, c in raw]
-    for m, (r, c) in zip(matches, out):
+    for m, (r, c) in zip(matches, out, strict=True):
         if grid is not None and not (r < grid[0] and c < grid[1]):
             raise InputError(
                 f"{m.path}: row {r}, column {c} (counted from the smallest found) is outside "
@@ -233,7 +195,7 @@ def _group(
 ) -> tuple[Cells, list[str]]:
     """Files per grid position, keyed by (channel, plane); refuses duplicates, missing channels."""
     cells: Cells = {}
-    for m, rc in zip(matches, rcs):
+    for m, rc in zip(matches, rcs, strict=True):
         key = (m.fields.get("channel", ""), int(m.fields.get("z", -1)))
         cell = cells.setdefault(rc, {})
         if key in cell:
@@ -264,7 +226,7 @@ def _by_time(
     if not with_t:
         return [("", matches, rcs)]
     times: dict[int, tuple[str, list, list]] = {}
-    for m, rc in zip(matches, rcs):
+    for m, rc in zip(matches, rcs, strict=True):
         _, ms, rs = times.setdefault(int(m.fields["t"]), (m.fields["t"], [], []))
         ms.append(m)
         rs.append(rc)
@@ -374,7 +336,7 @@ def _tile_order(matches: list[_Match], rcs: list[tuple[int, int]], fields: set[s
     """Grid positions in layout order: acquisition order with {index}, else row by row."""
     if "index" in fields:
         indices = [int(m.fields["index"]) for m in matches]
-        return list(dict.fromkeys(rc for _, rc in sorted(zip(indices, rcs))))
+        return list(dict.fromkeys(rc for _, rc in sorted(zip(indices, rcs, strict=True))))
     return sorted(set(rcs))
 
 
@@ -434,13 +396,16 @@ def read_pattern(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"tile folder not found: {folder}")
-    grid_rc = _parse_grid(grid)
+    grid_rc = parse_grid(grid)
     matches, fields = _find(folder, pattern)
     _refuse_vendor_files(matches, fields, pattern)
     rcs = _grid_rc(matches, fields, grid_rc, order, first_index, pattern)
     keys = _tile_order(matches, rcs, fields)
-    acquisition = None if "index" not in fields else {
-        grid_index_to_rc(k, grid_rc, order): k for k in range(grid_rc[0] * grid_rc[1])}
+    acquisition: dict[tuple[int, int], int] | None = None
+    if "index" in fields:
+        assert grid_rc is not None  # _grid_rc refuses {index} without a grid
+        acquisition = {grid_index_to_rc(k, grid_rc, order): k
+                       for k in range(grid_rc[0] * grid_rc[1])}
     log_gaps(log, [m.fields for m in matches], keys, grid_rc, acquisition, first_index, pattern)
     grouped = [(name, *_group(ms, rs, fields)) for name, ms, rs in _by_time(matches, rcs,
                                                                            "t" in fields)]
@@ -462,7 +427,8 @@ def read_pattern(
     }
     layouts = []
     for _, per_tile in stacks:
-        entries = [_entry(stack, rc, steps, ndim, folder) for stack, rc in zip(per_tile, keys)]
+        entries = [_entry(stack, rc, steps, ndim, folder)
+                   for stack, rc in zip(per_tile, keys, strict=True)]
         layout = layout_from_entries(
             entries, ndim=ndim, origin=str(folder),
             channel_names=channels if "channel" in fields else None,
@@ -488,7 +454,7 @@ def _pixel_size(
     full = _ome_pixel_size(path, 3)
     if z_step is None and (full is not None or not planes):
         return full
-    from tilefuse.model.layout import DEFAULT_SOURCE, PixelSize
+    from tilefuse.model.layout import DEFAULT_SOURCE
 
     lateral = _ome_pixel_size(path, 2)
     y, x = lateral or (1.0, 1.0)
@@ -496,7 +462,7 @@ def _pixel_size(
     return PixelSize((float(1.0 if z_step is None else z_step) * y, y, x), source)
 
 
-def _ome_pixel_size(path: str, ndim: int) -> tuple[float, ...] | None:
+def _ome_pixel_size(path: str, ndim: int) -> PixelSize | None:
     """Pixel size (zyx, µm) a tile states (OME-XML, ImageJ, TIFF resolution), or None."""
     from tilefuse.io.readers.calibration import stated_pixel_size
 

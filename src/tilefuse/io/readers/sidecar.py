@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 _KEY = re.compile(r"^#\s*tilefuse\.([A-Za-z_]+)\s*=\s*(.*?)\s*$")
 _LAYOUT_FILE = "layout file"  # source of a pixel size a layout file states without saying whence
-_CHECKS = {
+_CHECKS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "dtype": (str, "a dtype name like \"uint16\""),
     "channels": (list, "a list of channel names"),
     "pixel_size_xyz": (list, "a list of positive numbers, x, y[, z]"),
@@ -119,10 +119,12 @@ def _pixel_size(header: Header, ndim: int) -> PixelSize | None:
     if "pixel_size_xyz" not in header:
         return None
     values, where = header["pixel_size_xyz"]
+    assert isinstance(values, list)  # parse_key checked: a list of positive numbers
     if len(values) != ndim:
         raise InputError(f"{where}: tilefuse.pixel_size_xyz has {len(values)} values, but the "
                          f"tiles are {ndim}D; give {ndim}")
     source = header.get("pixel_size_source", (_LAYOUT_FILE, ""))[0]
+    assert isinstance(source, str)  # parse_key checked
     return PixelSize([float(v) for v in values][::-1], source)
 
 
@@ -134,9 +136,11 @@ def finish_layout(layout: Layout, header: Header) -> Layout:
     InputError
         The tiles' dtype or channel count differs from what the layout file was written for.
     """
-    changes: dict[str, object] = {}
+    channels: tuple[str, ...] | None = None
+    unit: str | None = None
     if "dtype" in header:
         value, where = header["dtype"]
+        assert isinstance(value, str)  # parse_key checked
         try:
             dtype = np.dtype(value)
         except TypeError:
@@ -147,17 +151,24 @@ def finish_layout(layout: Layout, header: Header) -> Layout:
                 f"is {layout.dtype}; the tiles changed since (write the layout again)")
     if "channels" in header:
         names, where = header["channels"]
+        assert isinstance(names, list)  # parse_key checked: a list of str
         if len(names) != len(layout.channels):
             raise InputError(
                 f"{where}: the layout was written for {len(names)} channel(s) "
                 f"({', '.join(names)}), but the tiles hold {len(layout.channels)}; a tile's "
                 "channel files are missing or changed")
-        changes["channels"] = tuple(names)
-    if (pixel := _pixel_size(header, layout.ndim)) is not None:
-        changes["pixel_size"] = pixel
+        channels = tuple(names)
+    pixel = _pixel_size(header, layout.ndim)
     if "unit" in header:
-        changes["unit"] = header["unit"][0]
-    return replace(layout, **changes) if changes else layout
+        stated = header["unit"][0]
+        assert isinstance(stated, str)  # parse_key checked
+        unit = stated
+    if channels is None and pixel is None and unit is None:
+        return layout
+    return replace(layout,
+                   channels=layout.channels if channels is None else channels,
+                   pixel_size=layout.pixel_size if pixel is None else pixel,
+                   unit=layout.unit if unit is None else unit)
 
 
 def build_layout(entries: list[Entry], *, ndim: int, origin: str, header: Header) -> Layout:
@@ -165,6 +176,7 @@ def build_layout(entries: list[Entry], *, ndim: int, origin: str, header: Header
     probed from their files; then :func:`finish_layout`."""
     if any(e.paths[0].lower().endswith(".czi") for e in entries):
         scene = header.get("czi_scene", (None, ""))[0]
+        assert scene is None or isinstance(scene, int)  # parse_key checked
         return finish_layout(_czi_tiles(entries, origin, scene), header)
     pixel = _pixel_size(header, ndim)  # stated: the tiles' calibration need not be probed
     return finish_layout(layout_from_entries(entries, ndim=ndim, origin=origin,
@@ -180,7 +192,8 @@ def _czi_tiles(entries: list[Entry], origin: str, scene: int | None) -> Layout:
         raise InputError(f"{origin}: lists several files with a CZI among them; a layout may "
                          "place the tiles of one CZI file")
     base = read_czi(files.pop(), scene=scene)
-    tiles, seen = [], {}
+    tiles: list[Tile] = []
+    seen: dict[int, str] = {}
     for e in entries:
         if e.series >= len(base.tiles):
             raise InputError(f"{e.where}: series {e.series}, but the CZI has "

@@ -122,7 +122,9 @@ def parse_tileconfig(path: str | os.PathLike) -> tuple[int, list[Entry], Header]
     (nothing probed)."""
     path = str(path)
     base = Path(path).parent
-    dim, multiseries, entries, header = None, False, [], {}
+    dim, multiseries = None, False
+    entries: list[Entry] = []
+    header: Header = {}
     for lineno, line in read_text_lines(path):
         where = f"{path}:{lineno}"
         if line.lstrip().startswith("#"):
@@ -133,6 +135,7 @@ def parse_tileconfig(path: str | os.PathLike) -> tuple[int, list[Entry], Header]
             elif not entries:
                 raise InputError(f"{where}: tilefuse.tile line before any tile line")
             else:
+                assert isinstance(found[1], dict)  # parse_key checked
                 entries[-1] = _with_tile_extras(entries[-1], found[1], base, where)
             continue
         text = line.split("#", 1)[0].strip()

@@ -1,0 +1,207 @@
+"""What a fusion run checks before it reads a pixel, and what it records for a resume.
+
+Used by :mod:`tilefuse.pipeline` (so by the command line and the napari widget alike):
+
+- the run's inputs (the layout file or folder and every file a tile is read from), which are
+  never written, replaced or deleted (:mod:`tilefuse.io.outputs`);
+- the output's name, the layout files saved beside it (``NAME.layout.csv``,
+  ``NAME.TileConfiguration.txt``) and the registration report's files;
+- the chunk: as given (checked against the layout and the memory budget), as an interrupted run
+  chose it, or the largest the memory budget allows;
+- the run manifest stored with the image: a resume must be asked exactly the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tilefuse import __version__
+from tilefuse.errors import InputError
+from tilefuse.fusion.graph import FusionPlan, SeriesPlan
+from tilefuse.fusion.kernel import resolve_backend
+from tilefuse.io.outputs import check_file_output, image_stem, input_files, read_manifest
+from tilefuse.io.tiles import TIFF_SUFFIXES
+from tilefuse.model.layout import Layout, Tile
+from tilefuse.model.timeseries import TimeSeries
+from tilefuse.ome_zarr.resume import TILE_FILES_KEY, tile_digests
+from tilefuse.ome_zarr.resume import tile_files as files_of_tile
+from tilefuse.plan.chunking import chunk_shape
+
+__all__ = ["SIDECAR_SUFFIXES", "budget_chunk", "check_chunk", "check_output_name",
+           "check_report", "check_sidecars", "resume_chunk", "run_inputs", "run_manifest",
+           "sidecar_path", "tile_files"]
+
+log = logging.getLogger("tilefuse")
+
+Chunk = int | tuple[int, ...] | None
+
+SIDECAR_SUFFIXES = (".layout.csv", ".TileConfiguration.txt")
+"""The layout files saved beside an image ``NAME.ome.zarr``: ``NAME`` + each of these."""
+
+# File types a zarr folder must not be named as (the image would look like another format).
+_FILE_SUFFIXES = (*TIFF_SUFFIXES, ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".h5", ".hdf5", ".n5",
+                  ".czi", ".txt", ".csv", ".json", ".xml")
+
+
+def tile_files(layout: Layout | TimeSeries) -> list[str]:
+    """Every file the tiles are read from: all channel files, all z planes, all time points."""
+    layouts = layout.layouts if isinstance(layout, TimeSeries) else (layout,)
+    return [path for one in layouts for tile in one.tiles for path in files_of_tile(tile)]
+
+
+def run_inputs(layout_path: str | os.PathLike | None, layout: Layout | TimeSeries) -> set[Path]:
+    """The resolved paths a run reads (the layout file or folder, every tile file): never
+    written, replaced or deleted."""
+    return input_files(layout_path, tile_files(layout))
+
+
+def check_output_name(output: Path) -> None:
+    """The fusion output's name says zarr (checked before anything is read)."""
+    if output.suffix.lower() in _FILE_SUFFIXES:
+        hint = (" (OME-TIFF output is not available yet)"
+                if output.suffix.lower() in TIFF_SUFFIXES else "")
+        raise InputError(f"-o {output}: the output is an OME-Zarr folder; name it "
+                         f"NAME.ome.zarr{hint}")
+
+
+def sidecar_path(output: Path, suffix: str) -> Path:
+    """The layout file saved beside the image ``output``: ``NAME`` + `suffix`."""
+    return output.with_name(image_stem(output) + suffix)
+
+
+def check_sidecars(output: Path, inputs: set[Path]) -> list[str]:
+    """The layout files written beside the output: never an input; an existing one only when
+    the output being replaced or resumed wrote it. Returns their names (for the manifest)."""
+    paths = [sidecar_path(output, suffix) for suffix in SIDECAR_SUFFIXES]
+    previous = read_manifest(output) if output.is_dir() else None
+    ours = set((previous or {}).get("sidecars", ()))
+    for path in paths:
+        if Path(os.path.realpath(path)) in inputs:
+            raise InputError(f"-o {output} would save its layout as {path}, which is this run's "
+                             "input; choose another output name")
+        if (path.exists() or path.is_symlink()) and path.name not in ours:
+            raise FileExistsError(f"{path} exists and was not written by a run into {output}; "
+                                  "move it away or choose another output name")
+    return [p.name for p in paths]
+
+
+def check_report(report: str | os.PathLike | None, inputs: set[Path], *,
+                 overwrite: bool) -> None:
+    """--report NAME.json and its picture NAME.png: new files, or `overwrite`; never inputs."""
+    if not report:
+        return
+    path = check_file_output(report, overwrite=overwrite, inputs=inputs, what="--report",
+                             suffixes=(".json",))
+    check_file_output(path.with_suffix(".png"), overwrite=overwrite, inputs=inputs,
+                      what="--report picture")
+
+
+def check_chunk(chunk: Chunk, layout: Layout | TimeSeries) -> None:
+    """A chunk gives one size or one per spatial axis of the layout."""
+    ndim = layout.ndim
+    if isinstance(chunk, tuple) and len(chunk) not in (1, ndim):
+        raise InputError(f"--chunk takes 1 or {ndim} values for this {ndim}D layout, "
+                         f"got {len(chunk)}")
+
+
+def resume_chunk(output: Path, chunk: Chunk, *, resume: bool) -> Chunk:
+    """On a resume without a chunk, the chunk the interrupted run chose (the automatic choice
+    depends on the machine's memory, which may differ on another node)."""
+    saved = read_manifest(output) if resume and chunk is None else None
+    if saved and saved.get("chunk"):
+        shape = tuple(int(n) for n in saved["chunk"])
+        return shape[0] if len(shape) == 1 else shape
+    return chunk
+
+
+def budget_chunk(layout: Layout | TimeSeries, chunk: Chunk, *, memory_limit: str | int,
+                 workers: int | None, cache_bytes: int, backend: str) -> int | tuple[int, ...]:
+    """`chunk`, checked against `memory_limit`; or the largest chunk the budget allows.
+
+    The budget is a size, or a fraction of the memory this job may use (the smallest of RAM,
+    its cgroup limits and its SLURM allocation). The estimate counts the libraries, the tiles
+    the cache will actually hold and the chunk tasks that can run at once.
+    """
+    from tilefuse.plan.info import choose_chunk, chunk_peak, layout_memory, parse_bytes
+
+    budget = parse_bytes(str(memory_limit))
+    threads = workers or os.cpu_count() or 1
+    n_ch, itemsize = len(layout.channels), layout.dtype.itemsize
+    options = layout_memory(layout)
+    if isinstance(chunk, tuple) and len(chunk) == 1:
+        chunk = chunk[0]
+    if chunk is None:
+        side = choose_chunk(layout.ndim, n_ch, itemsize, threads, cache_bytes, budget, backend,
+                            **options)
+        log.info("chunk %d chosen for a %.1f GB memory budget", side, budget / 1e9)
+        return side
+    need = chunk_peak(chunk_shape(chunk, layout.ndim), n_ch, itemsize, threads, cache_bytes,
+                      backend, **options)
+    if need.total > budget:
+        log.warning("--chunk %s needs ~%.0f MiB (%s), above the %.0f MiB memory limit", chunk,
+                    need.total / 2**20, need.parts(), budget / 2**20)
+    return chunk
+
+
+def _tile_identity(tile: Tile) -> tuple:
+    """A tile as the manifest knows it: name, resolved files, series and channels kept, shape
+    (the same tiles named by a relative or an absolute path are the same run)."""
+    source = tile.source
+    files = [os.path.realpath(p) for p in files_of_tile(tile)]
+    return (tile.name, files or source.key, getattr(source, "series", None),
+            getattr(source, "channels", None), tile.shape)
+
+
+def run_manifest(layout: Layout | TimeSeries, plan: FusionPlan | SeriesPlan, *,
+                 backend: str, ngff: str, levels: int | None, flatfield: str | None,
+                 darkfield: str | None, match_intensity: bool,
+                 sidecars: Sequence[str]) -> dict:
+    """What a fusion run was asked to do: a resume must be asked exactly the same (tile files
+    that changed since are fused again, see :mod:`tilefuse.ome_zarr.resume`)."""
+    options: dict[str, Any] = {
+        "backend": backend, "ngff": ngff, "levels": levels, "flatfield": flatfield,
+        "darkfield": darkfield, "match_intensity": match_intensity, "sidecars": sidecars,
+    }
+    if isinstance(layout, TimeSeries):
+        assert isinstance(plan, SeriesPlan)
+        manifest = run_manifest(layout.at_time(0), plan.plans[0], **options)
+        digest = hashlib.sha256()
+        for one, one_plan in zip(layout.layouts, plan.plans, strict=True):
+            digest.update(run_manifest(one, one_plan, **options)["layout_sha256"].encode())
+        manifest.update(layout_sha256=digest.hexdigest(), tiles=layout.n_tiles,
+                        timepoints=list(layout.names))
+        manifest[TILE_FILES_KEY] = tile_digests(list(layout.layouts))
+        return manifest
+    assert isinstance(plan, FusionPlan)
+    digest = hashlib.sha256()
+    for tile in layout.tiles:
+        digest.update(repr(_tile_identity(tile)).encode())
+        digest.update(np.round(tile.affine, 9).tobytes())
+    digest.update(repr((str(layout.dtype), layout.channels)).encode())
+    return {
+        "tilefuse": __version__,
+        "layout_sha256": digest.hexdigest(),
+        "tiles": len(layout.tiles),
+        "blend": plan.blend,
+        "blend_width": [round(w, 6) for w in plan.widths],
+        "chunk": list(plan.chunks.chunk_shape),
+        "backend": resolve_backend(backend),
+        "dtype": str(plan.dtype),
+        "fill": plan.fill,
+        "ngff": ngff,
+        "levels": levels,
+        "pixel_size": list(layout.pixel_size),
+        "unit": layout.unit,
+        "flatfield": flatfield,
+        "darkfield": darkfield,
+        "match_intensity": match_intensity,
+        "sidecars": list(sidecars),
+        TILE_FILES_KEY: tile_digests([layout]),
+    }

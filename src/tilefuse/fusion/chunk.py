@@ -1,0 +1,173 @@
+"""What one output chunk is made of, shared by both chunk kernels (numpy and numba): the tiles
+touching it (:class:`ChunkTile`), the accumulator dtype that fuses them without rounding, the
+checks of tile dtypes and fill values, and the final normalise/fill/round/cast step.
+
+Values are accumulated in float32 when the tiles and the output have at most 16 bits (integers)
+or are float32, which holds every such value exactly, and in float64 when either is wider
+(int32, uint32, float64; int64 or uint64 output of narrower tiles), so nothing is rounded on the
+way. What float64 cannot hold exactly (64-bit integer or complex tiles, extended precision) is
+refused by name.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from tilefuse.errors import InputError
+
+__all__ = ["ChunkTile", "accumulator_dtype", "check_fill", "exact_in_float32", "finalize",
+           "read_checked"]
+
+
+_SUPPORTED = ("bool, uint8/16/32, int8/16/32 and float16/32/64 tiles; output also int64/uint64 "
+              "(of narrower tiles)")
+
+
+def exact_in_float32(dtype: np.dtype) -> bool:
+    return dtype.kind == "b" or dtype.itemsize <= 2 or dtype == np.float32
+
+
+def accumulator_dtype(tile_dtype: np.dtype | str, out_dtype: np.dtype | str | None = None
+                      ) -> np.dtype:
+    """The float dtype that fuses ``tile_dtype`` tiles into ``out_dtype`` without rounding.
+
+    float32 when every value of both is a float32 number (integers of at most 16 bits, float16,
+    float32, bool), float64 otherwise.
+
+    Parameters
+    ----------
+    tile_dtype : dtype
+        The tiles' pixel type.
+    out_dtype : dtype, optional
+        The output's (default: the tiles').
+
+    Returns
+    -------
+    numpy.dtype
+        float32 or float64.
+
+    Raises
+    ------
+    InputError
+        A dtype whose values float64 cannot hold exactly, named: 64-bit integer tiles, complex,
+        extended precision, or not a number type.
+    """
+    tile = np.dtype(tile_dtype)
+    out = tile if out_dtype is None else np.dtype(out_dtype)
+    for role, dt, widest_int in (("tile", tile, 4), ("output", out, 8)):
+        if (dt.kind not in "biuf" or (dt.kind in "iu" and dt.itemsize > widest_int)
+                or (dt.kind == "f" and dt.itemsize > 8)):
+            raise InputError(
+                f"{role} dtype {dt} cannot be fused exactly (float64 holds integers up to 2^53 "
+                f"only, and no complex or extended-precision values); supported: {_SUPPORTED}"
+            )
+    both = exact_in_float32(tile) and exact_in_float32(out)
+    return np.dtype(np.float32 if both else np.float64)
+
+
+def check_fill(fill: float, dtype: np.dtype | str) -> None:
+    """Refuse a fill value the output dtype cannot hold exactly (it would be rounded or clipped).
+
+    Raises
+    ------
+    InputError
+        For an integer (or bool) output: a fill that is not a whole number in its range; for a
+        float output: a finite fill beyond its range (NaN and infinities are fine).
+    """
+    dtype = np.dtype(dtype)
+    value = float(fill)
+    whole = bool(np.isfinite(value)) and value == np.floor(value)
+    shown = str(int(value)) if whole and abs(value) < 1e16 else f"{value:g}"
+    if dtype.kind == "f":
+        if np.isfinite(value) and abs(value) > np.finfo(dtype).max:
+            raise InputError(f"fill value {shown} is beyond the range of {dtype}")
+        return
+    if dtype.kind not in "biu":
+        return
+    info = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+    if not (whole and info[0] <= value <= info[1] and abs(value) <= 2**53):
+        raise InputError(f"fill value {shown} does not fit the output dtype {dtype}: expected "
+                         f"a whole number from {info[0]} to {info[1]}")
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkTile:
+    """What the kernel needs of one tile.
+
+    Attributes
+    ----------
+    affine : numpy.ndarray, shape (ndim + 1, ndim + 1)
+        Tile index -> mosaic index.
+    shape : tuple of int
+        Tile spatial shape.
+    path : {"slice", "shift", "affine"}
+        Resampling path (see :func:`tilefuse.fusion.resample.classify`).
+    read : callable
+        Returns the tile's pixels, shape ``(c, *shape)``.
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, ...]
+    path: str
+    read: Callable[[], np.ndarray]
+
+
+def finalize(values: np.ndarray, covered: np.ndarray, dtype: np.dtype, fill: float) -> np.ndarray:
+    """Round (never truncate) blended values to ``dtype`` and fill uncovered pixels.
+
+    Parameters
+    ----------
+    values : numpy.ndarray, shape (c, *chunk)
+        The accumulator (float32 or float64, see :func:`accumulator_dtype`); overwritten.
+    covered : numpy.ndarray of bool, shape (*chunk)
+    dtype : numpy.dtype
+        Output dtype.
+    fill : float
+        Value of uncovered pixels.
+
+    Returns
+    -------
+    numpy.ndarray, shape (c, *chunk), ``dtype``
+    """
+    dtype = np.dtype(dtype)
+    if not covered.all():
+        if values.dtype.kind != "f":
+            values = values.astype(accumulator_dtype(values.dtype, dtype))
+        values[:, ~covered] = fill
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        out = np.rint(values, out=values if values.dtype.kind == "f" else None)
+        np.clip(out, info.min, info.max, out=out)
+        out = out.astype(dtype)
+    elif dtype == np.bool_:
+        out = values > 0.5
+    else:
+        out = values.astype(dtype)
+    return out
+
+
+def read_checked(tile: ChunkTile, accumulator: np.dtype) -> np.ndarray:
+    """The tile's pixels, refused when ``accumulator`` cannot hold them exactly (a tile wider
+    than the layout's dtype said, e.g. one uint32 file among uint16 tiles).
+
+    Returns
+    -------
+    numpy.ndarray, shape (c, *tile.shape)
+    """
+    data = tile.read()
+    if data.dtype != accumulator:
+        need = _tile_accumulator(data.dtype)  # refuses an unsupported dtype by name
+        if need.itemsize > accumulator.itemsize:
+            raise InputError(f"a tile of dtype {data.dtype} in a run planned for narrower tiles "
+                             f"({accumulator} accumulation, it needs {need}); every tile of a "
+                             "layout needs the same dtype")
+    return data
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_accumulator(dtype: np.dtype) -> np.dtype:
+    return accumulator_dtype(dtype)

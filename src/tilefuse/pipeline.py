@@ -1,0 +1,431 @@
+"""One fusion run, from a layout to an OME-Zarr image with its layout saved beside it.
+
+read -> register (optional) -> intensity correction (optional) -> plan -> write -> sidecars,
+with the output checks of :mod:`tilefuse.io.outputs` first and the run manifest that makes an
+interrupted run resumable. ``tilefuse fuse`` and the napari widget both describe a run as a
+:class:`FuseRequest` and call :func:`run_fusion`; so do scripts that want exactly what the
+command line does::
+
+    from tilefuse.pipeline import FuseRequest, run_fusion
+
+    result = run_fusion(FuseRequest("tiles/TileConfiguration.txt", "mosaic.ome.zarr",
+                                    register=True, pixel_size=(0.65,)))
+    result.output, result.sidecars, result.timings
+
+The library never prints: what a person should read (registration summaries, where a report
+went, a dashboard link) goes to the ``message`` callback, progress to ``progress``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tilefuse import _run
+from tilefuse._layouts import (
+    MessageFn,
+    read_input,
+    register_input,
+    save_layout,
+    save_sidecars,
+    silent,
+)
+from tilefuse.errors import USER_ERRORS, InputError
+from tilefuse.fusion.graph import FusionPlan, SeriesPlan, fuse, plan_fusion
+from tilefuse.fusion.kernel import check_fill, resolve_backend
+from tilefuse.io.outputs import check_image_output, read_manifest, refuse_url
+from tilefuse.io.tiles import DEFAULT_CACHE_BYTES
+from tilefuse.model.layout import Layout
+from tilefuse.model.mosaic import Mosaic
+from tilefuse.model.timeseries import TimeSeries
+from tilefuse.ome_zarr.writer import is_finished_image, write_image
+
+if TYPE_CHECKING:
+    from tilefuse.registration import RegistrationReport
+
+__all__ = ["FuseRequest", "FuseResult", "read_input", "register_input", "run_fusion",
+           "save_layout", "save_sidecars"]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, str], None]
+"""``progress(done, total, label)``; ``total == 0`` means "busy, no count" (a stage)."""
+Compute = Callable[..., tuple]
+"""Runs dask collections like ``dask.compute(*collections)``; may take ``label=``."""
+Runner = Callable[[], AbstractContextManager[tuple[Compute, str | None]]]
+"""Opens ``(compute, dashboard_link)`` for the write, e.g. :func:`tilefuse.runner.open_runner`."""
+
+# What may stop a write half way: then the partial output is kept for a resume.
+_WRITE_FAILURES: tuple[type[BaseException], ...] = (*USER_ERRORS, OSError, KeyboardInterrupt)
+
+
+@dataclass(frozen=True)
+class FuseRequest:
+    """A fusion run: the options of ``tilefuse fuse``, one field each (same names, same defaults).
+
+    Attributes
+    ----------
+    layout : str or path-like
+        Layout file, acquisition (CZI, OME-TIFF) or folder of tiles (with `pattern`).
+    output : str or path-like
+        The OME-Zarr folder to write, ``NAME.ome.zarr``; the layout is saved beside it as
+        ``NAME.layout.csv`` and ``NAME.TileConfiguration.txt``.
+    pattern, grid, order, overlap, first_index, z_step, flip_x, flip_y, swap_xy, scene
+        How to read it: see :func:`tilefuse.read_layout`.
+    timepoint : int, optional
+        Of a time series, the time point registration measures (default 0).
+    rotate : float, optional
+        Rotate every tile by this many degrees about its centre.
+    pixel_size : sequence of float, optional
+        One value, or one per spatial axis (z, y, x); with one value and `z_step`, z is
+        `z_step` times larger. Default: from the files, else 1.
+    unit : str
+        Unit of `pixel_size`.
+    register, max_shift, channel, register_downsample, keep_stage_positions
+        Refine positions first (:func:`tilefuse.register`; `register_downsample` is its
+        ``downsample``, `keep_stage_positions` its ``allow_stage_positions``).
+    report : str or path-like, optional
+        Write the registration report as JSON (and its picture beside it as PNG).
+    flatfield, darkfield : str, optional
+        ``"estimate"`` or a file: see :func:`tilefuse.intensity.prepare_corrections`.
+    match_intensity : bool
+        Per-tile gains from the overlaps.
+    chunk : int or tuple of int, optional
+        Output chunk (one size or one per spatial axis); default: the largest that
+        `memory_limit` allows (or, on a resume, the interrupted run's).
+    blend, blend_width, dtype, fill, backend
+        As in :func:`tilefuse.plan_fusion`.
+    cache_bytes : int
+        Decoded-tile cache per process.
+    memory_limit : str or int
+        Memory budget: bytes (``"8GB"``) or a fraction of this job's memory (``"0.5"``).
+    ngff, levels : str, int
+        OME-NGFF version and pyramid levels (:func:`tilefuse.write_ome_zarr`).
+    overwrite, resume : bool
+        Replace an output tilefuse wrote; continue an interrupted run into `output`.
+    scheduler, workers
+        Where dask runs: ``threads``, ``processes``, ``sync``, ``distributed`` or a scheduler
+        address; threads or workers (default: one per core; also registration's threads).
+    """
+
+    layout: str | os.PathLike
+    output: str | os.PathLike
+    pattern: str | None = None
+    grid: str | None = None
+    order: str | None = None
+    overlap: float | None = None
+    first_index: int | None = None
+    z_step: float | None = None
+    flip_x: bool = False
+    flip_y: bool = False
+    swap_xy: bool = False
+    scene: int | None = None
+    timepoint: int | None = None
+    rotate: float | None = None
+    pixel_size: tuple[float, ...] | None = None
+    unit: str = "micrometer"
+    register: bool = False
+    max_shift: float | None = None
+    channel: int = 0
+    register_downsample: int = 1
+    keep_stage_positions: bool = False
+    report: str | os.PathLike | None = None
+    flatfield: str | None = None
+    darkfield: str | None = None
+    match_intensity: bool = False
+    chunk: int | tuple[int, ...] | None = None
+    blend: str = "linear"
+    blend_width: float | None = None
+    dtype: str | None = None
+    fill: float = 0
+    backend: str = "auto"
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    memory_limit: str | int = "0.5"
+    ngff: str = "0.5"
+    levels: int | None = None
+    overwrite: bool = False
+    resume: bool = False
+    scheduler: str = "threads"
+    workers: int | None = None
+
+    def read_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`read_input` this request sets."""
+        return {"pattern": self.pattern, "grid": self.grid, "order": self.order,
+                "overlap": self.overlap, "first_index": self.first_index, "z_step": self.z_step,
+                "flip_x": self.flip_x, "flip_y": self.flip_y, "swap_xy": self.swap_xy,
+                "scene": self.scene, "timepoint": self.timepoint, "rotate": self.rotate,
+                "pixel_size": self.pixel_size, "unit": self.unit}
+
+
+@dataclass(frozen=True)
+class FuseResult:
+    """What a run did.
+
+    Attributes
+    ----------
+    output : pathlib.Path
+        The OME-Zarr image.
+    layout : Layout or TimeSeries
+        What was fused, registered when asked (before intensity correction): what the
+        sidecars hold.
+    plan : FusionPlan or SeriesPlan
+    mosaic : Mosaic
+        The written image as fused (axes, pixel size, channel names, origin).
+    sidecars : tuple of pathlib.Path
+        ``NAME.layout.csv`` and, but for a time series, ``NAME.TileConfiguration.txt``; empty
+        when `complete`.
+    reports : dict of int to RegistrationReport
+        By time point index (0 for a layout); empty without registration.
+    timings : dict of str to float
+        Seconds per step: ``read``, ``register``, ``correct``, ``plan``, ``write``,
+        ``sidecars``, and ``total``.
+    complete : bool
+        A resume found the image already finished: nothing was written.
+    """
+
+    output: Path
+    layout: Layout | TimeSeries
+    plan: FusionPlan | SeriesPlan
+    mosaic: Mosaic
+    sidecars: tuple[Path, ...] = ()
+    reports: dict[int, RegistrationReport] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    complete: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def run_fusion(
+    request: FuseRequest,
+    *,
+    progress: ProgressFn | None = None,
+    message: MessageFn | None = None,
+    runner: Runner | None = None,
+) -> FuseResult:
+    """Run a fusion: check, read, register, correct, plan, write, save the layout beside.
+
+    Everything that can be refused is refused before a pixel is read: the output's name and
+    place (:func:`tilefuse.io.outputs.check_image_output`: never an input, never a folder
+    tilefuse did not make), the sidecars and report files, the chunk and the fill value.
+
+    Parameters
+    ----------
+    request : FuseRequest
+    progress : callable, optional
+        ``progress(done, total, label)``: a stage (``"reading layout"``, ``"registering"``,
+        ``"correcting intensity"``, ``"planning"``, ``"saving layout"``) with ``total == 0``,
+        then tasks done of each write compute (``"fusing"``, ``"pyramid level 1"``, ...). Called
+        from this thread, for the threads, processes and sync schedulers.
+    message : callable, optional
+        Receives each line a person should read: registration summaries, where reports went,
+        the dask dashboard's address.
+    runner : callable, optional
+        Opens the ``(compute, dashboard)`` the image is written with (the command line passes
+        :func:`tilefuse.runner.open_runner` with its progress bars); default: `request`'s
+        scheduler, reporting to `progress`.
+
+    Returns
+    -------
+    FuseResult
+
+    Raises
+    ------
+    InputError, FileNotFoundError, FileExistsError, PermissionError
+        A wrong input or output, named; when an interrupted write left a resumable output,
+        the message says so (``--resume`` continues it).
+    KeyboardInterrupt
+        Likewise, with that note as its argument.
+    """
+    stage = progress or _no_progress
+    say = message or silent
+    timings: dict[str, float] = {}
+    clock = _Clock(timings)
+    refuse_url(request.output, "-o")  # before Path() folds "s3://b" into "s3:/b"
+    output = Path(request.output)
+    _run.check_output_name(output)
+    _warm_up_kernel(request.backend)
+    stage(0, 0, "reading layout")
+    layout = read_input(request.layout, **request.read_options())
+    _run.check_chunk(request.chunk, layout)
+    inputs = _run.run_inputs(request.layout, layout)
+    check_image_output(output, overwrite=request.overwrite, resume=request.resume,
+                       inputs=inputs)
+    sidecars = _run.check_sidecars(output, inputs)
+    _run.check_report(request.report, inputs, overwrite=request.overwrite)
+    check_fill(request.fill, request.dtype or layout.dtype)
+    chunk = _run.resume_chunk(output, request.chunk, resume=request.resume)
+    complete = request.resume and is_finished_image(output)
+    clock.lap("read")
+    reports: dict[int, RegistrationReport] = {}
+    if request.register:
+        stage(0, 0, "registering")
+        layout, reports = register_input(
+            layout, timepoint=request.timepoint, max_shift=request.max_shift,
+            channel=request.channel, workers=request.workers,
+            downsample=request.register_downsample,
+            keep_stage_positions=request.keep_stage_positions, report=request.report,
+            message=say)
+    clock.lap("register")
+    fused_layout = _corrected(layout, request, stage)
+    clock.lap("correct")
+    stage(0, 0, "planning")
+    plan = plan_fusion(
+        fused_layout,
+        chunk=_run.budget_chunk(fused_layout, chunk, memory_limit=request.memory_limit,
+                                workers=request.workers, cache_bytes=request.cache_bytes,
+                                backend=request.backend),
+        blend=request.blend, blend_width=request.blend_width, dtype=request.dtype,
+        fill=request.fill, cache_bytes=request.cache_bytes, backend=request.backend)
+    mosaic = fuse(plan)
+    clock.lap("plan")
+    manifest = _run.run_manifest(
+        layout, plan, backend=request.backend, ngff=request.ngff, levels=request.levels,
+        flatfield=request.flatfield, darkfield=request.darkfield,
+        match_intensity=request.match_intensity, sidecars=sidecars)
+    _write(request, output, mosaic, plan, json.loads(json.dumps(manifest)), runner, stage, say)
+    clock.lap("write")
+    written: tuple[Path, ...] = ()
+    if not complete:
+        stage(0, 0, "saving layout")
+        written = save_sidecars(layout, output)
+    clock.lap("sidecars")
+    timings["total"] = sum(timings.values())
+    return FuseResult(output, layout, plan, mosaic, written, reports, timings, complete)
+
+
+def _write(request: FuseRequest, output: Path, mosaic: Mosaic, plan: FusionPlan | SeriesPlan,
+           manifest: dict, runner: Runner | None, progress: ProgressFn, say: MessageFn) -> None:
+    """Fuse and write the image; a failure that leaves a resumable output says so."""
+    from tilefuse.ome_zarr.resume import refresh_changed_tiles
+
+    try:
+        saved = read_manifest(output) if request.resume else None
+        if saved is not None:
+            refresh_changed_tiles(output, saved, manifest,
+                                  plan.plans if isinstance(plan, SeriesPlan) else plan)
+        with _computing(request, runner, progress) as (compute, dashboard):
+            if dashboard:
+                say(f"dask dashboard: {dashboard}")
+            write_image(mosaic, output, ngff_version=request.ngff, levels=request.levels,
+                        overwrite=request.overwrite, compute=compute, manifest=manifest,
+                        resume=request.resume)
+    except _WRITE_FAILURES as exc:
+        if read_manifest(output) is None or is_finished_image(output):
+            raise
+        note = f" (partial output kept in {output}; the same command with --resume continues it)"
+        if isinstance(exc, KeyboardInterrupt):
+            raise KeyboardInterrupt(note) from None
+        if isinstance(exc, USER_ERRORS):
+            raise type(exc)(f"{exc}{note}") from exc
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise InputError(f"cannot write {output}: {reason}{note}") from exc
+
+
+def _corrected(layout: Layout | TimeSeries, request: FuseRequest,
+               stage: ProgressFn) -> Layout | TimeSeries:
+    """The layout whose tiles read flat-field corrected and intensity matched, if asked."""
+    from tilefuse.intensity import prepare_corrections
+
+    if request.flatfield or request.darkfield or request.match_intensity:
+        stage(0, 0, "correcting intensity")
+
+    def correct(one: Layout) -> Layout:
+        return prepare_corrections(one, flatfield=request.flatfield, darkfield=request.darkfield,
+                                   match=request.match_intensity)
+
+    return layout.map(correct) if isinstance(layout, TimeSeries) else correct(layout)
+
+
+@contextlib.contextmanager
+def _computing(request: FuseRequest, runner: Runner | None,
+               progress: ProgressFn) -> Iterator[tuple[Compute, str | None]]:
+    """The ``(compute, dashboard)`` the image is written with."""
+    from tilefuse.runner import LOCAL_SCHEDULERS, open_runner
+
+    if runner is not None:
+        context = runner()
+    elif request.scheduler in LOCAL_SCHEDULERS:
+        context = contextlib.nullcontext(
+            (_local_compute(request.scheduler, request.workers, progress), None))
+    else:
+        context = open_runner(request.scheduler, workers=request.workers, progress=False)
+    with context as opened:
+        yield opened
+
+
+def _local_compute(scheduler: str, workers: int | None, progress: ProgressFn) -> Compute:
+    """``compute(*collections, label=None)`` on a local dask scheduler, reporting tasks done.
+
+    The dask callbacks go to this compute only (not registered globally), so computations in
+    other threads (a viewer's, say) neither count here nor see these tasks.
+    """
+    import dask
+
+    calls = itertools.count()
+
+    def compute(*collections: Any, label: str | None = None) -> tuple:
+        k = next(calls)
+        name = _label(label) if label else ("fusing" if k == 0 else f"pyramid level {k}")
+        counts = {"done": 0, "total": 0}
+
+        def start_state(dsk: Any, state: dict) -> None:
+            counts["total"] = sum(len(state[s]) for s in ("ready", "waiting", "running"))
+            counts["total"] += len(state["finished"])
+            progress(0, counts["total"], name)
+
+        def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+            counts["done"] += 1
+            done, total = counts["done"], counts["total"]
+            if done == total or done % max(1, total // 200) == 0:  # <= 200 updates
+                progress(done, total, name)
+
+        callbacks = [(None, start_state, None, posttask, None)]
+        return dask.compute(*collections, scheduler=scheduler, num_workers=workers,
+                            callbacks=callbacks)
+
+    return compute
+
+
+def _label(label: str) -> str:
+    """The writer's compute label as progress shows it: "fuse" -> "fusing", "pyramid 2" ->
+    "pyramid level 2"."""
+    return "fusing" if label == "fuse" else label.replace("pyramid ", "pyramid level ")
+
+
+def _warm_up_kernel(backend: str) -> None:
+    """Load the compiled kernel in the background while the layout is read (~0.5 s saved)."""
+    if resolve_backend(backend) != "numba":
+        return
+    from tilefuse.fusion._numba.kernel import warm_up
+
+    threading.Thread(target=warm_up, name="tilefuse-warm-up", daemon=True).start()
+
+
+class _Clock:
+    """Seconds per step into `timings`."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = now - self.last
+        self.last = now
+
+
+def _no_progress(done: int, total: int, label: str) -> None:
+    """Progress sink that ignores everything."""
