@@ -23,9 +23,15 @@ def read_positions(path: Path) -> list[dict]:
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m tilefuse ARGS`` in a subprocess, capturing output."""
-    return subprocess.run([sys.executable, "-m", "tilefuse", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+    """Run ``python -m tilefuse ARGS`` in a subprocess, capturing output.
+
+    Every CLI test goes through here or :func:`run_main`: a traceback on stderr fails it,
+    whatever the test itself checks (the CLI never shows one).
+    """
+    result = subprocess.run([sys.executable, "-m", "tilefuse", *map(str, args)],
+                            capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
 
 
 def run_main(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -58,5 +64,6 @@ def run_main(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
         os.chdir(old_cwd)
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+    assert "Traceback" not in err.getvalue(), err.getvalue()
     return subprocess.CompletedProcess(["tilefuse", *map(str, args)], code, out.getvalue(),
                                        err.getvalue())

@@ -219,6 +219,7 @@ def _fuse_peak(layout: Path, out: Path, *options: str) -> tuple[int, subprocess.
     proc = subprocess.run([sys.executable, "-c", _PEAK_OF_CHILD, *cmd], capture_output=True,
                           text=True, timeout=300)
     peak, rc = (int(v) for v in proc.stdout.split()[-2:])
+    assert "Traceback" not in proc.stderr, proc.stderr
     return peak, subprocess.CompletedProcess(cmd, rc, proc.stdout, proc.stderr)
 
 
