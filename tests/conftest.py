@@ -67,3 +67,13 @@ def run_main(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
     assert "Traceback" not in err.getvalue(), err.getvalue()
     return subprocess.CompletedProcess(["tilefuse", *map(str, args)], code, out.getvalue(),
                                        err.getvalue())
+
+
+def unfinish(image: Path) -> None:
+    """Drop an image's OME metadata (zarr v3), as a run killed before its last step leaves it."""
+    import json
+
+    meta = image / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"].pop("ome")
+    meta.write_text(json.dumps(doc))

@@ -8,7 +8,6 @@ inside output) and checks that every byte is still there. The README's hostile-i
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import run_main
+from conftest import run_main, unfinish
 from tilefuse.errors import InputError
 from tilefuse.model.mosaic import Mosaic
 from tilefuse.ome_zarr.writer import read_ome_zarr_level, write_ome_zarr
@@ -174,10 +173,7 @@ def test_resume_refuses_nothing_but_redoes_chunks_of_a_changed_tile(tiles, tmp_p
 
     out = tmp_path / "m.ome.zarr"
     _ok(run_main("fuse", tiles, "-o", out, "-q", "--chunk", "16"))
-    meta = out / "zarr.json"
-    doc = json.loads(meta.read_text())
-    doc["attributes"].pop("ome")  # as if killed before the metadata
-    meta.write_text(json.dumps(doc))
+    unfinish(out)  # as if killed before the metadata
     tile = tiles.parent / "tile_0003.tif"
     bright = np.full_like(tifffile.imread(tile), 60000)
     tifffile.imwrite(tile, bright)
@@ -194,10 +190,7 @@ def test_resume_takes_the_chunk_of_the_interrupted_run(tiles, tmp_path):
     fail with 'chunk differ'."""
     out = tmp_path / "m.ome.zarr"
     _ok(run_main("fuse", tiles, "-o", out, "-q", "--chunk", "32"))
-    meta = out / "zarr.json"
-    doc = json.loads(meta.read_text())
-    doc["attributes"].pop("ome")
-    meta.write_text(json.dumps(doc))
+    unfinish(out)  # as if killed before the metadata
     _ok(run_main("fuse", tiles, "-o", out, "--resume", "-q", "--memory-limit", "0.01"))
     assert zarr.open_group(out, mode="r")["0"].chunks == (32, 32)
 
@@ -219,10 +212,7 @@ def test_resume_removes_the_partial_chunk_files_of_a_kill(tiles, tmp_path):
     nothing else), and the image is complete."""
     out = tmp_path / "m.ome.zarr"
     _ok(run_main("fuse", tiles, "-o", out, "-q", "--chunk", "16"))
-    meta = out / "zarr.json"
-    doc = json.loads(meta.read_text())
-    doc["attributes"].pop("ome")
-    meta.write_text(json.dumps(doc))
+    unfinish(out)  # as if killed before the metadata
     leftover = out / "0" / "c" / "0" / ".1.0123456789abcdef0123456789abcdef.partial"
     leftover.write_bytes(b"half a chunk")
     _ok(run_main("fuse", tiles, "-o", out, "--resume", "-q", "--chunk", "16"))

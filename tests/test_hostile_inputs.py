@@ -9,7 +9,6 @@ that folder as it was.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_main
+from conftest import run_main, unfinish
 from tilefuse.testing import grid_tileset, write_tileset
 
 README = Path(__file__).parents[1] / "README.md"
@@ -58,7 +57,7 @@ def case_dir(tmp_path_factory) -> Path:
     layout = write_tileset(ts, root / "tiles", stage=False)
     assert run_main("fuse", layout, "-o", root / "done.ome.zarr", "-q").returncode == 0
     assert run_main("fuse", layout, "-o", root / "part.ome.zarr", "-q").returncode == 0
-    _unfinish(root / "part.ome.zarr")
+    unfinish(root / "part.ome.zarr")
     (root / "part.layout.csv").unlink()
     (root / "part.TileConfiguration.txt").unlink()
     (root / "notes").mkdir()
@@ -70,14 +69,6 @@ def case_dir(tmp_path_factory) -> Path:
     (root / "bad.txt").write_text("dim = 2\ntile_0000.tif; ; (0, zero)\n")
     (root / "tiles" / "TileConfiguration.registered.txt").write_text("Fiji's own result\n")
     return root
-
-
-def _unfinish(folder: Path) -> None:
-    """Drop the OME metadata, as a killed run leaves it."""
-    meta = folder / "zarr.json"
-    doc = json.loads(meta.read_text())
-    doc["attributes"].pop("ome")
-    meta.write_text(json.dumps(doc))
 
 
 def _snapshot(root: Path) -> dict[str, tuple]:
