@@ -196,15 +196,86 @@ def test_resume_takes_the_chunk_of_the_interrupted_run(tiles, tmp_path):
 
 
 def test_info_into_a_closed_pipe_is_quiet(tiles, tmp_path):
-    """`tilefuse info ... | true`: no BrokenPipeError traceback."""
+    """`tilefuse info ... | head` after head has gone: no BrokenPipeError traceback, exit 0.
+    The pipe's read end is closed before tilefuse starts, so every run breaks the pipe."""
     import subprocess
     import sys
 
     err = tmp_path / "err.txt"
-    command = f"{sys.executable} -m tilefuse info {tiles} 2>{err} | true"
-    for _ in range(3):  # the race between `true` exiting and the write: try a few times
-        subprocess.run(["sh", "-c", command], check=True, timeout=120)
-        assert "Traceback" not in err.read_text() and "BrokenPipe" not in err.read_text()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        with open(err, "w") as stderr:
+            done = subprocess.run([sys.executable, "-m", "tilefuse", "info", str(tiles)],
+                                  stdout=write_end, stderr=stderr, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in err.read_text() and "BrokenPipe" not in err.read_text()
+    assert done.returncode == 0, err.read_text()
+
+
+def test_a_broken_pipe_elsewhere_is_an_error_not_success(tiles, monkeypatch):
+    """A BrokenPipeError from a dead worker, with stdout fine, is not a reader closing the pipe:
+    one line and exit 2, never exit 0."""
+    from tilefuse.cli import commands
+
+    def dead_worker(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setitem(commands.COMMANDS, "info", dead_worker)
+    result = run_main("info", tiles)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "tilefuse info: error: [Errno 32] Broken pipe"
+
+
+def test_an_os_error_is_one_line(tiles, tmp_path):
+    """A file name the file system cannot hold: one line and exit 2, not a traceback."""
+    result = run_main("preview", tiles, "-o", tmp_path / ("x" * 300 + ".png"))
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("tilefuse preview: error: ") and "File name too long" in line
+
+
+def test_per_time_point_reports_never_replace_files(tmp_path):
+    """A time series registered one time point at a time writes NAME.tT.json and .png: an
+    existing one is refused like NAME.json would be, and kept."""
+    import tifffile
+
+    ts = grid_tileset(grid=(1, 2), tile_shape=(40, 48), overlap=0.25, seed=2)
+    for i, tile in enumerate(ts.tiles):
+        tifffile.imwrite(tmp_path / f"t{i}.tif", tile)
+    (x0, x1) = (float(p[1]) for p in ts.layout.positions)
+    rows = [f"{t},t{i}.tif,{x + t},0" for t in (0, 1) for i, x in enumerate((x0, x1))]
+    layout = tmp_path / "series.csv"
+    layout.write_text("t,file,x,y\n" + "\n".join(rows) + "\n")
+    mine = tmp_path / "r.t1.png"
+    mine.write_bytes(b"mine")
+    _refused(run_main("register", layout, "-o", tmp_path / "reg.csv", "--report",
+                      tmp_path / "r.json"), "r.t1.png exists; pass --overwrite")
+    assert mine.read_bytes() == b"mine" and not (tmp_path / "reg.csv").exists()
+
+
+def test_a_sidecar_that_is_a_symlink_is_not_written_through(tiles, tmp_path):
+    out = tmp_path / "m.ome.zarr"
+    _ok(run_main("fuse", tiles, "-o", out, "-q"))
+    target = tmp_path / "precious.csv"
+    target.write_text("not tilefuse's\n")
+    sidecar = tmp_path / "m.layout.csv"
+    sidecar.unlink()
+    sidecar.symlink_to(target)
+    _refused(run_main("fuse", tiles, "-o", out, "-q", "--overwrite"), "is a symbolic link")
+    assert target.read_text() == "not tilefuse's\n" and sidecar.is_symlink()
+
+
+def test_resume_with_a_report_keeps_going(tiles, tmp_path):
+    """The report is written before any pixel: a resume of the same command may replace the
+    report its interrupted run wrote (and nothing else)."""
+    out, report = tmp_path / "m.ome.zarr", tmp_path / "reg.json"
+    command = ["fuse", tiles, "-o", out, "-q", "--register", "--report", report]
+    _ok(run_main(*command))
+    unfinish(out)
+    _ok(run_main(*command, "--resume"))
+    assert report.is_file() and read_ome_zarr_level(out).shape
 
 
 def test_resume_removes_the_partial_chunk_files_of_a_kill(tiles, tmp_path):

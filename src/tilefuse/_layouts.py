@@ -138,8 +138,7 @@ def _write_report(layout: Layout, report: RegistrationReport, path: str | os.Pat
         return
     from tilefuse.viz.preview import write_preview
 
-    out = Path(path)
-    out = out.with_name(out.stem + suffix + out.suffix)
+    out = _run.report_file(path, suffix)
     report.to_json(out)
     picture = write_preview(layout, out.with_suffix(".png"), report=report)
     say(f"report written to {out} and {picture}")

@@ -35,8 +35,8 @@ from tilefuse.ome_zarr.resume import tile_files as files_of_tile
 from tilefuse.plan.chunking import chunk_shape
 
 __all__ = ["SIDECAR_SUFFIXES", "budget_chunk", "check_chunk", "check_output_name",
-           "check_report", "check_sidecars", "resume_chunk", "run_inputs", "run_manifest",
-           "sidecar_path", "tile_files"]
+           "check_report", "check_sidecars", "report_file", "report_files", "resume_chunk",
+           "run_inputs", "run_manifest", "sidecar_path", "tile_files"]
 
 log = logging.getLogger("tilefuse")
 
@@ -89,18 +89,42 @@ def check_sidecars(output: Path, inputs: set[Path]) -> list[str]:
         if (path.exists() or path.is_symlink()) and path.name not in ours:
             raise FileExistsError(f"{path} exists and was not written by a run into {output}; "
                                   "move it away or choose another output name")
+        if path.is_symlink():  # never write through a link into its target
+            raise InputError(f"{path} is a symbolic link; tilefuse does not write its layout "
+                             "through links: remove it or choose another output name")
     return [p.name for p in paths]
 
 
-def check_report(report: str | os.PathLike | None, inputs: set[Path], *,
-                 overwrite: bool) -> None:
-    """--report NAME.json and its picture NAME.png: new files, or `overwrite`; never inputs."""
+def report_file(report: str | os.PathLike, suffix: str = "") -> Path:
+    """The registration report ``NAME.json`` with `suffix` (``.tNAME``) before ``.json``."""
+    path = Path(report)
+    return path.with_name(path.stem + suffix + path.suffix)
+
+
+def report_files(report: str | os.PathLike | None, layout: Layout | TimeSeries) -> list[Path]:
+    """Every JSON report a registration of `layout` writes: one, or one per time point when a
+    time series is registered one time point at a time (``NAME.tT.json``); each has a picture
+    beside it (``.png``)."""
     if not report:
-        return
-    path = check_file_output(report, overwrite=overwrite, inputs=inputs, what="--report",
-                             suffixes=(".json",))
-    check_file_output(path.with_suffix(".png"), overwrite=overwrite, inputs=inputs,
-                      what="--report picture")
+        return []
+    if isinstance(layout, TimeSeries) and not layout.shared and len(layout) > 1:
+        return [report_file(report, f".t{name}") for name in layout.names]
+    return [report_file(report)]
+
+
+def check_report(report: str | os.PathLike | None, layout: Layout | TimeSeries,
+                 inputs: set[Path], *, overwrite: bool, ours: Sequence[str] = ()) -> list[str]:
+    """Every report file (:func:`report_files`) and its picture: new files, or `overwrite`, or
+    named in `ours` (written by the run being resumed); never inputs. Returns the JSON names
+    (for the manifest)."""
+    paths = report_files(report, layout)
+    if paths and paths[0].suffix.lower() != ".json":
+        raise InputError(f"--report {report}: expected a file name ending in .json")
+    for path in paths:
+        for one in (path, path.with_suffix(".png")):
+            check_file_output(one, overwrite=overwrite or path.name in ours, inputs=inputs,
+                              what="--report" if one is path else "--report picture")
+    return [p.name for p in paths]
 
 
 def check_chunk(chunk: Chunk, layout: Layout | TimeSeries) -> None:
@@ -162,12 +186,13 @@ def _tile_identity(tile: Tile) -> tuple:
 def run_manifest(layout: Layout | TimeSeries, plan: FusionPlan | SeriesPlan, *,
                  backend: str, ngff: str, levels: int | None, flatfield: str | None,
                  darkfield: str | None, match_intensity: bool,
-                 sidecars: Sequence[str]) -> dict:
+                 sidecars: Sequence[str], reports: Sequence[str] = ()) -> dict:
     """What a fusion run was asked to do: a resume must be asked exactly the same (tile files
     that changed since are fused again, see :mod:`tilefuse.ome_zarr.resume`)."""
     options: dict[str, Any] = {
         "backend": backend, "ngff": ngff, "levels": levels, "flatfield": flatfield,
         "darkfield": darkfield, "match_intensity": match_intensity, "sidecars": sidecars,
+        "reports": reports,
     }
     if isinstance(layout, TimeSeries):
         assert isinstance(plan, SeriesPlan)
@@ -203,5 +228,6 @@ def run_manifest(layout: Layout | TimeSeries, plan: FusionPlan | SeriesPlan, *,
         "darkfield": darkfield,
         "match_intensity": match_intensity,
         "sidecars": list(sidecars),
+        "reports": list(reports),
         TILE_FILES_KEY: tile_digests([layout]),
     }

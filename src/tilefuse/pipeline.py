@@ -264,7 +264,12 @@ def run_fusion(
     check_image_output(output, overwrite=request.overwrite, resume=request.resume,
                        inputs=inputs)
     sidecars = _run.check_sidecars(output, inputs)
-    _run.check_report(request.report, inputs, overwrite=request.overwrite)
+    previous = read_manifest(output) if request.resume else None
+    ours = (previous or {}).get("reports", [])
+    report_names = _run.check_report(request.report, layout, inputs,
+                                     overwrite=request.overwrite, ours=ours)
+    if request.resume and not request.report:  # a resume that writes no report keeps the
+        report_names = ours                      # names of the ones the run wrote
     check_fill(request.fill, request.dtype or layout.dtype)
     chunk = _run.resume_chunk(output, request.chunk, resume=request.resume)
     complete = request.resume and is_finished_image(output)
@@ -294,7 +299,7 @@ def run_fusion(
     manifest = _run.run_manifest(
         layout, plan, backend=request.backend, ngff=request.ngff, levels=request.levels,
         flatfield=request.flatfield, darkfield=request.darkfield,
-        match_intensity=request.match_intensity, sidecars=sidecars)
+        match_intensity=request.match_intensity, sidecars=sidecars, reports=report_names)
     _write(request, output, mosaic, plan, json.loads(json.dumps(manifest)), runner, stage, say)
     clock.lap("write")
     written: tuple[Path, ...] = ()

@@ -145,7 +145,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     inputs = _run.run_inputs(args.layout, layout)
     out = check_file_output(_layout_output(args, layout), overwrite=args.overwrite,
                             inputs=inputs, what="registered layout", suffixes=(".txt", ".csv"))
-    _run.check_report(args.report, inputs, overwrite=args.overwrite)
+    _run.check_report(args.report, layout, inputs, overwrite=args.overwrite)
     registered, _ = register_input(
         layout, timepoint=args.timepoint, max_shift=args.max_shift, channel=args.channel,
         workers=args.workers, downsample=args.register_downsample,

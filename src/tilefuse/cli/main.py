@@ -190,6 +190,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (poll reports an error)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # not a file descriptor (tests, IDEs)
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tilefuse`` command; returns the exit status."""
     args = _parser().parse_args(argv)  # --help and malformed options end here, quickly
@@ -205,12 +217,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return status
-    except BrokenPipeError:  # `tilefuse info ... | head`: the reader has what it wanted
+    except BrokenPipeError as exc:
+        if not _stdout_closed():  # a broken pipe elsewhere (a dead worker): an error
+            print(f"tilefuse {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        # `tilefuse info ... | head`: the reader has what it wanted
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
         return 0
     except USER_ERRORS as exc:
         print(f"tilefuse {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a read-only folder, a name too long: one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"tilefuse {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(f"tilefuse: interrupted{exc}", file=sys.stderr)
