@@ -292,3 +292,18 @@ def test_resume_removes_the_partial_chunk_files_of_a_kill(tiles, tmp_path):
     _ok(run_main("fuse", tiles, "-o", tmp_path / "fresh.ome.zarr", "-q", "--chunk", "16"))
     np.testing.assert_array_equal(read_ome_zarr_level(out).compute(),
                                   read_ome_zarr_level(tmp_path / "fresh.ome.zarr").compute())
+
+
+def test_resume_of_a_finished_image_after_a_tile_changed_deletes_nothing(tiles, tmp_path):
+    """A tile rewritten after the image finished: --resume refuses (another run) and every
+    chunk of the finished image is still there, unchanged."""
+    import tifffile
+
+    out = tmp_path / "m.ome.zarr"
+    _ok(run_main("fuse", tiles, "-o", out, "-q", "--chunk", "16"))
+    before = _contents(out)
+    tile = tiles.parent / "tile_0003.tif"
+    tifffile.imwrite(tile, np.full_like(tifffile.imread(tile), 60000))
+    _refused(run_main("fuse", tiles, "-o", out, "--resume", "--chunk", "16"),
+             "finished image of another run (tile_files differ)")
+    assert _contents(out) == before

@@ -27,11 +27,15 @@ TILE_FILES_KEY = "tile_files"
 
 
 def tile_files(tile) -> list[str]:
-    """The files one tile is read from: every channel file, every z plane."""
-    planes = getattr(tile.source, "planes", None)
+    """The files one tile is read from: every channel file, every z plane (through a source
+    that wraps another, such as an intensity-corrected one)."""
+    source = tile.source
+    while hasattr(source, "source"):
+        source = source.source
+    planes = getattr(source, "planes", None)
     if planes:
         return [path for plane in planes for path in plane]
-    return list(getattr(tile.source, "paths", ()))
+    return list(getattr(source, "paths", ()))
 
 
 def tile_digests(layouts: list[Layout]) -> list[str]:
@@ -56,6 +60,9 @@ def refresh_changed_tiles(output: Path, saved: dict, manifest: dict, plan) -> No
     digests, so the resume goes on. Does nothing when the manifests differ otherwise (the
     writer then refuses the resume) or not at all.
 
+    A finished image is never touched: its resume is refused by the writer (tile files
+    differ), since deleting chunks there would leave holes under a stale pyramid.
+
     Parameters
     ----------
     output : Path
@@ -67,19 +74,26 @@ def refresh_changed_tiles(output: Path, saved: dict, manifest: dict, plan) -> No
     """
     import zarr
 
-    from tilefuse.io.outputs import MANIFEST_KEY
+    from tilefuse.io.outputs import MANIFEST_KEY, is_finished
 
     old, new = saved.get(TILE_FILES_KEY), manifest.get(TILE_FILES_KEY)
     others = {k for k in set(saved) | set(manifest) if k != TILE_FILES_KEY
               and saved.get(k) != manifest.get(k)}
     if old == new or others or old is None or new is None or len(old) != len(new):
         return
+    if is_finished(output):
+        return
     changed = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
-    if isinstance(plan, tuple):
+    if not hasattr(plan, "chunks"):  # a time series' plan
         raise InputError(f"{output}: {len(changed)} tile file(s) changed since this time series "
                          "run started; start again with --overwrite")
-    group = zarr.open_group(output, mode="r+")
-    removed = _remove_chunks_of(group["0"], output / "0", plan, set(changed))
+    try:
+        group = zarr.open_group(output, mode="r+")
+    except Exception as exc:  # zarr's own errors: the output is not what it should be
+        raise InputError(f"{output}: cannot open the interrupted output to resume ({exc})"
+                         ) from exc
+    removed = (_remove_chunks_of(group["0"], output / "0", plan, set(changed))
+               if "0" in group else 0)  # killed before level 0 existed: nothing to remove
     group.attrs[MANIFEST_KEY] = {**saved, TILE_FILES_KEY: new}
     log.warning("%d tile file(s) changed since the run started (first: %s); the %d written "
                 "chunk(s) they touch are fused again", len(changed),
