@@ -108,3 +108,25 @@ def test_real_lscm_nominal_layout_reads_rgb_as_grey():
     for tile in layout.tiles:
         r = rows[tile.name]
         np.testing.assert_allclose(tile.position, [float(r["nominal_y"]), float(r["nominal_x"])])
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("# tilefuse.channels = 5\n", "tilefuse.channels must be"),
+    ("# tilefuse.pixel_size_xyz = [1e400, 1]\n", "tilefuse.pixel_size_xyz must be"),
+    ("# tilefuse.pixel_size_xyz = [" + "9" * 400 + ", 1]\n", "tilefuse.pixel_size_xyz must be"),
+])
+def test_malformed_tilefuse_lines_are_one_clear_error(tiles, text, needle):
+    """Values of the wrong type in `# tilefuse.` lines once raised TypeError (a traceback)."""
+    (tiles / "h.csv").write_text(text + "file,x,y\nt0.tif,0,0\n")
+    with pytest.raises(InputError, match=needle):
+        read_layout(tiles / "h.csv")
+
+
+def test_a_superscript_series_number_is_refused_clearly(tiles):
+    """'²' passes str.isdigit() but not int(): once a ValueError traceback."""
+    (tiles / "s.csv").write_text("file,series,x,y\nt0.tif,\u00b2,0,0\n")
+    with pytest.raises(InputError, match="s.csv"):
+        read_layout(tiles / "s.csv")
+    (tiles / "s.txt").write_text("dim = 2\nt0.tif; \u00b2; (0, 0)\n")
+    with pytest.raises(InputError, match="s.txt"):
+        read_layout(tiles / "s.txt")

@@ -268,6 +268,9 @@ def remove_image(out: Path) -> None:
 
     Only what :func:`check_image_output` allows is removed; anything else raises.
     """
+    if out.is_symlink():  # checked before, but the run may have been long: check again
+        raise InputError(f"output {out} is a symbolic link; tilefuse does not delete through "
+                         "links")
     if not any(out.iterdir()):
         return
     _check_replaceable(out)

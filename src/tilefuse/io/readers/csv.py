@@ -95,7 +95,7 @@ def _row_entry(row: dict, cols: list[str], base: Path, where: str) -> tuple[int,
         raise InputError(f"{where}: empty 'file' value")
     more = [text for c in _more_file_columns(cols) if (text := (row.get(c) or "").strip())]
     series_text = (row.get("series") or "0").strip() or "0"
-    if not series_text.isdigit():
+    if not series_text.isdecimal():
         raise InputError(f"{where}: 'series' must be a non-negative integer, got {series_text!r}")
     if "affine" in cols and (row.get("affine") or "").strip():
         parts = [p for p in re.split(r"[\s;,]+", row["affine"].strip()) if p]
@@ -189,7 +189,7 @@ def _time_series(path: str, entries: list[Entry], times: list[str], ndim: int,
     """One layout per ``t`` value; positions shared when every time point places its tiles
     identically (and the file does not say they are not)."""
     names = list(dict.fromkeys(times))
-    if all(n.lstrip("-").isdigit() for n in names):
+    if all(n.lstrip("-").isdecimal() for n in names):
         names.sort(key=int)
     layouts = tuple(
         build_layout([e for e, t in zip(entries, times, strict=True) if t == name], ndim=ndim,

@@ -70,6 +70,22 @@ def _stage(image: ET.Element, plane: ET.Element | None, where: str) -> tuple:
 
 
 def parse_image(image: ET.Element, series: int, where: str) -> OmeImage:
+    """What one OME ``Image`` says about its tile (sizes in µm, stage position).
+
+    Raises
+    ------
+    InputError
+        No Pixels, or a count (SizeZ, TheZ...) that is not a whole number.
+    """
+    try:
+        return _parse_image(image, series, where)
+    except ValueError as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{where}: malformed OME-XML count ({exc})") from None
+
+
+def _parse_image(image: ET.Element, series: int, where: str) -> OmeImage:
     pixels = image.find("{*}Pixels")
     if pixels is None:
         raise InputError(f"{where}: OME Image without Pixels")

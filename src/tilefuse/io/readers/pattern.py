@@ -184,7 +184,7 @@ def _grid_rc(
 
 
 def _channel_key(value: str) -> tuple:
-    return (0, int(value), value) if value.isdigit() else (1, 0, value)
+    return (0, int(value), value) if value.isdecimal() else (1, 0, value)
 
 
 Cells = dict[tuple[int, int], dict[tuple[str, int], _Match]]

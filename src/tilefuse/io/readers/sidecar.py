@@ -67,6 +67,15 @@ Header = dict[str, tuple[object, str]]
 """Parsed ``# tilefuse.KEY = VALUE`` lines: key -> (value, ``file:line`` it came from)."""
 
 
+
+def _positive_finite(value: float) -> bool:
+    """A number > 0 that float holds (a JSON integer may be too large for one)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return False
+    return bool(np.isfinite(number) and number > 0)
+
 def parse_key(text: str, where: str) -> tuple[str, object] | None:
     """``(key, value)`` of a ``# tilefuse.KEY = JSON`` line, or None for any other line.
 
@@ -88,9 +97,10 @@ def parse_key(text: str, where: str) -> tuple[str, object] | None:
         log.warning("%s: unknown layout key tilefuse.%s ignored", where, key)
         return None
     kind, expected = _CHECKS[key]
-    bad_list = key == "channels" and not all(isinstance(v, str) for v in value or [])
+    bad_list = key == "channels" and isinstance(value, list) and not all(
+        isinstance(v, str) for v in value)
     bad_list |= key == "pixel_size_xyz" and isinstance(value, list) and not all(
-        isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) and v > 0
+        isinstance(v, int | float) and not isinstance(v, bool) and _positive_finite(v)
         for v in value)
     if (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)
             or bad_list):
@@ -143,7 +153,7 @@ def finish_layout(layout: Layout, header: Header) -> Layout:
         assert isinstance(value, str)  # parse_key checked
         try:
             dtype = np.dtype(value)
-        except TypeError:
+        except (TypeError, ValueError):
             raise InputError(f"{where}: tilefuse.dtype {value!r} is not a dtype") from None
         if dtype != layout.dtype:
             raise InputError(

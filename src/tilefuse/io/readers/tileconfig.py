@@ -78,7 +78,7 @@ def _parse_series(text: str, multiseries: bool, where: str) -> int:
     text = text.strip()
     if not text:
         return 0
-    if not text.isdigit():
+    if not text.isdecimal():
         raise InputError(f"{where}: series must be a non-negative integer, got {text!r}")
     if not multiseries and int(text) != 0:
         raise InputError(f"{where}: series {text} given but 'multiseries = true' is not set")
