@@ -125,8 +125,8 @@ def test_malformed_tilefuse_lines_are_one_clear_error(tiles, text, needle):
 def test_a_superscript_series_number_is_refused_clearly(tiles):
     """'²' passes str.isdigit() but not int(): once a ValueError traceback."""
     (tiles / "s.csv").write_text("file,series,x,y\nt0.tif,\u00b2,0,0\n")
-    with pytest.raises(InputError, match="s.csv"):
+    with pytest.raises(InputError, match=r"s\.csv"):
         read_layout(tiles / "s.csv")
     (tiles / "s.txt").write_text("dim = 2\nt0.tif; \u00b2; (0, 0)\n")
-    with pytest.raises(InputError, match="s.txt"):
+    with pytest.raises(InputError, match=r"s\.txt"):
         read_layout(tiles / "s.txt")
