@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import sys
 from collections.abc import Callable, Iterator
 
@@ -44,6 +45,17 @@ def _local(name: str, workers: int | None, progress: bool, first: str):
     yield compute, None
 
 
+def _quiet_distributed() -> None:
+    """Keep distributed's INFO chatter off stderr unless the user asked for ``-v``.
+
+    distributed configures its own logger at INFO when imported; its shutdown races log
+    harmless ``CommClosedError`` tracebacks at that level, which a user would take for a crash.
+    Warnings and errors (memory pressure, dead workers) still show.
+    """
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+
+
 @contextlib.contextmanager
 def _distributed(address: str | None, workers: int | None, progress: bool, first: str):
     try:
@@ -51,6 +63,7 @@ def _distributed(address: str | None, workers: int | None, progress: bool, first
         from distributed import progress as show_progress
     except ImportError as exc:  # pragma: no cover - distributed is a dependency
         raise InputError("--scheduler distributed needs the 'distributed' package") from exc
+    _quiet_distributed()
     cluster = None
     if address is None:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
