@@ -160,6 +160,22 @@ def test_library_overwrite_refuses_foreign_folders(tmp_path):
     write_ome_zarr(image, empty)  # an empty folder is fine, even without overwrite
 
 
+def test_creating_the_group_deletes_nothing_even_if_a_check_were_skipped(tmp_path,
+                                                                         monkeypatch):
+    """Only remove_image deletes: the zarr group is created without emptying the folder, so a
+    file that reached the output after the checks (or past a broken check) survives."""
+    import tilefuse.ome_zarr.writer as writer
+
+    image = Mosaic(da.zeros((8, 8), dtype=np.uint8), ("y", "x"))
+    out = write_ome_zarr(image, tmp_path / "a.zarr")
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(writer, "check_image_output", lambda path, **_: Path(path))
+    monkeypatch.setattr(writer, "remove_image", lambda out: None)
+    with pytest.raises(Exception):  # noqa: B017 - any failure is fine, deleting is not
+        write_ome_zarr(image, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_every_output_is_marked_as_tilefuses(tmp_path):
     out = write_ome_zarr(Mosaic(da.zeros((8, 8), dtype=np.uint8), ("y", "x")), tmp_path / "a.zarr")
     manifest = zarr.open_group(out, mode="r").attrs["tilefuse"]

@@ -278,7 +278,8 @@ def _new_image(out: Path, zarr_format: Literal[2, 3], manifest: dict) -> zarr.Gr
         if out.exists():
             remove_image(out)
         out.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(out, mode="w", zarr_format=zarr_format)  # "w" empties `out`
+        # "w-" creates the group and deletes nothing: emptying was remove_image's job, checked
+        group = zarr.open_group(out, mode="w-", zarr_format=zarr_format)
         group.attrs[MANIFEST_KEY] = manifest
     except OSError as exc:
         raise InputError(f"cannot write {out}: {exc.strerror or exc}") from exc
