@@ -99,19 +99,12 @@ def test_runs_cover_a_real_tile_exactly_as_pixels():
             np.testing.assert_array_equal(pixels, run, err_msg=f"mode {mode}")
 
 
-_RAMP_BUG = pytest.mark.xfail(
-    strict=True, reason="the table is linear in d: 4e-8 absolute error is up to 2e-3 relative "
-    "where the weight is small (measured 3.7e-6 at width 8, 5.2e-5 at 30, 1.9e-4 at 60, 2.3e-3 "
-    "at 200), and a blend of two small weights moves by that much: numba vs numpy off by 2 on "
-    "uint16 (test_backends.py)")
-
-
-@pytest.mark.parametrize("width", [2.0, *(pytest.param(w, marks=_RAMP_BUG)
-                                          for w in (8.0, 30.0, 60.0, 200.0))])
+@pytest.mark.parametrize("width", [2.0, 8.0, 30.0, 60.0, 200.0])
 def test_ramp_table_is_relatively_accurate_near_the_edges(width):
     """The compiled feathering weight against :func:`tilefuse.fusion.blend.cosine_ramp`:
-    within 2 float32 steps, relative, everywhere (the weights are normalised per pixel, so
-    their relative error is what moves a blend). Measured at width 2: 2.0e-7."""
+    within one float32 step, relative, everywhere, even where the weight is tiny near a tile's
+    edge (the weights are normalised per pixel, so their relative error is what moves a blend).
+    Measured 1.19e-7 at every width (a table of the cosine itself was 2.3e-3 off at 200)."""
     from tilefuse.fusion.blend import cosine_ramp
 
     n = 500
@@ -120,4 +113,4 @@ def test_ramp_table_is_relatively_accurate_near_the_edges(width):
     table = fastaffine.ramp_tables((width,))[0]
     got = np.array([fastaffine._ramp(x, n, width, table) for x in t], dtype=np.float64)
     want = cosine_ramp(t, n, width).astype(np.float64)
-    assert np.abs(got / want - 1).max() <= 2.5e-7
+    assert np.abs(got / want - 1).max() <= 1.3e-7

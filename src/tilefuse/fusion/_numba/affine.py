@@ -2,7 +2,8 @@
 
 Values are those of ``scipy.ndimage.map_coordinates(order=1, mode="nearest")`` at the float64
 tile coordinates ``inv @ (mosaic index)``, computed in numpy's order, which is what the numpy
-backend evaluates; the feathering weight comes from a table (within 4e-8 of the cosine).
+backend evaluates; the feathering weight comes from a table (within one float32 step of the
+cosine, relative).
 
 2D tiles with a small rotation or shear (up to ~3.6 degrees, the range of stage misalignment)
 go row by row in *runs*: stretches of an output row whose four taps come from the same two tile
@@ -33,18 +34,22 @@ _RUN_MAX_SLOPE = 1.0 / 16
 
 @functools.lru_cache(maxsize=16)
 def ramp_tables(widths: tuple[float, ...]) -> np.ndarray:
-    """:func:`tilefuse.fusion.blend.cosine_ramp` tabulated per axis at ``d = k * width / 4096``.
+    """:func:`tilefuse.fusion.blend.cosine_ramp` tabulated per axis at ``d = k * width / 4096``,
+    as ``sin(pi d / (2 width))``, whose square is the ramp (``0.5 - 0.5 cos x = sin^2(x / 2)``).
 
     Returns
     -------
     numpy.ndarray, float64, shape (n_axes, 4097)
-        Linear interpolation in it is within 4e-8 of the cosine (below float32 resolution), and
-        saves a cosine per pixel in the feathering band.
+        Linear interpolation in it, squared, is within one float32 step of the ramp, relative
+        (measured 1.19e-7 at widths 2 to 200), even where the weight is tiny near a tile's edge
+        (interpolating the cosine itself was 4e-8 absolute but up to 2e-3 relative there,
+        enough to move a blend of two small weights by 2 on uint16). It saves a cosine per
+        pixel in the feathering band.
     """
     tables = np.empty((len(widths), _RAMP_SAMPLES))
     for k, width in enumerate(widths):
         d = np.linspace(0.0, width, _RAMP_SAMPLES)
-        tables[k] = 0.5 - 0.5 * np.cos(np.pi * d / width)
+        tables[k] = np.sin(0.5 * np.pi * d / width)
     tables.flags.writeable = False  # shared between calls (cached)
     return tables
 
@@ -57,7 +62,8 @@ def _ramp(t, n, width, table):
         return np.float32(1.0)
     f = max(d, 0.0) / width * (table.size - 1)
     k = min(np.int64(f), table.size - 2)
-    return np.float32(table[k] + (f - k) * (table[k + 1] - table[k]))
+    root = table[k] + (f - k) * (table[k + 1] - table[k])
+    return np.float32(root * root)
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ normalise, round, clip, cast):
 - general affines (:mod:`tilefuse.fusion._numba.affine`) interpolate linearly in float64 from
   the same
   float64 tile coordinates, as ``scipy.ndimage.map_coordinates(order=1, mode="nearest")`` does,
-  and take the feathering weight from a table (within 4e-8 of the cosine) instead of a cosine
-  per pixel; results agree with the numpy backend to rounding: about 1 pixel in 10,000 of a
-  rotated mosaic differs, by 1 in the last place of the output dtype.
+  and take the feathering weight from a table (within one float32 step of the cosine, relative)
+  instead of a cosine per pixel; results agree with the numpy backend to rounding: about 1
+  pixel in 10,000 of a rotated mosaic differs, by 1 in the last place of the output dtype.
 
 Tiles are handled as ``(c, z, y, x)``; a 2D tile is a z-stack of one plane at integer position.
 Every function releases the GIL, so dask threads fuse chunks in parallel. The accumulator dtype
