@@ -20,7 +20,7 @@ $(TEST_STAMP): $(STAMP) pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m tilefuse.demo demo
+	$(BIN)/python -m tilefuse.demo demo --picture docs/demo-registration.png
 
 test: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks

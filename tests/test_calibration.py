@@ -138,7 +138,7 @@ def test_pattern_z_planes_take_lateral_calibration_and_z_step(tmp_path):
         tifffile.imwrite(tmp_path / f"u_r0_c0_z{z}.tif", TILE)
     layout = read_pattern(tmp_path, "p_r{row}_c{col}_z{z}.tif", z_step=3.0)
     assert layout.pixel_size == (0.75, 0.25, 0.25)
-    assert layout.pixel_size_source == "ImageJ metadata"
+    assert layout.pixel_size_source == "ImageJ metadata; z from --z-step"
     plain = read_pattern(tmp_path, "u_r{row}_c{col}_z{z}.tif", z_step=3.0)
     assert plain.pixel_size == (3.0, 1.0, 1.0) and not plain.pixel_size_known
 

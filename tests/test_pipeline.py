@@ -101,7 +101,9 @@ def test_run_fusion_is_the_command_line_run(tmp_path):
     assert set(result.timings) == {"read", "register", "correct", "plan", "write", "sidecars",
                                    "total"}
     assert [label for _, total, label in seen if total == 0] == [
-        "reading layout", "registering", "planning", "saving layout"]
+        "reading layout", "registering", "solving", "planning", "saving layout"]
+    pairs = [s for s in seen if s[2] == "registering pairs"]  # registration's own progress
+    assert pairs and pairs[-1][0] == pairs[-1][1] > 0
     done, total, _ = [s for s in seen if s[2] == "fusing"][-1]
     assert done == total > 0
     assert said[0] == f"report written to {tmp_path / 'reg.json'} and {tmp_path / 'reg.png'}"

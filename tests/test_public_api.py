@@ -31,15 +31,18 @@ PACKAGE = Path(tilefuse.__file__).parent
 def test_public_names_are_the_real_objects_with_their_signatures():
     from tilefuse.fusion import graph
     from tilefuse.io import readers
+    from tilefuse.ome_tiff import writer as tiff_writer
     from tilefuse.ome_zarr import writer
     from tilefuse.registration import register
 
     assert tilefuse.fuse is graph.fuse and tilefuse.plan_fusion is graph.plan_fusion
     assert tilefuse.read_layout is readers.read_layout
     assert tilefuse.write_ome_zarr is writer.write_ome_zarr
+    assert tilefuse.write_ome_tiff is tiff_writer.write_ome_tiff
     assert tilefuse.register is register
     assert tilefuse.Mosaic.__module__ == "tilefuse.model.mosaic"
-    for name in ("fuse", "plan_fusion", "register", "write_ome_zarr", "layout_from_arrays"):
+    for name in ("fuse", "plan_fusion", "register", "write_ome_zarr", "write_ome_tiff",
+                 "layout_from_arrays"):
         kinds = {p.kind for p in inspect.signature(getattr(tilefuse, name)).parameters.values()}
         assert inspect.Parameter.VAR_POSITIONAL not in kinds, name
         assert inspect.Parameter.VAR_KEYWORD not in kinds, name
@@ -48,6 +51,8 @@ def test_public_names_are_the_real_objects_with_their_signatures():
         "chunk", "blend", "blend_width", "dtype", "fill", "cache_bytes", "backend"]
     write = inspect.signature(tilefuse.write_ome_zarr).parameters
     assert list(write) == ["mosaic", "path", "ngff_version", "levels", "overwrite", "name"]
+    write = inspect.signature(tilefuse.write_ome_tiff).parameters
+    assert list(write) == ["mosaic", "path", "levels", "tile", "compression", "overwrite", "name"]
 
 
 def test_every_public_name_resolves_and_the_stub_lists_them_all():

@@ -338,7 +338,7 @@ def test_read_layout_refuses_unknown_types_and_options(tmp_path):
     with pytest.raises(InputError, match=r"t.tif: a TIFF without OME-XML .*--pattern"):
         read_layout(tmp_path / "t.tif")
     (tmp_path / "l.csv").write_text("file,x,y\nt.tif,0,0\n")
-    with pytest.raises(InputError, match=r"l.csv: option 'flip_x' does not apply"):
+    with pytest.raises(InputError, match=r"l.csv: --flip-x \(option 'flip_x'\) does not apply"):
         read_layout(tmp_path / "l.csv", flip_x=True)
     with pytest.raises(InputError, match=r"unknown layout option 'colour'"):
         read_layout(tmp_path / "l.csv", colour=1)

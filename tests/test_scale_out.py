@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -185,14 +186,17 @@ def test_graph_is_lazy_and_levels_are_stored_in_bounded_batches(tmp_path, monkey
     monkeypatch.setattr(_store, "BATCH_CHUNKS", 10)
     calls = []
     with open_runner("sync", progress=True) as (compute, _):
-        def counting(*collections, label=None):
+        def counting(*collections, label=None, batch=None):
             calls.append((label, len(collections)))
-            return compute(*collections, label=label)
+            return compute(*collections, label=label, batch=batch)
 
         ngff.write_image(mosaic, tmp_path / "m.ome.zarr", compute=counting)
     level0 = [c for c in calls if c[0] == "fuse"]
     assert [n for _, n in level0] == [10] * 6 + [4]  # 64 chunks, 10 per compute
     assert calls[len(level0)][0] == "pyramid 1"
     np.testing.assert_array_equal(ngff.read_ome_zarr_level(tmp_path / "m.ome.zarr"), expected)
-    err = capsys.readouterr().err
-    assert err.count("fuse") >= 7 and "pyramid 1" in err
+    err = capsys.readouterr().err  # one bar for every batch and level (issue 20)
+    totals = {int(t) for t in re.findall(r"\d+/(\d+) \[", err)}
+    assert totals == {64 + 16 + 4 + 1} and "fusing" in err and "pyramid level" in err
+    # started once, and full (tqdm redraws at most every 0.1 s: labels between may not show)
+    assert len(re.findall(r"\| 0/85 \[", err)) == 1 and "85/85 [" in err

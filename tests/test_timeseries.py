@@ -37,7 +37,7 @@ def _ome(path) -> dict:
 
 def _assert_user_error(result, *needles) -> None:
     assert result.returncode == 2, result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip() and "task/s" not in ln]
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip() and "%|" not in ln]  # bars
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]

@@ -6,6 +6,7 @@ The path data takes::
     layout, report = tilefuse.register(layout)                     # optional
     mosaic = tilefuse.fuse(layout)                                 # Mosaic: lazy, with metadata
     tilefuse.write_ome_zarr(mosaic, "mosaic.ome.zarr")
+    tilefuse.write_ome_tiff(mosaic, "mosaic.ome.tif")              # or a pyramidal OME-TIFF
 
 A time series (``{t}`` in a pattern, a ``t`` column in a CSV) reads as a :class:`TimeSeries`
 and fuses into a mosaic with a ``t`` axis first, through the same functions.
@@ -44,10 +45,12 @@ _EXPORTS = {
     "plan_fusion": "tilefuse.fusion.graph",
     "fuse": "tilefuse.fusion.graph",
     "write_ome_zarr": "tilefuse.ome_zarr.writer",
+    "write_ome_tiff": "tilefuse.ome_tiff.writer",
     "read_ome_zarr_level": "tilefuse.ome_zarr.writer",
 }
 _SUBMODULES = ("cli", "demo", "errors", "fusion", "intensity", "io", "model", "napari",
-               "ome_zarr", "pipeline", "plan", "registration", "runner", "testing", "viz")
+               "ome_tiff", "ome_zarr", "pipeline", "plan", "registration", "runner", "testing",
+               "viz")
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 

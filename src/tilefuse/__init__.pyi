@@ -24,6 +24,9 @@ from tilefuse import (
     napari as napari,
 )
 from tilefuse import (
+    ome_tiff as ome_tiff,
+)
+from tilefuse import (
     ome_zarr as ome_zarr,
 )
 from tilefuse import (
@@ -57,6 +60,7 @@ from tilefuse.model.layout import Layout as Layout
 from tilefuse.model.layout import Tile as Tile
 from tilefuse.model.mosaic import Mosaic as Mosaic
 from tilefuse.model.timeseries import TimeSeries as TimeSeries
+from tilefuse.ome_tiff.writer import write_ome_tiff as write_ome_tiff
 from tilefuse.ome_zarr.writer import read_ome_zarr_level as read_ome_zarr_level
 from tilefuse.ome_zarr.writer import write_ome_zarr as write_ome_zarr
 from tilefuse.registration import register as register

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,9 +90,15 @@ def register_input(
     keep_stage_positions: bool = False,
     report: str | os.PathLike | None = None,
     message: MessageFn | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    executor: Executor | None = None,
 ) -> tuple[Layout | TimeSeries, dict[int, RegistrationReport]]:
     """Register a layout, or a time series on `timepoint` (shared positions) or each time point
     alone; write the report(s) and their pictures when asked; say what was done.
+
+    ``progress`` and ``executor`` go to :func:`tilefuse.registration.register` (progress
+    ``(done, total, label)`` of the pair measurements and the solve; the executor that
+    measures the pairs).
 
     Returns
     -------
@@ -105,7 +112,8 @@ def register_input(
     if not isinstance(layout, TimeSeries):
         registered, one = register(layout, max_shift=max_shift, channel=channel,
                                    workers=workers, downsample=downsample,
-                                   allow_stage_positions=keep_stage_positions)
+                                   allow_stage_positions=keep_stage_positions,
+                                   progress=progress, executor=executor)
         _write_report(registered, one, report, "", say)
         for line in one.summary_lines():
             say(line)
@@ -114,7 +122,8 @@ def register_input(
     index = timepoint or 0
     moved, reports = register_series(series, timepoint=index, max_shift=max_shift,
                                      channel=channel, workers=workers, downsample=downsample,
-                                     allow_stage_positions=keep_stage_positions)
+                                     allow_stage_positions=keep_stage_positions,
+                                     progress=progress, executor=executor)
     for i, found in reports.items():
         name = series.names[i]
         _write_report(moved.at_time(i), found, report, f".t{name}" if len(reports) > 1 else "",
@@ -147,8 +156,14 @@ def _write_report(layout: Layout, report: RegistrationReport, path: str | os.Pat
 def save_layout(layout: Layout | TimeSeries, out: str | os.PathLike) -> Path:
     """Write `layout` to `out`: a CSV layout when `out` ends in ``.csv`` or `layout` is a time
     series (a t column), else a TileConfiguration (Fiji reads its tile lines). Either reads
-    back to the same tiles, channel files, affines, pixel size and unit."""
+    back to the same tiles, channel files, affines, pixel size and unit. A layout read from a
+    BigStitcher ``dataset.xml`` saved as ``.xml``: that XML with each view's move to its new
+    affine prepended as a ``ViewTransform`` (nothing else changed; never over the input)."""
     out = Path(out)
+    if out.suffix.lower() == ".xml":
+        from tilefuse.io.readers.bigstitcher import write_registered_xml
+
+        return write_registered_xml(layout, out)
     if isinstance(layout, TimeSeries) or out.suffix.lower() == ".csv":
         return write_csv_layout(layout, out)
     return write_tileconfig(layout, out)

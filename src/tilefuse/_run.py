@@ -65,7 +65,7 @@ def run_inputs(layout_path: str | os.PathLike | None, layout: Layout | TimeSerie
 def check_output_name(output: Path) -> None:
     """The fusion output's name says zarr (checked before anything is read)."""
     if output.suffix.lower() in _FILE_SUFFIXES:
-        hint = (" (OME-TIFF output is not available yet)"
+        hint = (" (or NAME.ome.tif for a pyramidal OME-TIFF)"
                 if output.suffix.lower() in TIFF_SUFFIXES else "")
         raise InputError(f"-o {output}: the output is an OME-Zarr folder; name it "
                          f"NAME.ome.zarr{hint}")
@@ -80,7 +80,7 @@ def check_sidecars(output: Path, inputs: set[Path]) -> list[str]:
     """The layout files written beside the output: never an input; an existing one only when
     the output being replaced or resumed wrote it. Returns their names (for the manifest)."""
     paths = [sidecar_path(output, suffix) for suffix in SIDECAR_SUFFIXES]
-    previous = read_manifest(output) if output.is_dir() else None
+    previous = read_manifest(output) if output.exists() else None  # a folder or OME-TIFF
     ours = set((previous or {}).get("sidecars", ()))
     for path in paths:
         if Path(os.path.realpath(path)) in inputs:

@@ -19,7 +19,6 @@ went, a dashboard link) goes to the ``message`` callback, progress to ``progress
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import os
@@ -40,17 +39,26 @@ from tilefuse._layouts import (
     save_sidecars,
     silent,
 )
+from tilefuse.bdv.write import bdv_sidecar, write_mosaic_xml
 from tilefuse.errors import USER_ERRORS, InputError
 from tilefuse.fusion.graph import FusionPlan, SeriesPlan, fuse, plan_fusion
 from tilefuse.fusion.kernel import check_fill, resolve_backend
-from tilefuse.io.outputs import check_image_output, read_manifest, refuse_url
+from tilefuse.io.outputs import (
+    check_image_output,
+    check_tiff_output,
+    read_manifest,
+    refuse_url,
+)
 from tilefuse.io.tiles import DEFAULT_CACHE_BYTES
 from tilefuse.model.layout import Layout
 from tilefuse.model.mosaic import Mosaic
 from tilefuse.model.timeseries import TimeSeries
+from tilefuse.ome_tiff import output_format
 from tilefuse.ome_zarr.writer import is_finished_image, write_image
+from tilefuse.runner import ProgressFn
 
 if TYPE_CHECKING:
+    from tilefuse.ome_zarr._store import Batch
     from tilefuse.registration import RegistrationReport
 
 __all__ = ["FuseRequest", "FuseResult", "read_input", "register_input", "run_fusion",
@@ -58,8 +66,6 @@ __all__ = ["FuseRequest", "FuseResult", "read_input", "register_input", "run_fus
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int, str], None]
-"""``progress(done, total, label)``; ``total == 0`` means "busy, no count" (a stage)."""
 Compute = Callable[..., tuple]
 """Runs dask collections like ``dask.compute(*collections)``; may take ``label=``."""
 Runner = Callable[[], AbstractContextManager[tuple[Compute, str | None]]]
@@ -78,10 +84,12 @@ class FuseRequest:
     layout : str or path-like
         Layout file, acquisition (CZI, OME-TIFF) or folder of tiles (with `pattern`).
     output : str or path-like
-        The OME-Zarr folder to write, ``NAME.ome.zarr``; the layout is saved beside it as
-        ``NAME.layout.csv`` and ``NAME.TileConfiguration.txt``.
+        The OME-Zarr folder to write, ``NAME.ome.zarr``, or a pyramidal OME-TIFF file,
+        ``NAME.ome.tif``; the layout is saved beside it as ``NAME.layout.csv`` and
+        ``NAME.TileConfiguration.txt``.
     pattern, grid, order, overlap, first_index, z_step, flip_x, flip_y, swap_xy, scene
-        How to read it: see :func:`tilefuse.read_layout`.
+        How to read it: see :func:`tilefuse.read_layout`. ``scene="all"`` (every scene of a
+        CZI) is for the command line, which makes one run per scene (``--scene all``).
     timepoint : int, optional
         Of a time series, the time point registration measures (default 0).
     rotate : float, optional
@@ -116,6 +124,11 @@ class FuseRequest:
     scheduler, workers
         Where dask runs: ``threads``, ``processes``, ``sync``, ``distributed`` or a scheduler
         address; threads or workers (default: one per core; also registration's threads).
+    format : {"ome-zarr", "ome-tiff"}, optional
+        Output format; default by the name of `output` (``.ome.tif``/``.ome.tiff``: a
+        pyramidal OME-TIFF, :func:`tilefuse.write_ome_tiff`; written in one go, no resume).
+    bdv : bool
+        Also write ``NAME.xml`` for BigDataViewer (:func:`tilefuse.bdv.write_bdv_xml`).
     """
 
     layout: str | os.PathLike
@@ -129,7 +142,7 @@ class FuseRequest:
     flip_x: bool = False
     flip_y: bool = False
     swap_xy: bool = False
-    scene: int | None = None
+    scene: int | str | None = None
     timepoint: int | None = None
     rotate: float | None = None
     pixel_size: tuple[float, ...] | None = None
@@ -157,6 +170,8 @@ class FuseRequest:
     resume: bool = False
     scheduler: str = "threads"
     workers: int | None = None
+    format: str | None = None
+    bdv: bool = False
 
     def read_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`read_input` this request sets."""
@@ -226,9 +241,11 @@ def run_fusion(
     request : FuseRequest
     progress : callable, optional
         ``progress(done, total, label)``: a stage (``"reading layout"``, ``"registering"``,
-        ``"correcting intensity"``, ``"planning"``, ``"saving layout"``) with ``total == 0``,
-        then tasks done of each write compute (``"fusing"``, ``"pyramid level 1"``, ...). Called
-        from this thread, for the threads, processes and sync schedulers.
+        ``"correcting intensity"``, ``"planning"``, ``"saving layout"``) with ``total == 0``;
+        with `register`, pairs measured (``"registering pairs"``) then the solve
+        (``"solving"``); then chunks stored of each level, across its batches (``"fusing"``,
+        ``"pyramid level 1"``, ...). Called from this thread, for the threads, processes and
+        sync schedulers (a `runner` reports its own).
     message : callable, optional
         Receives each line a person should read: registration summaries, where reports went,
         the dask dashboard's address.
@@ -255,15 +272,21 @@ def run_fusion(
     clock = _Clock(timings)
     refuse_url(request.output, "-o")  # before Path() folds "s3://b" into "s3:/b"
     output = Path(request.output)
-    _run.check_output_name(output)
+    tiff = output_format(output, request.format) == "ome-tiff"
+    if tiff:  # refuse --resume, a foreign file, a folder before reading anything
+        check_tiff_output(output, overwrite=request.overwrite, resume=request.resume)
+    else:
+        _run.check_output_name(output)
     _warm_up_kernel(request.backend)
     stage(0, 0, "reading layout")
     layout = read_input(request.layout, **request.read_options())
     _run.check_chunk(request.chunk, layout)
     inputs = _run.run_inputs(request.layout, layout)
-    check_image_output(output, overwrite=request.overwrite, resume=request.resume,
-                       inputs=inputs)
+    check_output = check_tiff_output if tiff else check_image_output
+    check_output(output, overwrite=request.overwrite, resume=request.resume, inputs=inputs)
     sidecars = _run.check_sidecars(output, inputs)
+    bdv_xml = bdv_sidecar(output, inputs, tiff=tiff) if request.bdv else None
+    sidecars += [bdv_xml.name] if bdv_xml else []  # the manifest says NAME.xml is ours
     previous = read_manifest(output) if request.resume else None
     ours = (previous or {}).get("reports", [])
     report_names = _run.check_report(request.report, layout, inputs,
@@ -277,12 +300,15 @@ def run_fusion(
     reports: dict[int, RegistrationReport] = {}
     if request.register:
         stage(0, 0, "registering")
-        layout, reports = register_input(
-            layout, timepoint=request.timepoint, max_shift=request.max_shift,
-            channel=request.channel, workers=request.workers,
-            downsample=request.register_downsample,
-            keep_stage_positions=request.keep_stage_positions, report=request.report,
-            message=say)
+        from tilefuse.cluster import cluster_executor  # a job queue's or cluster's workers
+
+        with cluster_executor(request.scheduler, request.workers) as executor:
+            layout, reports = register_input(
+                layout, timepoint=request.timepoint, max_shift=request.max_shift,
+                channel=request.channel, workers=request.workers,
+                downsample=request.register_downsample,
+                keep_stage_positions=request.keep_stage_positions, report=request.report,
+                message=say, executor=executor, **progress_option(register_input, progress))
     clock.lap("register")
     fused_layout = _corrected(layout, request, stage)
     clock.lap("correct")
@@ -300,20 +326,27 @@ def run_fusion(
         layout, plan, backend=request.backend, ngff=request.ngff, levels=request.levels,
         flatfield=request.flatfield, darkfield=request.darkfield,
         match_intensity=request.match_intensity, sidecars=sidecars, reports=report_names)
-    _write(request, output, mosaic, plan, json.loads(json.dumps(manifest)), runner, stage, say)
+    if tiff:
+        manifest["format"] = "ome-tiff"
+    _write(request, output, mosaic, plan, json.loads(json.dumps(manifest)), runner, stage, say,
+           tiff=tiff)
     clock.lap("write")
     written: tuple[Path, ...] = ()
     if not complete:
         stage(0, 0, "saving layout")
         written = save_sidecars(layout, output)
+        if bdv_xml is not None:
+            written = (write_mosaic_xml(mosaic, output, bdv_xml), *written)
     clock.lap("sidecars")
     timings["total"] = sum(timings.values())
     return FuseResult(output, layout, plan, mosaic, written, reports, timings, complete)
 
 
 def _write(request: FuseRequest, output: Path, mosaic: Mosaic, plan: FusionPlan | SeriesPlan,
-           manifest: dict, runner: Runner | None, progress: ProgressFn, say: MessageFn) -> None:
+           manifest: dict, runner: Runner | None, progress: ProgressFn, say: MessageFn, *,
+           tiff: bool = False) -> None:
     """Fuse and write the image; a failure that leaves a resumable output says so."""
+    from tilefuse.ome_tiff.writer import write_tiff_image
     from tilefuse.ome_zarr.resume import refresh_changed_tiles
 
     try:
@@ -324,11 +357,16 @@ def _write(request: FuseRequest, output: Path, mosaic: Mosaic, plan: FusionPlan 
         with _computing(request, runner, progress) as (compute, dashboard):
             if dashboard:
                 say(f"dask dashboard: {dashboard}")
+            if tiff:  # an OME-TIFF: one go, from a temporary file (nothing left to resume)
+                write_tiff_image(mosaic, output, levels=request.levels,
+                                 overwrite=request.overwrite, compute=compute,
+                                 manifest=manifest, progress=progress)
+                return
             write_image(mosaic, output, ngff_version=request.ngff, levels=request.levels,
                         overwrite=request.overwrite, compute=compute, manifest=manifest,
                         resume=request.resume)
     except _WRITE_FAILURES as exc:
-        if read_manifest(output) is None or is_finished_image(output):
+        if tiff or read_manifest(output) is None or is_finished_image(output):
             raise
         note = f" (partial output kept in {output}; the same command with --resume continues it)"
         if isinstance(exc, KeyboardInterrupt):
@@ -372,42 +410,31 @@ def _computing(request: FuseRequest, runner: Runner | None,
 
 
 def _local_compute(scheduler: str, workers: int | None, progress: ProgressFn) -> Compute:
-    """``compute(*collections, label=None)`` on a local dask scheduler, reporting tasks done.
+    """``compute(*collections, label=None, batch=None)`` on a local dask scheduler, reporting
+    chunks stored of each level (``"fusing"``, ``"pyramid level 1"``, ...) across its batches.
 
     The dask callbacks go to this compute only (not registered globally), so computations in
     other threads (a viewer's, say) neither count here nor see these tasks.
     """
     import dask
 
-    calls = itertools.count()
+    from tilefuse.runner import task_callbacks
 
-    def compute(*collections: Any, label: str | None = None) -> tuple:
-        k = next(calls)
-        name = _label(label) if label else ("fusing" if k == 0 else f"pyramid level {k}")
-        counts = {"done": 0, "total": 0}
-
-        def start_state(dsk: Any, state: dict) -> None:
-            counts["total"] = sum(len(state[s]) for s in ("ready", "waiting", "running"))
-            counts["total"] += len(state["finished"])
-            progress(0, counts["total"], name)
-
-        def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
-            counts["done"] += 1
-            done, total = counts["done"], counts["total"]
-            if done == total or done % max(1, total // 200) == 0:  # <= 200 updates
-                progress(done, total, name)
-
-        callbacks = [(None, start_state, None, posttask, None)]
+    def compute(*collections: Any, label: str | None = None, batch: Batch | None = None) -> tuple:
         return dask.compute(*collections, scheduler=scheduler, num_workers=workers,
-                            callbacks=callbacks)
+                            callbacks=task_callbacks(progress, batch, label, whole=False))
 
     return compute
 
 
-def _label(label: str) -> str:
-    """The writer's compute label as progress shows it: "fuse" -> "fusing", "pyramid 2" ->
-    "pyramid level 2"."""
-    return "fusing" if label == "fuse" else label.replace("pyramid ", "pyramid level ")
+def progress_option(function: Callable, progress: ProgressFn | None) -> dict[str, Any]:
+    """``{"progress": progress}`` when `function` takes it (registration's pairs and solve),
+    else nothing."""
+    import inspect
+
+    if progress is None or "progress" not in inspect.signature(function).parameters:
+        return {}
+    return {"progress": progress}
 
 
 def _warm_up_kernel(backend: str) -> None:

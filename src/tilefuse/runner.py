@@ -1,13 +1,14 @@
-"""Where dask work runs, with a progress bar on every scheduler (CLI support).
+"""Where dask work runs, with one progress bar on every scheduler (CLI support).
 
 :func:`open_runner` yields a ``compute(*collections)`` function for the OME-Zarr writer:
 
-- ``threads`` (default), ``processes``, ``sync``: dask's local schedulers, progress from a dask
-  callback;
+- ``threads`` (default), ``processes``, ``sync``: dask's local schedulers, progress from dask
+  callbacks (:func:`task_callbacks`);
 - ``distributed``: a :class:`distributed.LocalCluster` started here (its dashboard link is
-  reported), progress from distributed's own bar;
-- ``tcp://HOST:PORT`` (or any scheduler address): connect to a running cluster, e.g. one started
-  by dask-jobqueue on an HPC system.
+  reported), progress from the futures as they finish (:func:`follow_futures`, any Client);
+- ``tcp://HOST:PORT`` (or any scheduler address): connect to a running cluster;
+- ``slurm``, ``pbs``, ``sge``, ``lsf``: worker jobs submitted through dask-jobqueue
+  (:mod:`tilefuse.cluster`), cancelled when the runner closes, progress as for ``distributed``.
 
 Only chunk descriptions (paths, affines) travel to workers; tiles are read where they are fused.
 """
@@ -15,34 +16,89 @@ Only chunk descriptions (paths, affines) travel to workers; tiles are read where
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import dask
 
-from tilefuse.cli.progress import DaskProgress
+from tilefuse.cli.progress import ProgressBar
+from tilefuse.cluster import JOBQUEUES
 from tilefuse.errors import InputError
+from tilefuse.ome_zarr._store import Batch
 
-__all__ = ["LOCAL_SCHEDULERS", "open_runner"]
+__all__ = ["LOCAL_SCHEDULERS", "follow_futures", "open_runner", "share", "task_callbacks"]
+
+ProgressFn = Callable[[int, int, str], None]
+"""``progress(done, total, label)``, as in :mod:`tilefuse.pipeline`."""
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync")
 
 
-def _labels(first: str) -> Iterator[str]:
-    return itertools.chain([first], (f"pyramid {i}" for i in itertools.count(1)))
+def _reporter(progress: bool | ProgressFn | None) -> tuple[ProgressFn | None, ProgressBar | None]:
+    """``(report, own_bar)``: a callback passed in, a bar of our own (``True``) or nothing."""
+    if callable(progress):
+        return progress, None
+    if progress:
+        bar = ProgressBar()
+        return bar, bar
+    return None, None
+
+
+def _name(label: str | None) -> str:
+    """A writer's compute label as a person reads it: "fuse" -> "fusing", "pyramid 2" ->
+    "pyramid level 2"."""
+    if not label or label == "fuse":
+        return "fusing"
+    return label.replace("pyramid ", "pyramid level ")
+
+
+def share(batch: Batch | None, done: int, total: int, label: str | None,
+          whole: bool = True) -> tuple[int, int, str]:
+    """``(done, total, label)`` to report when `done` of `total` tasks of a compute are finished.
+
+    With the writer's `batch`, in chunks: of the whole image (`whole`: one bar for every batch
+    and level) or of this compute's level; without it, the compute's own tasks.
+    """
+    if batch is None:
+        return done, total, _name(label)
+    part = batch.count * done // total if total else batch.count
+    if whole:
+        return batch.start + part, batch.total, _name(batch.label)
+    return batch.level_start + part, batch.level_total, _name(batch.label)
+
+
+def task_callbacks(report: ProgressFn, batch: Batch | None, label: str | None,
+                   whole: bool = True) -> list[tuple]:
+    """dask callbacks (``(start, start_state, pretask, posttask, finish)``) that `report` the
+    progress of one local compute: at most about 200 reports per compute."""
+    counts = {"done": 0, "total": 0}
+
+    def start_state(dsk: Any, state: dict) -> None:
+        total = sum(len(state[s]) for s in ("ready", "waiting", "running"))
+        counts["total"] = total + len(state["finished"])
+        report(*share(batch, 0, counts["total"], label, whole))
+
+    def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        counts["done"] += 1
+        done, total = counts["done"], counts["total"]
+        if done == total or done % max(1, total // 200) == 0:
+            report(*share(batch, done, total, label, whole))
+
+    return [(None, start_state, None, posttask, None)]
 
 
 @contextlib.contextmanager
-def _local(name: str, workers: int | None, progress: bool, first: str):
-    labels = _labels(first)
+def _local(name: str, workers: int | None, progress: bool | ProgressFn | None, first: str):
+    report, bar = _reporter(progress)
 
-    def compute(*collections, label: str | None = None):
-        with DaskProgress(labels, enabled=progress, label=label):
-            return dask.compute(*collections, scheduler=name, num_workers=workers)
+    def compute(*collections, label: str | None = None, batch: Batch | None = None):
+        callbacks = task_callbacks(report, batch, label or first) if report else []
+        return dask.compute(*collections, scheduler=name, num_workers=workers,
+                            callbacks=callbacks)
 
-    yield compute, None
+    with bar if bar is not None else contextlib.nullcontext():
+        yield compute, None
 
 
 def _quiet_distributed() -> None:
@@ -56,16 +112,29 @@ def _quiet_distributed() -> None:
         logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
+def follow_futures(futures: list, report: ProgressFn, batch: Batch | None,
+                   label: str | None) -> None:
+    """`report` progress as the futures of one compute on a distributed Client finish (one
+    future per chunk for the writer's batches); errors are left to ``gather``."""
+    from distributed import as_completed
+
+    report(*share(batch, 0, len(futures), label))
+    for done, _ in enumerate(as_completed(futures), 1):
+        report(*share(batch, done, len(futures), label))
+
+
 @contextlib.contextmanager
-def _distributed(address: str | None, workers: int | None, progress: bool, first: str):
+def _distributed(address: str | None, workers: int | None, progress: bool | ProgressFn | None,
+                 first: str, cluster: Any = None):
     try:
         from distributed import Client, LocalCluster
-        from distributed import progress as show_progress
     except ImportError as exc:  # pragma: no cover - distributed is a dependency
         raise InputError("--scheduler distributed needs the 'distributed' package") from exc
     _quiet_distributed()
-    cluster = None
-    if address is None:
+    owned = cluster is None  # a cluster passed in (a job queue's) is closed by its caller
+    if cluster is not None:
+        client = Client(cluster)
+    elif address is None:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                dashboard_address=":0")
         client = Client(cluster)
@@ -75,25 +144,37 @@ def _distributed(address: str | None, workers: int | None, progress: bool, first
         except OSError as exc:
             raise InputError(f"cannot reach the dask scheduler at {address}: {exc}") from None
 
-    def compute(*collections, label: str | None = None):
+    report, bar = _reporter(progress)
+
+    def compute(*collections, label: str | None = None, batch: Batch | None = None):
         futures = client.compute(list(collections))
-        if progress:
-            with contextlib.redirect_stdout(sys.stderr):
-                show_progress(futures)
-                print(file=sys.stderr)
+        if report is not None:
+            follow_futures(futures, report, batch, label or first)
         return tuple(client.gather(futures))
 
     try:
-        yield compute, client.dashboard_link
+        with bar if bar is not None else contextlib.nullcontext():
+            yield compute, client.dashboard_link
     finally:
         client.close()
-        if cluster is not None:
+        if cluster is not None and owned:
             cluster.close()
 
 
 @contextlib.contextmanager
+def _jobqueue(kind: str, workers: int | None, progress: bool | ProgressFn | None, first: str):
+    """`workers` worker jobs (default 1) of a job queue, cancelled on any exit."""
+    from tilefuse.cluster import jobqueue_cluster
+
+    with jobqueue_cluster(kind, jobs=workers or 1) as cluster, \
+            _distributed(None, workers, progress, first, cluster=cluster) as runner:
+        yield runner
+
+
+@contextlib.contextmanager
 def open_runner(
-    scheduler: str = "threads", *, workers: int | None = None, progress: bool = True,
+    scheduler: str = "threads", *, workers: int | None = None,
+    progress: bool | ProgressFn | None = True,
     first_label: str = "fuse",
 ) -> Iterator[tuple[Callable[..., tuple], str | None]]:
     """Yield ``(compute, dashboard_link)`` for a scheduler name or address.
@@ -101,11 +182,17 @@ def open_runner(
     Parameters
     ----------
     scheduler : str
-        ``threads``, ``processes``, ``sync``, ``distributed`` or a scheduler address.
+        ``threads``, ``processes``, ``sync``, ``distributed``, a job queue (``slurm``,
+        ``pbs``, ``sge``, ``lsf``: see :mod:`tilefuse.cluster`) or a scheduler address.
     workers : int, optional
-        Threads, processes or cluster workers (default: one per core).
-    progress : bool
-        Show a bar per compute on stderr.
+        Threads, processes or cluster workers (default: one per core); of a job queue, worker
+        jobs (default 1).
+    progress : bool or callable
+        True: one bar on stderr for everything computed until the runner closes (every batch
+        and pyramid level of a write); a ``progress(done, total, label)`` callback instead
+        (e.g. the command's :class:`tilefuse.cli.progress.ProgressBar`); False: nothing.
+    first_label : str
+        Label of computes that name none.
     """
     if scheduler in LOCAL_SCHEDULERS:
         ctx = _local(scheduler, workers, progress, first_label)
@@ -113,10 +200,12 @@ def open_runner(
         ctx = _distributed(None, workers, progress, first_label)
     elif "://" in scheduler:
         ctx = _distributed(scheduler, workers, progress, first_label)
+    elif scheduler in JOBQUEUES:
+        ctx = _jobqueue(scheduler, workers, progress, first_label)
     else:
         raise InputError(
-            f"unknown scheduler {scheduler!r}; expected threads, processes, distributed or an "
-            "address like tcp://host:8786"
+            f"unknown scheduler {scheduler!r}; expected threads, processes, distributed, "
+            f"{', '.join(JOBQUEUES)} or an address like tcp://host:8786"
         )
     with ctx as runner:
         yield runner

@@ -26,12 +26,15 @@ from tilefuse.model.layout import Layout, translation_affine
 __all__ = [
     "PatternSource",
     "Scene",
+    "TextureSource",
     "coverage",
     "pattern_layout",
+    "texture_layout",
     "TileSet",
     "cut_tiles",
     "grid_positions",
     "grid_tileset",
+    "miscalibrated_tileset",
     "write_tileset",
 ]
 
@@ -234,6 +237,75 @@ def grid_tileset(
     return TileSet(layout, stage, tiles, truth, covered, origin, scene)
 
 
+def miscalibrated_tileset(
+    grid: Sequence[int] = (6, 6),
+    tile_shape: Sequence[int] = (192, 192),
+    overlap: float = 0.15,
+    *,
+    angle_deg: float = 0.8,
+    scale: float = 1.03,
+    stage_noise: float = 1.0,
+    empty: Sequence[int] = (),
+    dtype: np.dtype | str = "uint16",
+    seed: int = 0,
+) -> TileSet:
+    """A grid acquired by a stage miscalibrated against the camera, with exact truth.
+
+    The stage reports a regular grid (``stage``); the camera sees each tile at
+    ``scale * R(angle_deg) @ stage`` plus a uniform stage error of up to ``stage_noise`` px per
+    axis, rounded to whole pixels (``layout``). ``R`` turns (y, x) as
+    :meth:`~tilefuse.model.layout.Layout.rotated` does. The tiles listed in ``empty`` show
+    only flat background (a constant with noise of 0.1 % of full scale), so no link can place
+    them.
+
+    Parameters
+    ----------
+    grid : (rows, cols)
+    tile_shape : (y, x)
+    overlap : float
+        Planned fraction shared with each neighbour (at the stage's scale).
+    angle_deg, scale : float
+        The camera's offsets against the stage's: rotation (degrees) and scale.
+    stage_noise : float
+        Max |error| of each stage position, pixels per axis.
+    empty : sequence of int
+        Tiles (row-major indices) that show background only.
+
+    Returns
+    -------
+    TileSet
+        ``truth`` is the scene over the true layout, with the empty tiles' pixels as they
+        are nowhere (the scene is drawn there).
+    """
+    rng = np.random.default_rng(seed + 1)
+    tile_shape = tuple(int(n) for n in tile_shape)
+    stage_pos = grid_positions(grid, tile_shape, overlap)
+    theta = np.deg2rad(angle_deg)
+    lin = scale * np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    true_pos = stage_pos @ lin.T + rng.uniform(-stage_noise, stage_noise, stage_pos.shape)
+    true_pos = np.round(true_pos)
+    true_pos -= true_pos.min(axis=0)
+    margin = 16
+    extent = tuple(float(v) for v in true_pos.max(axis=0) + np.asarray(tile_shape) + margin)
+    scene = Scene(extent, "cells", seed)
+    tiles = []
+    for k, p in enumerate(true_pos):
+        if k in set(int(e) for e in empty):
+            flat = 0.2 + rng.normal(0, 0.001, tile_shape)
+            tiles.append(_to_dtype(np.clip(flat, 0, 1), dtype))
+        else:
+            tiles.append(_to_dtype(scene.sample(translation_affine(p), tile_shape), dtype))
+    layout = layout_from_arrays(tiles, positions=true_pos)
+    stage = layout_from_arrays(tiles, positions=stage_pos)
+    from tilefuse.plan.geometry import output_box
+
+    origin, shape = output_box(layout)
+    truth = _to_dtype(scene.render(shape, origin), dtype)
+    covered = coverage(layout, origin, shape)
+    truth[~covered] = 0
+    return TileSet(layout, stage, tiles, truth, covered, origin, scene)
+
+
 def coverage(layout: Layout, origin: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Mosaic pixels whose centre lies within some tile's pixel centres, bool of ``shape``.
 
@@ -327,3 +399,80 @@ def pattern_layout(grid: Sequence[int], tile: int = 1024, overlap: float = 0.1) 
             tiles.append(Tile(f"r{r}c{c}", (tile, tile), translation_affine(origin),
                               PatternSource(origin, (tile, tile))))
     return Layout(tuple(tiles), np.dtype(np.uint16), origin="pattern")
+
+
+def _hash_texture(gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
+    """Pseudo-random values in [0, 1) for global pixel indices (outer product of gy, gx)."""
+    with np.errstate(over="ignore"):
+        h = (gy.astype(np.uint64)[:, None] * np.uint64(0x9E3779B97F4A7C15)
+             + gx.astype(np.uint64)[None, :] * np.uint64(0xC2B2AE3D27D4EB4F))
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(32)
+    return (h >> np.uint64(40)).astype(np.float64) / 2.0**24
+
+
+@dataclass(frozen=True, slots=True)
+class TextureSource:
+    """A tile of a band-limited random texture of mosaic coordinates, made on the fly.
+
+    Unlike :class:`PatternSource` the texture has no period and no preferred direction, so
+    every overlap registers to one unambiguous shift; overlapping tiles agree exactly.
+
+    Attributes
+    ----------
+    origin : tuple of int
+        Mosaic index of the tile's first pixel (y, x).
+    shape : tuple of int
+        Tile shape (y, x).
+    """
+
+    origin: tuple[int, int]
+    shape: tuple[int, int]
+
+    @property
+    def key(self) -> tuple:
+        return ("texture", self.origin, self.shape)
+
+    def read(self) -> np.ndarray:
+        """Pixels ``(1, y, x)`` uint16: hashed noise smoothed over 3 x 3 pixels, plus a wave."""
+        gy = np.arange(self.shape[0] + 2, dtype=np.int64) + self.origin[0] - 1
+        gx = np.arange(self.shape[1] + 2, dtype=np.int64) + self.origin[1] - 1
+        noise = _hash_texture(gy, gx)
+        noise = (noise[:-2] + noise[1:-1] + noise[2:]) / 3
+        noise = (noise[:, :-2] + noise[:, 1:-1] + noise[:, 2:]) / 3
+        wave = np.sin(gy[1:-1, None] / 211.0) + np.cos(gx[None, 1:-1] / 157.0)
+        return np.rint(8000 + 30000 * noise + 4000 * wave).astype(np.uint16)[None]
+
+
+def texture_layout(grid: Sequence[int], tile: int = 256, overlap: float = 0.1, *,
+                   stage_error: float = 0.0, seed: int = 0) -> tuple[Layout, Layout]:
+    """A ``grid`` of :class:`TextureSource` tiles: the true layout and one with stage errors.
+
+    Parameters
+    ----------
+    grid : (rows, cols)
+    tile : int
+        Tile side, pixels.
+    overlap : float
+    stage_error : float
+        Max |error| of each stage position, pixels per axis (uniform).
+
+    Returns
+    -------
+    truth, stage : Layout
+        The tiles at their true (integer) positions, and at the stage positions.
+    """
+    from tilefuse.model.layout import Tile
+
+    step = round(tile * (1 - overlap))
+    tiles = []
+    for r in range(grid[0]):
+        for c in range(grid[1]):
+            origin = (r * step, c * step)
+            tiles.append(Tile(f"r{r}c{c}", (tile, tile), translation_affine(origin),
+                              TextureSource(origin, (tile, tile))))
+    truth = Layout(tuple(tiles), np.dtype(np.uint16), origin="texture")
+    rng = np.random.default_rng(seed)
+    error = rng.uniform(-stage_error, stage_error, truth.positions.shape)
+    return truth, truth.with_positions(truth.positions + error)

@@ -15,7 +15,7 @@ from tilefuse.errors import InputError
 from tilefuse.model.units import check_unit
 
 __all__ = ["FUSABLE_DTYPES", "dtype_name", "finite_float", "fraction",
-           "nonnegative_int", "positive_float", "positive_int", "space_unit"]
+           "nonnegative_int", "positive_float", "positive_int", "scene_index", "space_unit"]
 
 FUSABLE_DTYPES = ("uint8", "uint16", "uint32", "int8", "int16", "int32", "float32", "float64")
 """Output dtypes a mosaic can be written in."""
@@ -88,3 +88,14 @@ def space_unit(text: str) -> str:
         return check_unit(text)
     except InputError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def scene_index(text: str) -> int | str:
+    """A CZI scene: an index >= 0, or ``all``."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return nonnegative_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a scene index (0, 1, ...) or 'all', got {text!r}") from None

@@ -8,6 +8,7 @@ checked by the library (:mod:`tilefuse.io.outputs`), never here.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -17,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from tilefuse import _run
+from tilefuse.cli._scenes import scene_requests
+from tilefuse.cli.progress import ProgressBar
 from tilefuse.errors import InputError
 from tilefuse.model.layout import Layout
 from tilefuse.model.timeseries import TimeSeries
 from tilefuse.pipeline import (
     FuseRequest,
     FuseResult,
+    progress_option,
     read_input,
     register_input,
     run_fusion,
@@ -49,9 +53,16 @@ def _read_options(args: argparse.Namespace) -> dict[str, Any]:
             "unit": args.unit}
 
 
-def _load_input(args: argparse.Namespace) -> Layout | TimeSeries:
-    """The layout, or the time series when the input names time points ({t}, a t column)."""
-    return read_input(args.layout, **_read_options(args))
+def _load_input(args: argparse.Namespace, scene: int | None = None) -> Layout | TimeSeries:
+    """The layout, or the time series when the input names time points ({t}, a t column);
+    of a CZI, scene `scene` when given, else --scene (``all`` only for fuse and info)."""
+    options = _read_options(args)
+    if scene is not None:
+        options["scene"] = scene
+    elif options["scene"] == "all":
+        raise InputError(f"--scene all makes one output per scene with fuse (and info describes "
+                         f"each); {args.command} takes one scene: --scene N")
+    return read_input(args.layout, **options)
 
 
 def _load(args: argparse.Namespace) -> Layout:
@@ -81,25 +92,25 @@ def fuse_request(args: argparse.Namespace) -> FuseRequest:
         blend_width=args.blend_width, dtype=args.dtype, fill=args.fill, backend=args.backend,
         cache_bytes=args.cache_mb * 2**20, memory_limit=args.memory_limit, ngff=args.ngff,
         levels=args.levels, overwrite=args.overwrite, resume=args.resume,
-        scheduler=args.scheduler, workers=args.workers,
+        scheduler=args.scheduler, workers=args.workers, format=args.format, bdv=args.bdv,
     )
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
     from tilefuse.runner import open_runner
 
-    started = time.perf_counter()
-    result = run_fusion(
-        fuse_request(args), message=None if args.quiet else _say,
-        runner=lambda: open_runner(args.scheduler, workers=args.workers,
-                                   progress=not args.quiet),
-    )
-    if args.quiet:
-        return 0
-    if result.complete:
-        _say(f"{result.output} is already complete: nothing to resume")
-    else:
-        _say(_fuse_summary(result, time.perf_counter() - started))
+    for request in scene_requests(fuse_request(args)):  # --scene all: one run per scene
+        started = time.perf_counter()
+        with ProgressBar(enabled=not args.quiet) as bar:  # one bar: registration, every level
+            result = run_fusion(
+                request, message=None if args.quiet else bar.say, progress=bar,
+                runner=functools.partial(open_runner, args.scheduler, workers=args.workers,
+                                         progress=bar),
+            )
+        if result.complete:
+            _say(f"{result.output} is already complete: nothing to resume")
+        else:
+            _say(_fuse_summary(result, time.perf_counter() - started))
     return 0
 
 
@@ -115,9 +126,18 @@ def _fuse_summary(result: FuseResult, seconds: float) -> str:
     note = ("" if layout.pixel_size_known else
             f"\npixel size {layout.pixel_size[-1]:g} {layout.unit} is a default: no file states "
             "one; pass --pixel-size to write the real one")
-    return (f"fused {what} -> {result.output} ({' x '.join(map(str, shape))}, {mpix:.1f} MPix) "
+    return (f"fused {what} -> {result.output} ({_sizes(result.mosaic.axes, shape)} px, "
+            f"{mpix:.1f} MPix) "
             f"in {seconds:.1f} s ({mpix / seconds:.1f} MPix/s); layout saved as "
             f"{result.sidecars[-1]}{note}")
+
+
+def _sizes(axes: tuple[str, ...] | list[str], shape: tuple[int, ...]) -> str:
+    """Sizes as a person reads them, x first: ``x 1170, y 944`` (and ``z``, ``c``, ``t``)."""
+    named = dict(zip(reversed(axes), reversed(shape), strict=False))  # aligned at x
+    if len(shape) > len(axes):  # a time series: t before the mosaic's axes
+        named.setdefault("t", shape[0])
+    return ", ".join(f"{a} {named[a]}" for a in ("x", "y", "z", "c", "t") if a in named)
 
 
 # ---------------------------------------------------------------------------------- register
@@ -127,8 +147,9 @@ def _layout_output(args: argparse.Namespace, layout: Layout | TimeSeries) -> Pat
     """Where `register` writes: -o, else NAME.registered.txt as Fiji names it (a time series:
     .csv)."""
     given = Path(args.layout)
-    out = Path(args.output) if args.output else given.with_name(given.stem + ".registered.txt")
-    if not isinstance(layout, TimeSeries):
+    default = ".registered.xml" if given.suffix.lower() == ".xml" else ".registered.txt"
+    out = Path(args.output) if args.output else given.with_name(given.stem + default)
+    if not isinstance(layout, TimeSeries) or out.suffix.lower() == ".xml":
         return out
     if not args.output:
         return out.with_suffix(".csv")
@@ -144,13 +165,19 @@ def cmd_register(args: argparse.Namespace) -> int:
     layout = _load_input(args)
     inputs = _run.run_inputs(args.layout, layout)
     out = check_file_output(_layout_output(args, layout), overwrite=args.overwrite,
-                            inputs=inputs, what="registered layout", suffixes=(".txt", ".csv"))
+                            inputs=inputs, what="registered layout",
+                            suffixes=(".txt", ".csv", ".xml"))
     _run.check_report(args.report, layout, inputs, overwrite=args.overwrite)
-    registered, _ = register_input(
-        layout, timepoint=args.timepoint, max_shift=args.max_shift, channel=args.channel,
-        workers=args.workers, downsample=args.register_downsample,
-        keep_stage_positions=args.keep_stage_positions, report=args.report,
-        message=None if args.quiet else _say)
+    from tilefuse.cluster import cluster_executor  # pairs on a job queue's or cluster's workers
+
+    with cluster_executor(args.scheduler, args.workers) as executor, \
+            ProgressBar(enabled=not args.quiet) as bar:  # pairs measured, then the solve
+        registered, _ = register_input(
+            layout, timepoint=args.timepoint, max_shift=args.max_shift, channel=args.channel,
+            workers=args.workers, downsample=args.register_downsample,
+            keep_stage_positions=args.keep_stage_positions, report=args.report,
+            message=None if args.quiet else bar.say, executor=executor,
+            **progress_option(register_input, bar))
     save_layout(registered, out)
     if not args.quiet:
         _say(f"registered layout written to {out}")
@@ -170,7 +197,8 @@ def cmd_flatfield(args: argparse.Namespace) -> int:
                             suffixes=_TIFF_OUTPUT)
     flat, dark = estimate_flatfield(layout, sample=args.sample, darkfield=args.darkfield)
     save_flatfield(out, flat, dark)
-    _say(f"flat field ({flat.shape}, min {flat.min():.3f}, max {flat.max():.3f}) written to "
+    size = _sizes(("z", "y", "x")[-flat.ndim:], tuple(flat.shape))
+    _say(f"flat field ({size} px, min {flat.min():.3f}, max {flat.max():.3f}) written to "
          f"{out}; use it with 'tilefuse fuse ... --flatfield {out}'")
     return 0
 
@@ -193,14 +221,39 @@ def cmd_preview(args: argparse.Namespace) -> int:
     picture = preview_image(source if layout is None else layout, max_size=args.max_size,
                             report=args.report)
     picture.save(out)
-    _say(f"preview written to {out} ({picture.size[0]} x {picture.size[1]})")
+    _say(f"preview written to {out} (x {picture.size[0]}, y {picture.size[1]} px)")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    scenes = _scenes(args)
+    if len(scenes) > 1:
+        print(f"scenes:       {len(scenes)}: "
+              + ", ".join(f"{i} ({name})" for i, name in scenes.items()))
+        if args.scene in (None, "all"):  # describe each
+            for index, name in scenes.items():
+                print(f"\nscene {index} ({name}):")
+                _describe(args, _load_input(args, scene=index))
+            return 0
+    _describe(args, _load_input(args, scene=next(iter(scenes)) if args.scene == "all" else None))
+    return 0
+
+
+def _scenes(args: argparse.Namespace) -> dict[int, str]:
+    """The scenes of a CZI input (index -> name); empty for other inputs."""
+    from tilefuse.io.readers.czi import czi_scenes
+
+    if not str(args.layout).lower().endswith(".czi") or Path(args.layout).is_dir():
+        if args.scene == "all":
+            raise InputError(f"--scene all: {args.layout} is not a CZI file; scenes are a CZI's")
+        return {}
+    return czi_scenes(args.layout)
+
+
+def _describe(args: argparse.Namespace, layout: Layout | TimeSeries) -> None:
+    """Print what `tilefuse info` says of one layout or time series."""
     from tilefuse.plan.info import describe, describe_series
 
-    layout = _load_input(args)
     chunk = _chunk_arg(args)
     _run.check_chunk(chunk, layout)
     threads = args.workers or os.cpu_count() or 1
@@ -210,7 +263,6 @@ def cmd_info(args: argparse.Namespace) -> int:
              if isinstance(layout, TimeSeries) else describe(layout, **options))
     for line in lines:
         print(line)
-    return 0
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

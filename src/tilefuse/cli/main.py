@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from tilefuse import __version__
 from tilefuse.cli.allocator import retain_freed_memory
@@ -21,12 +22,14 @@ from tilefuse.cli.argtypes import (
     nonnegative_int,
     positive_float,
     positive_int,
+    scene_index,
     space_unit,
 )
 from tilefuse.errors import USER_ERRORS
 from tilefuse.fusion.blend import BLENDS
 from tilefuse.fusion.kernel import BACKENDS
 from tilefuse.io.tiles import DEFAULT_CACHE_BYTES
+from tilefuse.ome_tiff import FORMATS
 from tilefuse.ome_zarr import NGFF_VERSIONS
 from tilefuse.plan.chunking import DEFAULT_CHUNK, MAX_Z_CHUNK
 
@@ -37,7 +40,8 @@ _CACHE_MB = DEFAULT_CACHE_BYTES // 2**20
 
 def _add_layout_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("layout", help="TileConfiguration.txt, CSV layout, .czi, OME-TIFF with stage "
-                                  "positions, or a folder of tiles with --pattern")
+                                  "positions, BigStitcher dataset.xml, a folder of OME-Zarr "
+                                  "images, or a folder of tiles with --pattern")
     g = p.add_argument_group("folders of tiles")
     g.add_argument("--pattern", default=None,
                    help="file names with {row} {col} {index} {channel} {z} {t}, e.g. "
@@ -59,13 +63,18 @@ def _add_layout_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flip-x", action="store_true", help="stage x runs against the camera's")
     g.add_argument("--flip-y", action="store_true", help="stage y runs against the camera's")
     g.add_argument("--swap-xy", action="store_true", help="stage x is the camera's y")
-    g.add_argument("--scene", type=nonnegative_int, default=None, help="CZI scene to read")
+    g.add_argument("--scene", type=scene_index, default=None, metavar="N|all",
+                   help="CZI scene to read; all: fuse every scene into its own output, "
+                        "OUT.<scene>.ome.zarr (info: describe each)")
     p.add_argument("--rotate", type=finite_float, metavar="DEG", default=None,
                    help="rotate every tile about its centre (camera rotated against the stage)")
     p.add_argument("--pixel-size", type=positive_float, nargs="+", metavar="S", default=None,
                    help="physical pixel size: one value, or one per axis (z y x), default 1")
     p.add_argument("--unit", type=space_unit, default="micrometer",
                    help="unit of --pixel-size, an OME-NGFF name or um/nm/mm (default micrometer)")
+
+
+def _add_chunk_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=positive_int, nargs="+", default=None, metavar="N",
                    help="output chunk size: one value or one per axis (default "
                         f"{DEFAULT_CHUNK}; z chunks <= {MAX_Z_CHUNK})")
@@ -100,22 +109,68 @@ def _add_intensity_options(p: argparse.ArgumentParser) -> None:
 
 def _add_scheduler_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default="threads", metavar="NAME",
-                   help="threads (default), processes, distributed (a local cluster) or the "
-                        "address of a running dask scheduler, e.g. tcp://host:8786")
+                   help="where the work runs: threads (default), processes, distributed (a "
+                        "local cluster), slurm, pbs, sge or lsf (worker jobs submitted with "
+                        "dask's jobqueue.<name> settings, cancelled when the run ends; needs "
+                        "tilefuse[hpc]) or the address of a running dask scheduler, e.g. "
+                        "tcp://host:8786")
     p.add_argument("--workers", "--threads", dest="workers", type=positive_int, default=None,
-                   help="threads, processes or local-cluster workers (default: one per core)")
+                   help="threads, processes or local-cluster workers (default: one per core); "
+                        "with slurm, pbs, sge or lsf: worker jobs (default 1)")
+
+
+_EXAMPLES = {
+    "tilefuse": """examples:
+  tilefuse info tiles/TileConfiguration.txt
+  tilefuse fuse tiles/TileConfiguration.txt -o mosaic.ome.zarr --register --pixel-size 0.65
+  tilefuse COMMAND --help    (the options and examples of one command)""",
+    "fuse": """examples:
+  tilefuse fuse tiles/TileConfiguration.txt -o mosaic.ome.zarr --pixel-size 0.65
+  tilefuse fuse stage.csv -o mosaic.ome.zarr --register --report mosaic.report.json
+  tilefuse fuse tiles/ --pattern 'img_{row}_{col}.tif' --overlap 0.15 -o mosaic.ome.zarr
+  tilefuse fuse scan.czi -o mosaic.ome.zarr --ngff 0.4    (zarr v2: for Fiji's N5/Zarr reader)""",
+    "register": """examples:
+  tilefuse register tiles/TileConfiguration.txt    (writes TileConfiguration.registered.txt)
+  tilefuse register stage.csv -o registered.csv --report report.json --max-shift 40
+  tilefuse preview stage.csv -o links.png --report report.json    (then look at the links)""",
+    "preview": """examples:
+  tilefuse preview tiles/TileConfiguration.txt -o layout.png
+  tilefuse preview stage.csv -o links.png --report report.json    (links coloured by NCC)
+  tilefuse preview mosaic.ome.zarr -o mosaic.png --max-size 2048""",
+    "flatfield": """examples:
+  tilefuse flatfield tiles/TileConfiguration.txt -o flat.tif
+  tilefuse flatfield scan.czi -o flat.tif --darkfield --sample 128
+  tilefuse fuse scan.czi -o mosaic.ome.zarr --flatfield flat.tif    (use it)""",
+    "info": """examples:
+  tilefuse info tiles/TileConfiguration.txt
+  tilefuse info scan.czi --chunk 1024 --workers 16    (memory of that run)
+  tilefuse info tiles/ --pattern 'img_p{index}.tif' --grid 5x4""",
+}
+"""The examples under each ``--help``."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line naming the option and what it expects, not the
+    usage block first (that is under ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())  # one line, whatever argparse wrapped
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tilefuse", description="Fuse overlapping microscope tiles into an OME-Zarr mosaic.")
+    parser = _Parser(
+        prog="tilefuse", description="Fuse overlapping microscope tiles into an OME-Zarr mosaic.",
+        epilog=_EXAMPLES["tilefuse"], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tilefuse {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fuse = sub.add_parser("fuse", help="fuse a layout into a multiscale OME-Zarr mosaic")
     _add_layout_options(fuse)
-    fuse.add_argument("-o", "--output", required=True, help="output folder, e.g. mosaic.ome.zarr")
+    _add_chunk_option(fuse)
+    fuse.add_argument("-o", "--output", required=True,
+                      help="output: mosaic.ome.zarr (a folder) or mosaic.ome.tif")
     fuse.add_argument("--register", action="store_true",
                       help="refine the positions from the image content before fusing")
     _add_registration_options(fuse)
@@ -132,6 +187,12 @@ def _parser() -> argparse.ArgumentParser:
                       help="OME-Zarr version: 0.5 (zarr v3, default) or 0.4 (zarr v2)")
     fuse.add_argument("--levels", type=positive_int, default=None,
                       help="pyramid levels incl. full resolution (default: until one chunk)")
+    fuse.add_argument("--format", choices=FORMATS, default=None,
+                      help="output format (default: by the name: NAME.ome.tif is a pyramidal "
+                           "OME-TIFF for QuPath/OMERO, anything else OME-Zarr)")
+    fuse.add_argument("--bdv", action="store_true",
+                      help="also write NAME.xml beside NAME.ome.zarr: a BigStitcher/"
+                           "BigDataViewer dataset.xml that opens the fused image in Fiji")
     _add_intensity_options(fuse)
     _add_scheduler_options(fuse)
     fuse.add_argument("--resume", action="store_true",
@@ -147,7 +208,8 @@ def _parser() -> argparse.ArgumentParser:
                            "memory: RAM, cgroup or SLURM limit)")
     fuse.add_argument("--overwrite", action="store_true",
                       help="replace an output that tilefuse wrote before (never other files)")
-    fuse.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    fuse.add_argument("-q", "--quiet", action="store_true",
+                      help="only the summary: no progress bar, no registration details")
 
     reg = sub.add_parser("register", help="refine tile positions from the image content")
     _add_layout_options(reg)
@@ -155,11 +217,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="registered TileConfiguration (default: NAME.registered.txt beside "
                           "the input, as Fiji names it)")
     _add_registration_options(reg)
-    reg.add_argument("--workers", "--threads", dest="workers", type=positive_int, default=None,
-                     help="threads for pairwise registration (default: all cores)")
+    _add_scheduler_options(reg)
     reg.add_argument("--overwrite", action="store_true",
                      help="replace an existing registered layout or report (never an input)")
-    reg.add_argument("-q", "--quiet", action="store_true", help="no summary")
+    reg.add_argument("-q", "--quiet", action="store_true",
+                     help="print nothing: no progress bar, no summary")
 
     prev = sub.add_parser("preview", help="a picture of the mosaic with tile outlines and links")
     _add_layout_options(prev)
@@ -180,6 +242,7 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a layout: tiles, mosaic size, overlaps, memory")
     _add_layout_options(info)
+    _add_chunk_option(info)
     info.add_argument("--workers", "--threads", dest="workers", type=positive_int, default=None,
                       help="threads the memory estimate is for (default: one per core)")
     info.add_argument("--cache-mb", type=positive_int, default=_CACHE_MB,
@@ -187,6 +250,9 @@ def _parser() -> argparse.ArgumentParser:
                            f"(default {_CACHE_MB})")
     info.add_argument("--backend", choices=BACKENDS, default="auto",
                       help="chunk kernel the memory estimate is for (default auto)")
+    for name, command in sub.choices.items():  # examples under every command's --help
+        command.epilog = _EXAMPLES.get(name)
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -204,7 +270,11 @@ def _stdout_closed() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tilefuse`` command; returns the exit status."""
-    args = _parser().parse_args(argv)  # --help and malformed options end here, quickly
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)  # --help, malformed options end here, quickly
+    if unknown:  # named with its command, not with the top-level usage
+        parser.exit(2, f"tilefuse {args.command}: error: unrecognized arguments: "
+                       f"{' '.join(unknown)} (see 'tilefuse {args.command} --help')\n")
     from tilefuse.cli.commands import COMMANDS
 
     level = logging.WARNING - 10 * min(args.verbose, 2)

@@ -1,54 +1,82 @@
-"""Progress bars for dask computations (CLI only; the library never prints)."""
+"""The one progress bar of a command (CLI only; the library never prints).
+
+:class:`ProgressBar` is a ``progress(done, total, label)`` callback, the library's progress
+protocol (:data:`tilefuse.pipeline.ProgressFn`): registration reports pairs measured, then the
+solve; a write reports chunks stored of the whole image, every batch and pyramid level in one
+count. The bar restarts only when the count changes (pairs -> solve -> chunks), so a fusion
+shows one bar that reaches 100% once, with its rate and time left.
+"""
 
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Iterator
+from types import TracebackType
+from typing import TextIO
 
-from dask.callbacks import Callback
 from tqdm import tqdm
 
-__all__ = ["DaskProgress"]
+__all__ = ["ProgressBar"]
+
+_UNITS = {"registering pairs": "pair", "solving": "step"}
+"""What a label counts; anything else counts chunks."""
 
 
-class DaskProgress(Callback):
-    """One tqdm bar per dask compute, labelled from ``labels`` in order.
+class ProgressBar:
+    """One tqdm bar on stderr for a whole command, fed ``bar(done, total, label)``.
 
     Parameters
     ----------
-    labels : iterator of str
-        A label for each successive compute (e.g. "fuse", "pyramid 1", ...).
     enabled : bool
-        False makes this a no-op (``--quiet``).
-    label : str, optional
-        This compute's label, instead of the next of ``labels`` (a level written in batches).
+        False makes it a no-op (``--quiet``).
+    file : text stream, optional
+        Where the bar goes (default ``sys.stderr``).
+
+    Notes
+    -----
+    ``total == 0`` (a stage with no count, e.g. ``"planning"``) shows nothing. `done` is
+    absolute: a report may jump ahead or repeat, never moves the bar back.
     """
 
-    def __init__(self, labels: Iterator[str], *, enabled: bool = True,
-                 label: str | None = None) -> None:
-        super().__init__()
-        self.labels = labels
-        self.label = label
+    def __init__(self, *, enabled: bool = True, file: TextIO | None = None) -> None:
         self.enabled = enabled
+        self.file = file
         self.bar: tqdm | None = None
-        self.started = time.perf_counter()
+        self.unit = ""
 
-    def _start_state(self, dsk, state) -> None:
-        if not self.enabled:
+    def __call__(self, done: int, total: int, label: str) -> None:
+        if not self.enabled or total <= 0:
             return
-        total = sum(len(state[k]) for k in ("ready", "waiting", "running")) + len(state["finished"])
-        label = self.label or next(self.labels, "compute")
-        self.bar = tqdm(total=total, desc=label, unit="task", file=sys.stderr, leave=True,
-                        dynamic_ncols=True)
+        unit = _UNITS.get(label, "chunk")
+        if self.bar is None or total != self.bar.total or unit != self.unit:
+            self.close()
+            self.unit = unit
+            self.bar = tqdm(total=total, desc=label, unit=unit, file=self.file or sys.stderr,
+                            leave=True, dynamic_ncols=True, smoothing=0.05)
+        bar = self.bar
+        if bar.desc != label:
+            bar.set_description_str(label, refresh=False)
+        step = min(done, total) - bar.n
+        if step > 0:
+            bar.update(step)
 
-    def _posttask(self, key, result, dsk, state, worker_id) -> None:
+    def say(self, line: str) -> None:
+        """Print a line for a person on the bar's stream, above the bar while it runs."""
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.write(line, file=self.file or sys.stderr)
+        else:
+            print(line, file=self.file or sys.stderr)
 
-    def _finish(self, dsk, state, errored) -> None:
+    def close(self, *, failed: bool = False) -> None:
+        """End the bar; after a failure it is cleared, so the error is the last line shown."""
         if self.bar is not None:
-            if errored:  # the error message, not a stalled bar, is the last thing shown
+            if failed:
                 self.bar.leave = False
             self.bar.close()
             self.bar = None
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close(failed=kind is not None)

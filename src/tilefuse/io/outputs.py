@@ -8,7 +8,9 @@ Every command that writes a file or folder asks this module first. The rules:
 - never an input: not the layout file, not a tile file, not a folder holding any of them (the
   current folder included), whatever ``overwrite`` says;
 - a symbolic link is never followed to delete its target;
-- remote URLs (``s3://...``) are refused by name: tilefuse writes local or mounted folders.
+- remote URLs (``s3://...``) are refused by name: tilefuse writes local or mounted folders;
+- an OME-TIFF file is tilefuse's when its OME-XML says so: ``Creator="tilefuse ..."`` and the run
+  manifest as a ``CommentAnnotation`` in namespace :data:`TIFF_MANIFEST_NAMESPACE`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from tilefuse.errors import InputError
 __all__ = [
     "MANIFEST",
     "MANIFEST_KEY",
+    "OME_TIFF_SUFFIXES",
+    "TIFF_MANIFEST_NAMESPACE",
     "ZARR_SUFFIXES",
+    "check_tiff_output",
     "image_stem",
     "is_finished",
     "check_file_output",
@@ -34,6 +39,7 @@ __all__ = [
     "input_files",
     "is_tilefuse_image",
     "read_manifest",
+    "read_tiff_manifest",
     "refuse_url",
     "remove_image",
 ]
@@ -48,6 +54,11 @@ MANIFEST = "tilefuse-run.json"
 
 ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 """Endings of an image folder's name that are not part of the image's name (any case)."""
+OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
+"""Endings of an OME-TIFF output's name that are not part of the image's name (any case)."""
+TIFF_MANIFEST_NAMESPACE = "tilefuse/run-manifest"
+"""Namespace of the OME-XML ``CommentAnnotation`` holding the run manifest (JSON) of an OME-TIFF
+tilefuse wrote: with ``Creator="tilefuse VERSION"``, what marks the file as tilefuse's."""
 
 # What tilefuse writes into an image folder: zarr metadata, level folders, the manifest.
 _OWN_ENTRIES = re.compile(r"^(zarr\.json|\.zattrs|\.zgroup|\.zmetadata|\d+|"
@@ -69,14 +80,16 @@ def refuse_url(path: str | os.PathLike, what: str = "output") -> None:
 
 
 def image_stem(path: str | os.PathLike) -> str:
-    """An image folder's name without ``.ome.zarr`` / ``.zarr`` (any case): the image's name,
-    its napari layer's, and the stem of the layout files saved beside it.
+    """An image's name without ``.ome.zarr`` / ``.zarr`` / ``.ome.tif(f)`` (any case): the
+    image's name, its napari layer's, and the stem of the layout files saved beside it.
 
     >>> image_stem("out/Mosaic.OME.zarr"), image_stem("m.zarr"), image_stem("folder")
     ('Mosaic', 'm', 'folder')
+    >>> image_stem("out/m.ome.tiff")
+    'm'
     """
     name = Path(path).name
-    for suffix in ZARR_SUFFIXES:
+    for suffix in (*ZARR_SUFFIXES, *OME_TIFF_SUFFIXES):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)] or name
     return name
@@ -84,7 +97,10 @@ def image_stem(path: str | os.PathLike) -> str:
 
 def read_manifest(folder: Path) -> dict | None:
     """The run manifest of the image in `folder` (its group attribute ``tilefuse``, or the
-    file of earlier versions), or None when there is none: then the folder is not tilefuse's."""
+    file of earlier versions; of an OME-TIFF file, its OME-XML annotation), or None when there
+    is none: then the folder (or file) is not tilefuse's."""
+    if folder.is_file():
+        return read_tiff_manifest(folder)
     attrs = _group_attrs(folder)
     saved = attrs.get(MANIFEST_KEY) if attrs is not None else None
     if saved is None:
@@ -280,3 +296,72 @@ def remove_image(out: Path) -> None:
         else:
             entry.unlink()
     log.info("removed the previous tilefuse image in %s", out)
+
+
+# --------------------------------------------------------------------------------------------
+# OME-TIFF files
+# --------------------------------------------------------------------------------------------
+
+
+def read_tiff_manifest(path: Path) -> dict | None:
+    """The run manifest an OME-TIFF tilefuse wrote carries in its OME-XML, or None: a file
+    that is not a TIFF, has no OME-XML, another ``Creator``, or no manifest annotation."""
+    import xml.etree.ElementTree as ET
+
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            description = tif.pages.first.description
+        root = ET.fromstring(description)
+    except (OSError, ValueError, IndexError, ET.ParseError, tifffile.TiffFileError):
+        return None
+    if not root.tag.endswith("OME") or not root.get("Creator", "").startswith("tilefuse "):
+        return None
+    for element in root.iter():
+        if element.tag.endswith("CommentAnnotation") and \
+                element.get("Namespace") == TIFF_MANIFEST_NAMESPACE:
+            value = next((e.text for e in element if e.tag.endswith("Value")), None)
+            try:
+                saved = json.loads(value or "")
+            except ValueError:
+                return None
+            return saved if isinstance(saved, dict) and "tilefuse" in saved else None
+    return None
+
+
+def check_tiff_output(path: str | os.PathLike, *, overwrite: bool, resume: bool = False,
+                      inputs: Iterable[Path] = ()) -> Path:
+    """Check that an OME-TIFF file may be written, before anything is read or computed.
+
+    An existing file is replaced only with `overwrite`, and only when tilefuse wrote it
+    (:func:`read_tiff_manifest`); never an input, a folder or a symbolic link. A resume is
+    refused: an OME-TIFF is written in one go (from a temporary file renamed at the end).
+
+    Raises
+    ------
+    InputError, FileExistsError
+        With the reason and what to do.
+    """
+    refuse_url(path)
+    out = Path(path)
+    if resume:
+        raise InputError(f"--resume is not available for an OME-TIFF output ({out}): it is "
+                         "written in one go; run again with --overwrite, or write NAME.ome.zarr")
+    _refuse_inputs(out, inputs, "output")
+    if out.is_symlink():
+        raise InputError(f"output {out} is a symbolic link; tilefuse does not write through "
+                         "links: name the file itself")
+    if out.is_dir():
+        raise InputError(f"output {out} is a folder; an OME-TIFF output is a file name "
+                         "ending in .ome.tif")
+    if not out.exists():
+        return out
+    if not overwrite:
+        mine = " (an OME-TIFF tilefuse wrote)" if read_tiff_manifest(out) is not None else ""
+        raise FileExistsError(f"{out} exists{mine}; pass --overwrite to replace it")
+    if read_tiff_manifest(out) is None:
+        raise InputError(f"output {out} is a file that tilefuse did not write (no tilefuse "
+                         "run manifest in its OME-XML); it is not replaced: choose another "
+                         "name or move it away")
+    return out

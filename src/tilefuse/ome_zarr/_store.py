@@ -1,5 +1,6 @@
 """Storing levels: chunk files written by the task that makes them (:class:`ChunkFiles`) or
-through zarr, at most :data:`BATCH_CHUNKS` chunks per compute; level 0 resumable."""
+through zarr, at most :data:`BATCH_CHUNKS` chunks per compute; level 0 resumable; a
+:class:`Tally` tells each compute where it stands in the whole write."""
 
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ def store_level(
     """Store `source` (or only its `blocks`) into `target` in one dask compute, with
     per-channel min/max of what was stored if `stats`.
 
+    `compute` is a level's compute of a :class:`Tally` (``compute(*collections, chunks=n)``).
+
     Each block is encoded and written by the task that holds it (:class:`ChunkFiles`) when
     the target allows; otherwise through zarr (``da.store``).
 
@@ -75,6 +78,9 @@ def store_level(
         Finite per-channel minimum and maximum (NaN and inf ignored), when `stats`.
     """
     reduce_axes = tuple(i for i, a in enumerate(axes) if a != "c")
+    count = (0 if target is None else len(blocks) if blocks is not None  # chunks stored
+             else int(np.prod([-(-n // c) for n, c in zip(target.shape, target.chunks,
+                                                           strict=True)])))
     writer = _direct_writer(source, target)
     if writer is not None:
         channel_axis = axes.index("c") if "c" in axes else None
@@ -90,7 +96,7 @@ def store_level(
         stored = (da.store(source, target, lock=False, compute=False)  # type: ignore[arg-type]
                   if target is not None else None)
     if not stats:
-        compute(stored)
+        compute(stored, chunks=count)
         return None, None
     if source.dtype.kind in "biu":  # every value is finite: no conversion, no masking
         lo, hi = source.min(axis=reduce_axes), source.max(axis=reduce_axes)
@@ -99,7 +105,7 @@ def store_level(
         finite = da.isfinite(values)
         lo = da.where(finite, values, np.inf).min(axis=reduce_axes)
         hi = da.where(finite, values, -np.inf).max(axis=reduce_axes)
-    _, lo, hi = compute(stored, lo, hi)
+    _, lo, hi = compute(stored, lo, hi, chunks=count)
     return np.atleast_1d(lo), np.atleast_1d(hi)
 
 
@@ -122,11 +128,81 @@ def _direct_writer(source: da.Array, target: zarr.Array | None) -> ChunkFiles | 
     return ChunkFiles.for_array(target, skip_empty=not target.config.write_empty_chunks)
 
 
-def labeller(compute: Callable[..., tuple], batched: bool) -> Callable[[str], Callable]:
-    """``label -> compute`` for each level: labelled bars when level 0 takes several computes
-    (and `compute` accepts ``label``), else `compute` as given, whose bars count computes."""
-    accepts = batched and "label" in inspect.signature(compute).parameters
-    return lambda label: functools.partial(compute, label=label) if accepts else compute
+@dataclass(frozen=True)
+class Batch:
+    """Where one compute of a write stands, so that a caller can show one bar for the image.
+
+    Attributes
+    ----------
+    label : str
+        ``"fuse"`` (level 0) or ``"pyramid K"``.
+    start, count, total : int
+        Chunks stored before this compute (all levels), in it, and in the whole image.
+    level_start, level_total : int
+        Chunks of this compute's level stored before it, and in the level.
+    """
+
+    label: str
+    start: int
+    count: int
+    total: int
+    level_start: int
+    level_total: int
+
+
+def _takes(compute: Callable[..., tuple], name: str) -> bool:
+    """Whether `compute` accepts the keyword `name`."""
+    try:
+        params = inspect.signature(compute).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+class Tally:
+    """Counts the chunks of a whole write (every level) and tells each compute where it stands.
+
+    ``tally.level(k)`` is the compute level `k` is stored with: ``run(*collections, chunks=n)``
+    calls the caller's compute with ``label=`` (``"fuse"``, ``"pyramid K"``) and ``batch=``
+    (a :class:`Batch`) when it takes them, so one progress bar can span every batch and level.
+
+    Parameters
+    ----------
+    compute : callable
+        Like ``dask.compute(*collections)``.
+    totals : sequence of int
+        Chunks of each level, level 0 first.
+    """
+
+    def __init__(self, compute: Callable[..., tuple], totals: Sequence[int]) -> None:
+        self.compute = compute
+        self.totals = [int(n) for n in totals]
+        self.total = sum(self.totals)
+        self.done = 0
+        self.labels = _takes(compute, "label")
+        self.batches = _takes(compute, "batch")
+
+    def skip(self, chunks: int) -> None:
+        """Count `chunks` as stored already (a resume keeps them)."""
+        self.done += chunks
+
+    def level(self, k: int) -> Callable[..., tuple]:
+        """The compute that stores level `k`: ``run(*collections, chunks=n)``."""
+        label = "fuse" if k == 0 else f"pyramid {k}"
+        level_first = self.done
+
+        def run(*collections: object, chunks: int) -> tuple:
+            kwargs: dict[str, object] = {}
+            if self.labels:
+                kwargs["label"] = label
+            if self.batches:
+                kwargs["batch"] = Batch(label, self.done, chunks, self.total,
+                                        self.done - level_first, self.totals[k])
+            out = self.compute(*collections, **kwargs)
+            self.done += chunks
+            return out
+
+        return run
 
 
 def _store_direct(source, writer: ChunkFiles, blocks, reduce_axes, compute, channel_axis):
@@ -145,7 +221,8 @@ def _store_direct(source, writer: ChunkFiles, blocks, reduce_axes, compute, chan
         dsk: Graph = {(name, i): (_StoreBlock(writer, b, reduce_axes), (source.name, *b))
                for i, b in enumerate(batch)}
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=[source])
-        results += compute(*[Delayed((name, i), graph, layer=name) for i in range(len(batch))])
+        results += compute(*[Delayed((name, i), graph, layer=name) for i in range(len(batch))],
+                           chunks=len(batch))
     if reduce_axes is None or not results:
         return None, None
     n = source.shape[channel_axis] if channel_axis is not None else 1
@@ -258,13 +335,17 @@ def written_blocks(target: zarr.Array, folder: Path) -> set[tuple[int, ...]]:
 
 
 def store_missing_blocks(
-    source: da.Array, target: zarr.Array, folder: Path, axes, stats: bool, compute, resume: bool
+    source: da.Array, target: zarr.Array, folder: Path, axes, stats: bool, compute, resume: bool,
+    tally: Tally | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Store the blocks of `source` that `target` lacks (all of them on a fresh write)."""
+    """Store the blocks of `source` that `target` lacks (all of them on a fresh write); the
+    chunks kept count as stored in `tally`."""
     done = written_blocks(target, folder) if resume else set()
     if not done:
         return store_level(source, target, axes, stats=stats, compute=compute)
     todo = [b for b in np.ndindex(*source.numblocks) if b not in done]
+    if isinstance(tally, Tally):
+        tally.skip(len(done))
     log.info("resuming: %d of %d chunks already written", len(done), len(done) + len(todo))
     if todo:
         store_level(source, target, axes, stats=False, compute=compute, blocks=todo)

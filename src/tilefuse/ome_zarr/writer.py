@@ -33,7 +33,7 @@ from tilefuse.io.outputs import (
     remove_image,
 )
 from tilefuse.model.mosaic import Mosaic
-from tilefuse.ome_zarr import NGFF_VERSIONS, _store
+from tilefuse.ome_zarr import NGFF_VERSIONS
 from tilefuse.ome_zarr._metadata import (
     channel_specs,
     image_attrs,
@@ -48,9 +48,9 @@ from tilefuse.ome_zarr._pyramid import (
     regular_chunks,
 )
 from tilefuse.ome_zarr._store import (
+    Tally,
     create_level,
     finished_match,
-    labeller,
     level_zero,
     open_unfinished,
     store_level,
@@ -65,7 +65,9 @@ __all__ = ["MANIFEST", "is_finished_image", "max_levels",
 log = logging.getLogger(__name__)
 
 Compute = Callable[..., tuple]
-"""Runs dask collections like ``dask.compute(*collections)`` (may take ``label=``)."""
+"""Runs dask collections like ``dask.compute(*collections)``; may take ``label=`` (``"fuse"``,
+``"pyramid K"``) and ``batch=`` (a :class:`tilefuse.ome_zarr._store.Batch`: chunks before, in
+this compute and in the whole image, for one progress bar over every batch and level)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +149,8 @@ def write_image(
         As in :func:`write_ome_zarr`.
     compute : callable, optional
         Runs the dask collections of one level, like ``dask.compute(*collections)``; lets a
-        caller choose the scheduler and drive progress bars. Default ``dask.compute``.
+        caller choose the scheduler and drive progress bars: when it takes the keywords, it is
+        passed ``label=`` and ``batch=`` (see :data:`Compute`). Default ``dask.compute``.
     manifest : dict, optional
         What this run was asked to do (layout hash, parameters, version), saved as
         the group attribute ``tilefuse`` before any pixel is written (with the tilefuse version
@@ -201,26 +204,31 @@ def write_image(
         group = _new_image(out, zarr_format, manifest)
 
     lo = hi = None
-    labelled = labeller(compute, math.prod(array.numblocks) > _store.BATCH_CHUNKS)
+    tally = Tally(compute, [_chunk_count(s, chunks) for s in shapes])
     for k, shape in enumerate(shapes):
         last = k == len(shapes) - 1
         log.info("level %d: shape %s, chunks %s", k, shape, chunks)
         if k == 0:
             target = level_zero(group, shape, chunks, array.dtype, axes, zarr_format, resume)
             lo, hi = store_missing_blocks(array, target, out / "0", axes, last,
-                                           labelled("fuse"), resume)
+                                           tally.level(0), resume, tally)
             continue
         previous = group[str(k - 1)]
         assert isinstance(previous, zarr.Array)
         source = downsample_level(previous, axes)
         target = create_level(group, str(k), shape, chunks, array.dtype, axes, zarr_format)
-        lo, hi = store_level(source, target, axes, stats=last, compute=labelled(f"pyramid {k}"))
+        lo, hi = store_level(source, target, axes, stats=last, compute=tally.level(k))
 
     attrs = image_attrs(axes, sizes, offsets, mosaic.unit, len(shapes), ngff_version, channels,
                         lo, hi, name or image_stem(out))
     group.attrs.update(attrs)
     log.info("wrote %s (%d levels, NGFF %s)", out, len(shapes), ngff_version)
     return out
+
+
+def _chunk_count(shape: tuple[int, ...], chunks: tuple[int, ...]) -> int:
+    """Chunks of an array of `shape` in `chunks`."""
+    return math.prod(-(-n // c) for n, c in zip(shape, chunks, strict=True))
 
 
 def read_ome_zarr_level(path: str | os.PathLike, level: int = 0) -> da.Array:

@@ -5,10 +5,16 @@ parallel threads (:mod:`~tilefuse.registration.pairwise`), accepts the links who
 clears a threshold learned from random non-overlapping crops (the chance level, within fixed
 bounds), and places all tiles by a weighted least-squares solve that drops inconsistent links
 (:mod:`~tilefuse.registration.solve`). Only translations change; the linear part of each affine
-is kept. Tiles without an accepted link to the main group keep their stage positions, moved with
-the rest, and a warning is logged. When no link is accepted at all the tiles most likely do not
-match where the layout puts them (wrong order, overlap or search radius): :func:`register` then
-raises :class:`~tilefuse.errors.InputError` unless stage positions are explicitly allowed.
+is kept. Candidate pairs are those that could overlap once moved by the search radius.
+
+A stage model (:mod:`~tilefuse.registration.stage_model`: rotation, scale per axis, shear) is
+fitted to the linked tiles; when it differs significantly from the stage, the rejected links are
+measured again in small search windows centred where the model puts them (a second pass), and
+tiles without an accepted link to the main group are placed by the model (else they keep their
+stage positions, moved with the rest); a warning is logged either way. When no link is
+accepted at all the tiles most likely do not match where the layout puts them (wrong order,
+overlap or search radius): :func:`register` then raises :class:`~tilefuse.errors.InputError`
+unless stage positions are explicitly allowed.
 Links whose best match lies beyond the search window, and a low share of accepted links, are
 logged as warnings with what to try (also in :meth:`RegistrationReport.summary_lines`).
 :class:`RegistrationReport` records every decision.
@@ -27,8 +33,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Executor
 from dataclasses import replace
 
 import numpy as np
@@ -36,8 +42,15 @@ import numpy as np
 from tilefuse.errors import InputError
 from tilefuse.model.layout import Layout
 from tilefuse.model.timeseries import TimeSeries
+from tilefuse.registration._jobs import (
+    SOLVE_LABEL,
+    Progress,
+    Runner,
+    executor_for,
+    measure_pair,
+)
+from tilefuse.registration._outcome import build_report, log_fallbacks, refuse_no_link
 from tilefuse.registration.pairwise import (
-    OUTSIDE_REACH,
     Measurement,
     Pair,
     find_pairs,
@@ -46,15 +59,19 @@ from tilefuse.registration.pairwise import (
 )
 from tilefuse.registration.report import LinkRecord, RegistrationReport, TileRecord
 from tilefuse.registration.solve import Solution, link_weights, solve_positions
-from tilefuse.registration.threshold import link_threshold, null_scores, tile_pixels
+from tilefuse.registration.stage_model import StageModel, fit_stage_model
+from tilefuse.registration.threshold import link_threshold, null_jobs, null_scores
 
-__all__ = ["LinkRecord", "RegistrationReport", "TileRecord", "register", "register_series"]
+__all__ = ["LinkRecord", "RegistrationReport", "StageModel", "TileRecord", "register",
+           "register_series"]
 
 log = logging.getLogger(__name__)
 
 MAX_SHIFT_FRACTION = 0.15
 MIN_MAX_SHIFT = 10.0
 EMPTY_FRACTION = 0.1
+SECOND_WINDOW_SIGMAS = 3.0
+SECOND_WINDOW_MIN = 3.0
 
 
 def register(
@@ -66,6 +83,8 @@ def register(
     workers: int | None = None,
     downsample: int = 1,
     allow_stage_positions: bool = False,
+    progress: Progress | None = None,
+    executor: Executor | None = None,
 ) -> tuple[Layout, RegistrationReport]:
     """Refine tile positions so that overlapping tiles agree.
 
@@ -82,7 +101,8 @@ def register(
         Overlap, in every axis, that two tiles need at their stage positions to be linked; a
         measured shift may leave half of it (true overlaps are often thinner than planned).
     workers : int, optional
-        Threads measuring pairs; default ``os.cpu_count()``.
+        Threads measuring pairs; default ``os.cpu_count()``. With ``executor``: how many jobs
+        it runs at once (sizes the submission window).
     downsample : int
         Search overlaps binned ``downsample`` x ``downsample`` in y and x (z is kept), then
         refine each shift at full resolution within ``downsample + 1`` px of that estimate:
@@ -92,12 +112,23 @@ def register(
     allow_stage_positions : bool
         When no link is accepted, return the stage positions (with a warning) instead of
         raising :class:`~tilefuse.errors.InputError`.
+    progress : callable, optional
+        ``progress(done, total, label)``: called as pairs are measured (label
+        ``"registering pairs"``, the chance-level samples counted in) at most a few times a
+        second, and around the solve (label ``"solving"``, ``total`` 0 while busy, then
+        ``(1, 1)``).
+    executor : concurrent.futures.Executor, optional
+        Runs the pair measurements (e.g. ``distributed.Client.get_executor()``): the jobs are
+        module-level functions of plain data, tiles read by their source on the worker.
+        Default: a local thread pool of ``workers`` threads.
 
     Returns
     -------
     registered : Layout
         The same tiles with refined translations (linear parts untouched).
     report : RegistrationReport
+        With ``stage_model``: the stage-to-camera map fitted to the linked tiles, by which tiles
+        without an accepted link are placed when it is significant (``placed_by == "model"``).
 
     Raises
     ------
@@ -108,25 +139,66 @@ def register(
         tried, why they were rejected and what to try.
     """
     _check(layout, max_shift, channel, min_overlap_px, workers, downsample)
-    indices = find_pairs(layout, min_overlap_px)
-    radius = default_max_shift(layout, indices) if max_shift is None else float(max_shift)
+    near = find_pairs(layout, min_overlap_px)
+    radius = default_max_shift(layout, near) if max_shift is None else float(max_shift)
+    indices = find_pairs(layout, min_overlap_px, reach=radius)
     pairs = [make_pair(layout, a, b, math.ceil(radius)) for a, b in indices]
-    log.info("registering %d tiles: %d overlapping pairs, max shift %.1f px%s",
-             len(layout.tiles), len(pairs), radius,
+    log.info("registering %d tiles: %d candidate pairs (%d overlapping at the stage positions, "
+             "the rest within max shift %.1f px)%s", len(layout.tiles), len(pairs), len(near),
+             radius,
              f", searched at 1/{downsample} resolution, refined at full" if downsample > 1 else "")
     min_extent = max(2, int(min_overlap_px) // 2)
     measure = functools.partial(measure_crops, min_extent=min_extent, downsample=int(downsample))
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        found = list(pool.map(lambda p: _measure(layout, p, channel, radius, measure), pairs))
-        null = null_scores(layout, pairs, channel, radius, measure, pool)
+    started = time.perf_counter()
+    with executor_for(executor, workers) as (pool, count):
+        runner = Runner(pool, count, progress)
+        samples = null_jobs(layout, pairs, radius)
+        runner.start(len(pairs) + len(samples))
+        tiles = layout.tiles
+        found = runner.run(measure_pair, ((tiles[p.a], tiles[p.b], p, channel, radius, measure)
+                                          for p in pairs))
+        null = null_scores(layout, samples, channel, radius, measure, runner)
+    measured = time.perf_counter()
     threshold = link_threshold(null)
     reasons = _decide(layout, pairs, found, threshold, radius)
+    if progress is not None:
+        progress(0, 0, SOLVE_LABEL)
     solution = _solve(layout, pairs, found, reasons, radius)
-    report = _report(layout, pairs, found, reasons, solution, threshold, radius, len(null))
+    model, positions = _place_by_model(layout, solution)
+    window = _second_window(model, radius)
+    redo = [k for k, r in enumerate(reasons) if r and "empty" not in r] if window else []
+    second: dict = {}
+    if redo:
+        guess = layout.with_positions(positions)
+        again = [make_pair(guess, pairs[k].a, pairs[k].b, math.ceil(window)) for k in redo]
+        with executor_for(executor, workers) as (pool, count):
+            runner = Runner(pool, count, progress)
+            runner.start(len(again))
+            remeasured = runner.run(measure_pair, ((tiles[p.a], tiles[p.b], p, channel, window,
+                                                    measure) for p in again))
+        typical = _typical_std(found)
+        gained = 0
+        for k, pair, m in zip(redo, again, remeasured, strict=True):
+            if not _reason(layout, pair, m, threshold, window, typical):
+                pairs[k], found[k], reasons[k] = pair, m, ""
+                gained += 1
+        log.info("second pass, search windows of %.1f px centred by the stage model: %d of %d "
+                 "rejected links re-measured and accepted", window, gained, len(redo))
+        second = {"window": window, "tried": len(redo), "accepted": gained}
+        if gained:
+            solution = _solve(layout, pairs, found, reasons, radius)
+            model, positions = _place_by_model(layout, solution)
+    if progress is not None:
+        progress(1, 1, SOLVE_LABEL)
+    report = build_report(layout, pairs, found, reasons, solution, positions, model, threshold,
+                          radius, len(null))
     report.downsample = int(downsample)
-    _refuse_no_link(report, channel, allow_stage_positions)
-    _log_fallbacks(report)
-    return layout.with_positions(solution.positions), report
+    report.second_pass = second
+    report.timings = {"pairs": measured - started, "solve": time.perf_counter() - measured,
+                      "pairs_measured": len(pairs) + len(samples)}
+    refuse_no_link(report, channel, allow_stage_positions)
+    log_fallbacks(report)
+    return layout.with_positions(positions), report
 
 
 def register_series(
@@ -145,7 +217,7 @@ def register_series(
         accepted instead of raising :class:`~tilefuse.errors.InputError`.
     **options
         As in :func:`register` (``max_shift``, ``channel``, ``min_overlap_px``, ``workers``,
-        ``downsample``).
+        ``downsample``, ``progress``, ``executor``).
 
     Returns
     -------
@@ -216,23 +288,35 @@ def _overlap_thickness(layout: Layout, a: int, b: int) -> float:
     return float(extent.min())
 
 
-def _measure(layout: Layout, pair: Pair, channel: int, radius: float, measure) -> Measurement:
-    crop_a = pair.crop(tile_pixels(layout, pair.a, channel), "a")
-    crop_b = pair.crop(tile_pixels(layout, pair.b, channel), "b")
-    return measure(crop_a, crop_b, pair.nominal, radius)
-
-
 # ------------------------------------------------------------------------------------- decisions
 
 
 def _decide(layout, pairs, found: list[Measurement], threshold: float, radius: float):
     """Why each link is rejected ("" when accepted)."""
-    stds = [s for m in found for s in (m.std_a, m.std_b) if s > 0]
-    typical = float(np.median(stds)) if stds else 0.0
+    typical = _typical_std(found)
     reasons = []
     for pair, m in zip(pairs, found, strict=True):
         reasons.append(_reason(layout, pair, m, threshold, radius, typical))
     return reasons
+
+
+def _typical_std(found: list[Measurement]) -> float:
+    """Median standard deviation of the crops (what an overlap with content shows)."""
+    stds = [s for m in found for s in (m.std_a, m.std_b) if s > 0]
+    return float(np.median(stds)) if stds else 0.0
+
+
+def _second_window(model: StageModel, radius: float) -> float:
+    """Search radius of the second pass, centred by the model; 0 for no second pass.
+
+    ``SECOND_WINDOW_SIGMAS`` times the model's scatter about the linked tiles plus a pixel,
+    at least ``SECOND_WINDOW_MIN``; no second pass when that is no smaller than ``radius`` or
+    the model is not significant.
+    """
+    if not model.used or not np.isfinite(model.residual_rms):
+        return 0.0
+    window = max(SECOND_WINDOW_MIN, SECOND_WINDOW_SIGMAS * model.residual_rms + 1)
+    return window if window < radius else 0.0
 
 
 def _reason(layout, pair: Pair, m: Measurement, threshold, radius, typical) -> str:
@@ -276,82 +360,15 @@ def _mosaic_cov(pair: Pair, m: Measurement) -> np.ndarray:
     return pair.lin @ cov @ pair.lin.T
 
 
-# ---------------------------------------------------------------------------------------- report
-
-
-def _report(layout, pairs, found, reasons, solution: Solution, threshold, radius, n_null):
-    positions, stage = solution.positions, layout.positions
-    accepted = [k for k, r in enumerate(reasons) if not r]
-    removed = {accepted[k]: why for k, why in solution.removed.items()}
-    links = []
-    for k, (pair, m) in enumerate(zip(pairs, found, strict=True)):
-        measured = None if m.shift is None else pair.to_mosaic(m.shift)
-        residual = None
-        if measured is not None:
-            residual = float(np.linalg.norm(positions[pair.b] - positions[pair.a] - measured))
-        reason = reasons[k] or removed.get(k, "")
-        links.append(LinkRecord(
-            tiles=(pair.a, pair.b),
-            names=(layout.tiles[pair.a].name, layout.tiles[pair.b].name),
-            nominal=[float(v) for v in stage[pair.b] - stage[pair.a]],
-            measured=None if measured is None else [float(v) for v in measured],
-            ncc=None if not np.isfinite(m.ncc) else float(m.ncc),
-            accepted=not reason,
-            reason=reason,
-            residual=residual,
-            beyond=_beyond(pair, m, reason, radius),
-        ))
-    sizes = np.bincount(solution.component)
-    tiles = []
-    for i, tile in enumerate(layout.tiles):
-        comp = int(solution.component[i])
-        by_image = comp == 0 and sizes[0] > 1
-        tiles.append(TileRecord(
-            index=i,
-            name=tile.name,
-            position=[float(v) for v in positions[i]],
-            stage_distance=float(np.linalg.norm(positions[i] - stage[i])),
-            placed_by="image" if by_image else "stage",
-            component=comp,
-        ))
-    return RegistrationReport(links, tiles, threshold, radius, solution.limit, n_null)
-
-
-def _beyond(pair: Pair, m: Measurement, reason: str, radius: float) -> float | None:
-    """How far the better match of a link rejected at ``max_shift`` lies (None otherwise)."""
-    if "max_shift" not in reason:
-        return None
-    far = [float(np.abs(s - pair.nominal).max()) for s in (m.outside_shift, m.shift)
-           if s is not None]
-    far = [d for d in far if d > radius]
-    return max(far) if far else OUTSIDE_REACH * radius
-
-
-def _refuse_no_link(report: RegistrationReport, channel: int, allow: bool) -> None:
-    """Raise when tiles overlap but no link (over image content) was accepted."""
-    s = report.summary
-    empty = sum(not lk.accepted and "empty" in lk.reason for lk in report.links)
-    if s["links_accepted"] or s["links_tried"] == empty or allow:
-        return  # allowed: RegistrationReport.advice says it, as a warning
-    hint = report.window_hint()
-    radius = (f"--max-shift, e.g. {hint[2]}" if hint else
-              f"--max-shift, now {report.max_shift:.0f} px")
-    raise InputError(
-        f"registration accepted 0 of {s['links_tried']} links ({report.rejections()}): the "
-        "tiles do not match where the layout puts them, so the mosaic would be scrambled. "
-        f"Check the tile order (--order), the overlap (--overlap), the search radius ({radius})"
-        f" and the channel (--channel, now {channel}); or fuse at the stage positions "
-        "(--keep-stage-positions, allow_stage_positions=True)"
-    )
-
-
-def _log_fallbacks(report: RegistrationReport) -> None:
-    stage = [t for t in report.tiles if t.placed_by == "stage"]
-    if stage:
-        names = ", ".join(t.name for t in stage[:10]) + (" ..." if len(stage) > 10 else "")
-        log.warning("%d of %d tiles have no accepted link to the main group and keep their "
-                    "stage positions (moved with the rest): %s", len(stage), len(report.tiles),
-                    names)
-    advice = report.advice()
-    for line in report.summary_lines():
-        log.log(logging.WARNING if line in advice else logging.INFO, "%s", line)
+def _place_by_model(layout: Layout, solution: Solution) -> tuple[StageModel, np.ndarray]:
+    """Fit the stage model to the main linked group; place the other groups by it."""
+    main = solution.component == 0
+    size = int(main.sum())
+    pixel_size = tuple(layout.pixel_size) if layout.pixel_size_known else None
+    if size < 2:
+        model = fit_stage_model(np.zeros((0, layout.ndim)), np.zeros((0, layout.ndim)),
+                                pixel_size=pixel_size)
+        return model, solution.positions
+    stage = layout.positions
+    model = fit_stage_model(stage[main], solution.positions[main], pixel_size=pixel_size)
+    return model, model.place(stage, solution.positions, solution.component, size)

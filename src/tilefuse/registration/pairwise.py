@@ -129,12 +129,16 @@ class Measurement:
 # ----------------------------------------------------------------------------------------- pairs
 
 
-def find_pairs(layout: Layout, min_overlap_px: int) -> list[tuple[int, int]]:
+def find_pairs(layout: Layout, min_overlap_px: int, reach: float = 0.0) -> list[tuple[int, int]]:
     """Neighbouring tiles: nominal footprints overlap by ``min_overlap_px`` in every axis.
 
     Pairs that touch only at a corner or an edge of the box (more than one thin axis) are left
     out unless the overlap is substantial: every axis but the thinnest must overlap by at least
     ``NEIGHBOUR_FRACTION`` of the smaller tile.
+
+    ``reach`` (pixels, the search radius) widens the candidates to pairs that *could* overlap by
+    ``min_overlap_px`` once either tile moves by up to ``reach``: an overlap that the current
+    positions make thin (a layout registered before, a stage error) is still measured.
 
     Returns
     -------
@@ -146,7 +150,7 @@ def find_pairs(layout: Layout, min_overlap_px: int) -> list[tuple[int, int]]:
     centre, half = (lo + hi) / 2, (hi - lo) / 2
     if len(layout.tiles) < 2:
         return []
-    radius = 2 * float(np.linalg.norm(half, axis=1).max()) + 1
+    radius = 2 * float(np.linalg.norm(half, axis=1).max()) + 1 + 2 * float(reach)
     candidates = np.array(sorted(cKDTree(centre).query_pairs(radius)), dtype=np.int64)
     if candidates.size == 0:
         return []
@@ -154,7 +158,7 @@ def find_pairs(layout: Layout, min_overlap_px: int) -> list[tuple[int, int]]:
     overlap = np.minimum(hi[a], hi[b]) - np.maximum(lo[a], lo[b]) + 1
     extent = np.minimum(hi[a] - lo[a], hi[b] - lo[b]) + 1
     fraction = np.sort(overlap / extent, axis=1)
-    keep = np.all(overlap >= min_overlap_px, axis=1)
+    keep = np.all(overlap + reach >= min_overlap_px, axis=1)
     if fraction.shape[1] > 1:
         keep &= fraction[:, 1] >= NEIGHBOUR_FRACTION
     return [(int(i), int(j)) for i, j in candidates[keep]]

@@ -13,6 +13,8 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from tilefuse.registration.stage_model import StageModel
+
 __all__ = ["LinkRecord", "RegistrationReport", "TileRecord"]
 
 _MAX_NAMES = 5
@@ -86,8 +88,10 @@ class TileRecord:
     stage_distance : float
         Distance from its stage (input) position, pixels.
     placed_by : str
-        "image" (the tile belongs to the largest linked group) or "stage" (no accepted link to
-        that group: its stage position, moved with the rest).
+        "image" (the tile belongs to the largest linked group), "model" (no accepted link to
+        that group: placed by the stage model fitted to the linked tiles, see
+        :mod:`~tilefuse.registration.stage_model`) or "stage" (no link and no significant
+        model: its stage position, moved with the rest).
     component : int
         Group of linked tiles it belongs to; 0 is the largest.
     """
@@ -120,6 +124,15 @@ class RegistrationReport:
     downsample : int
         Lateral binning the overlaps were searched at (1: full resolution); every link was
         then refined at full resolution.
+    stage_model : dict
+        :meth:`tilefuse.registration.stage_model.StageModel.to_dict`: the stage-to-camera map
+        fitted to the linked tiles (angle, scale, corrected pixel size); empty when none.
+    timings : dict
+        Seconds spent measuring pairs (``"pairs"``) and solving (``"solve"``), and how many
+        measurements the first (``"pairs_measured"``) made.
+    second_pass : dict
+        The links re-measured in search windows centred by the stage model: ``"window"``
+        (radius, pixels), ``"tried"``, ``"accepted"``; empty when there was no second pass.
     """
 
     links: list[LinkRecord] = field(default_factory=list)
@@ -129,18 +142,26 @@ class RegistrationReport:
     residual_limit: float = float("nan")
     null_samples: int = 0
     downsample: int = 1
+    stage_model: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    second_pass: dict = field(default_factory=dict)
 
     @property
     def summary(self) -> dict:
         """Counts and residual statistics, JSON-ready."""
         residuals = [lk.residual for lk in self.links if lk.accepted and lk.residual is not None]
         by_stage = sum(t.placed_by == "stage" for t in self.tiles)
+        by_model = sum(t.placed_by == "model" for t in self.tiles)
+        model = self.stage_model or {}
         return {
             "links_tried": len(self.links),
             "links_accepted": sum(lk.accepted for lk in self.links),
             "tiles": len(self.tiles),
-            "tiles_by_image": len(self.tiles) - by_stage,
+            "tiles_by_image": len(self.tiles) - by_stage - by_model,
             "tiles_by_stage": by_stage,
+            "tiles_by_model": by_model,
+            "stage_angle_deg": model.get("angle_deg"),
+            "stage_scale_percent": model.get("scale_percent"),
             "residual_rms": math.sqrt(sum(r * r for r in residuals) / len(residuals))
             if residuals else None,
             "residual_max": max(residuals) if residuals else None,
@@ -157,6 +178,9 @@ class RegistrationReport:
             "residual_limit": self.residual_limit,
             "null_samples": self.null_samples,
             "downsample": self.downsample,
+            "stage_model": self.stage_model,
+            "timings": self.timings,
+            "second_pass": self.second_pass,
             "links": [asdict(lk) for lk in self.links],
             "tiles": [asdict(t) for t in self.tiles],
         }
@@ -181,7 +205,8 @@ class RegistrationReport:
         tiles = [TileRecord(**t) for t in data.get("tiles", [])]
         return cls(links, tiles, number(data.get("threshold")), number(data.get("max_shift")),
                    number(data.get("residual_limit")), int(data.get("null_samples", 0)),
-                   int(data.get("downsample", 1)))
+                   int(data.get("downsample", 1)), dict(data.get("stage_model") or {}),
+                   dict(data.get("timings") or {}), dict(data.get("second_pass") or {}))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> RegistrationReport:
@@ -198,17 +223,22 @@ class RegistrationReport:
             + (f", searched at 1/{self.downsample} resolution, refined at full)"
                if self.downsample > 1 else ")"),
             f"tiles: {s['tiles_by_image']} placed by image, "
-            f"{s['tiles_by_stage']} by stage position",
+            + (f"{s['tiles_by_model']} by the stage model, " if s["tiles_by_model"] else "")
+            + f"{s['tiles_by_stage']} by stage position",
         ]
+        if self.stage_model.get("kind", "none") != "none":
+            lines.append(StageModel.from_dict(self.stage_model).summary_line())
         if s["residual_rms"] is not None:
             lines.append(f"residuals: rms {s['residual_rms']:.2f} px, "
                          f"max {s['residual_max']:.2f} px")
         if any(not lk.accepted for lk in self.links):
             lines.append("rejected: " + self.rejections())
-        stage = [t.name for t in self.tiles if t.placed_by == "stage"]
-        if stage:
-            more = f" and {len(stage) - _MAX_NAMES} more" if len(stage) > _MAX_NAMES else ""
-            lines.append("placed by stage position: " + ", ".join(stage[:_MAX_NAMES]) + more)
+        for kind, what in (("model", "the stage model"), ("stage", "stage position")):
+            placed = [t.name for t in self.tiles if t.placed_by == kind]
+            if placed:
+                more = (f" and {len(placed) - _MAX_NAMES} more" if len(placed) > _MAX_NAMES
+                        else "")
+                lines.append(f"placed by {what}: " + ", ".join(placed[:_MAX_NAMES]) + more)
         return lines + self.advice()
 
     def rejections(self) -> str:

@@ -13,9 +13,10 @@ import numpy as np
 
 from tilefuse.io.tiles import read_tile
 from tilefuse.model.layout import Layout
+from tilefuse.registration._jobs import null_score
 from tilefuse.registration.pairwise import Pair
 
-__all__ = ["NCC_CAP", "NCC_FLOOR", "link_threshold", "null_scores", "tile_pixels"]
+__all__ = ["NCC_CAP", "NCC_FLOOR", "link_threshold", "null_jobs", "null_scores", "tile_pixels"]
 
 log = logging.getLogger(__name__)
 
@@ -73,22 +74,20 @@ def _null_job(layout: Layout, pairs: list[Pair], radius: float, rng: np.random.G
     return None
 
 
-def null_scores(layout, pairs, channel, radius, measure, pool) -> list[float]:
-    """Best correlations found between crops that do not overlap (the chance level)."""
+def null_scores(layout, jobs, channel, radius, measure, runner) -> list[float]:
+    """Best correlations found between crops that do not overlap (the chance level).
+
+    ``jobs`` come from :func:`null_jobs`; they run through ``runner``
+    (:class:`~tilefuse.registration._jobs.Runner`), which counts them as registering work.
+    """
+    return runner.run(null_score, [(layout.tiles[pair.a], pair, layout.tiles[other], lo, channel,
+                                    radius, measure) for pair, other, lo in jobs])
+
+
+def null_jobs(layout: Layout, pairs: list[Pair], radius: float) -> list[tuple]:
+    """The random ``(pair, other tile, crop corner)`` samples behind the threshold."""
     if not pairs:
         return []
     rng = np.random.default_rng(0)
     n = int(np.clip(2 * len(pairs), *NULL_SAMPLES))
-    jobs = [job for job in (_null_job(layout, pairs, radius, rng) for _ in range(n)) if job]
-
-    def score(job) -> float:
-        pair, other, lo = job
-        crop_a = pair.crop(tile_pixels(layout, pair.a, channel), "a")
-        size = pair.box_b[1] - pair.box_b[0]
-        crop_c = tile_pixels(layout, other, channel)[tuple(slice(s, s + k) for s, k in
-                                                        zip(lo, size, strict=True))]
-        found = measure(crop_a, crop_c, pair.nominal, radius, refine=False)
-        usable = found.shift is not None and not found.edge and np.isfinite(found.ncc)
-        return found.ncc if usable else 0.0
-
-    return list(pool.map(score, jobs))
+    return [job for job in (_null_job(layout, pairs, radius, rng) for _ in range(n)) if job]

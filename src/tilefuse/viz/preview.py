@@ -4,8 +4,10 @@ and, given a registration report, the links coloured by NCC and the fall-backs m
 - From an OME-Zarr image: the pyramid level that fits, outlines from the layout saved beside it.
 - From a layout: a fast low-resolution fusion (each tile block-averaged first), outlines exact.
 
-Colours: tile outlines cyan, tiles placed by their stage position orange; accepted links from
-red (NCC 0) through yellow to green (NCC 1); rejected links red, dashed, with a cross.
+Colours: tile outlines cyan, tiles placed by their stage position or the model orange (and
+"S" after their label); accepted links from red (NCC 0) through yellow to green (NCC 1);
+rejected links red, dashed, with a cross. With a report, a legend strip below says so. Tiles
+are labelled by file name where it fits, else by index in the layout.
 """
 
 from __future__ import annotations
@@ -152,17 +154,68 @@ def _draw_layout(image, layout: Layout, origin, scale: float, report: dict | Non
     width = max(1, round(min(image.size) / 400))
     font = ImageFont.load_default(size=max(10, min(image.size) // 40))
     stage = {t["index"] for t in (report or {}).get("tiles", []) if t.get("placed_by") == "stage"}
-    centres = []
+    centres, corners_of = [], []
     for i, tile in enumerate(layout.tiles):
         corners = _to_canvas(_corners(tile.affine, tile.shape), origin, scale)
         draw.polygon(corners, outline=STAGE if i in stage else OUTLINE, width=width)
         centres.append(tuple(np.mean(corners, axis=0)))
+        corners_of.append(corners)
     if report:
         _draw_links(draw, report, centres, width + 1)
     for i, (cx, cy) in enumerate(centres):
-        label = f"{i}S" if i in stage else str(i)
-        draw.text((cx, cy), label, fill=(255, 255, 255), font=font, anchor="mm",
-                  stroke_width=2, stroke_fill=(0, 0, 0))
+        label = _tile_label(draw, font, layout.tiles[i].name, i, _tile_width(corners_of[i]))
+        draw.text((cx, cy), f"{label} S" if i in stage else label, fill=(255, 255, 255),
+                  font=font, anchor="mm", stroke_width=2, stroke_fill=(0, 0, 0))
+
+
+def _tile_width(corners: list[tuple[float, float]]) -> float:
+    """Width in the picture of a tile's outline (x extent of its corners)."""
+    xs = [x for x, _ in corners]
+    return max(xs) - min(xs)
+
+
+def _tile_label(draw, font, name: str, index: int, room: float) -> str:
+    """The tile's file name (without folder and extension) where it fits in `room` pixels, else
+    its index in the layout."""
+    stem = Path(name).name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".png", ".czi"):
+        if stem.lower().endswith(suffix) and len(stem) > len(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return stem if stem and draw.textlength(stem, font=font) <= 0.9 * room else str(index)
+
+
+def _legend_height(font_size: int) -> int:
+    """Pixels the legend strip takes below the picture: three lines."""
+    return 3 * font_size + 4 * (font_size // 2)
+
+
+def _legend(picture, font_size: int):
+    """`picture` with a legend strip below it: what link colours, dashes and orange mean (as
+    wide as the picture, or as the legend's text when the picture is narrower)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=font_size)
+    pad, white = font_size // 2, (255, 255, 255)
+    key = 3 * font_size  # the width of each line's sample: ramp, dash, box
+    texts = ("link NCC 0 ... 1 (accepted)", "rejected link", "placed by stage/model (S)")
+    measure = ImageDraw.Draw(picture)
+    width = max(picture.size[0],
+                int(2 * pad + key + pad + max(measure.textlength(t, font=font) for t in texts)))
+    out = Image.new("RGB", (width, picture.size[1] + _legend_height(font_size)), (32, 32, 32))
+    out.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(out)
+    rows = [picture.size[1] + pad + k * (font_size + pad) for k in range(3)]
+    for k in range(key):  # NCC 0 -> 1
+        draw.line([(pad + k, rows[0] + 2), (pad + k, rows[0] + font_size - 2)],
+                  fill=ncc_colour(k / (key - 1)))
+    middle = rows[1] + font_size / 2
+    _dashed(draw, (pad, middle), (pad + key, middle), REJECTED, 2, dash=font_size / 3)
+    draw.rectangle([pad, rows[2] + 1, pad + key, rows[2] + font_size - 1], outline=STAGE,
+                   width=2)
+    for row, text in zip(rows, texts, strict=True):
+        draw.text((2 * pad + key, row), text, fill=white, font=font)
+    return out
 
 
 def preview_image(
@@ -180,10 +233,10 @@ def preview_image(
         A fused OME-Zarr image, a layout file/folder (read with ``layout_options``; of a time
         series, its first time point), or a Layout.
     max_size : int
-        Longest side of the picture in pixels.
+        Longest side of the picture in pixels (the legend included).
     report : RegistrationReport, dict or path to its JSON, optional
-        Draw its links and mark tiles placed by stage position. Its tile indices must be those
-        of the layout drawn.
+        Draw its links and mark tiles placed by stage position, with a legend below the
+        picture. Its tile indices must be those of the layout drawn.
     """
     from PIL import Image
 
@@ -200,16 +253,20 @@ def preview_image(
     else:
         layout = _one_layout(source, **(layout_options or {}))
         image, scale = _fuse_small(layout, max_size)
+    drawn = _report_dict(report)
+    font_size = max(10, min(max_size // 60, 18))
+    room = max_size - (_legend_height(font_size) if drawn and layout is not None else 0)
     picture = Image.fromarray(contrast_stretch(image))
-    if max(picture.size) > max_size:  # resize first, draw last: lines stay crisp
-        width = picture.size[0]
-        picture.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
+    if picture.size[0] > max_size or picture.size[1] > room:  # resize first, draw last:
+        width = picture.size[0]                                # lines stay crisp
+        picture.thumbnail((max_size, max(room, 1)), Image.Resampling.LANCZOS)
         scale *= picture.size[0] / width
     picture = picture.convert("RGB")
     if layout is not None:
         origin, _ = output_box(layout)
-        _draw_layout(picture, layout, np.asarray(origin[-2:], dtype=float), scale,
-                     _report_dict(report))
+        _draw_layout(picture, layout, np.asarray(origin[-2:], dtype=float), scale, drawn)
+        if drawn:
+            picture = _legend(picture, font_size)
     return picture
 
 

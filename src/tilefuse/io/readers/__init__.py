@@ -11,10 +11,12 @@ import re
 from pathlib import Path
 
 from tilefuse.errors import InputError
+from tilefuse.io.readers.bigstitcher import read_bigstitcher
 from tilefuse.io.readers.csv import read_csv_layout, write_csv_layout
 from tilefuse.io.readers.czi import read_czi
 from tilefuse.io.readers.memory import layout_from_arrays
 from tilefuse.io.readers.ometiff import read_ome_tiff
+from tilefuse.io.readers.omezarr import is_ngff_image, read_omezarr_tiles
 from tilefuse.io.readers.pattern import read_pattern
 from tilefuse.io.readers.tileconfig import read_tileconfig, write_tileconfig
 from tilefuse.io.tiles import TIFF_SUFFIXES
@@ -24,10 +26,12 @@ from tilefuse.model.timeseries import TimeSeries
 __all__ = [
     "layout_from_arrays",
     "looks_like_layout",
+    "read_bigstitcher",
     "read_czi",
     "read_csv_layout",
     "read_layout",
     "read_ome_tiff",
+    "read_omezarr_tiles",
     "read_pattern",
     "read_tileconfig",
     "write_csv_layout",
@@ -36,7 +40,8 @@ __all__ = [
 
 ACCEPTED = (
     "a TileConfiguration (.txt), a CSV layout (.csv), an OME-TIFF with stage positions "
-    "(.ome.tif), a Zeiss CZI (.czi), or a folder of tiles with a pattern (--pattern)"
+    "(.ome.tif), a Zeiss CZI (.czi), a BigStitcher dataset.xml, a folder of OME-Zarr images, "
+    "or a folder of tiles with a pattern (--pattern)"
 )
 _PATTERN_OPTIONS = ("pattern", "grid", "order", "overlap", "first_index", "z_step")
 _STAGE_OPTIONS = ("flip_x", "flip_y", "swap_xy")
@@ -46,6 +51,8 @@ _OPTIONS = {
     "czi": (*_STAGE_OPTIONS, "scene"),
     "csv": (),
     "tileconfig": (),
+    "bigstitcher": (),
+    "omezarr": (),
 }
 _NOT_LAYOUTS = (
     ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".nd2", ".lif", ".lsm", ".ims", ".h5", ".hdf5",
@@ -62,6 +69,10 @@ def _kind(path: Path) -> str:
         return "ome-tiff"
     if name.endswith(".csv"):
         return "csv"
+    if name.endswith(".xml"):
+        return "bigstitcher"
+    if _lists_zarr_images(path):
+        return "omezarr"
     if name.endswith(TIFF_SUFFIXES):
         import tifffile
 
@@ -77,6 +88,20 @@ def _kind(path: Path) -> str:
     return "tileconfig"
 
 
+def _lists_zarr_images(path: Path) -> bool:
+    """A text file whose lines (but blanks and # comments) all name ``.zarr`` folders."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_SNIFF_BYTES)
+    except OSError:
+        return False
+    if b"\x00" in head:
+        return False
+    lines = [line.strip() for line in head.decode("utf-8", errors="replace").splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    return bool(lines) and all(line.rstrip("/").lower().endswith(".zarr") for line in lines)
+
+
 def _is_binary(path: Path) -> bool:
     with open(path, "rb") as fh:
         return b"\x00" in fh.read(8192)
@@ -90,8 +115,9 @@ def _check_options(path: Path, kind: str, options: dict) -> dict:
         if key not in known:
             raise InputError(f"unknown layout option {key!r}; known: {', '.join(sorted(known))}")
         if key not in _OPTIONS[kind]:
-            raise InputError(
-                f"{path}: option {key!r} does not apply to a {kind} layout; it is for "
+            raise InputError(  # named as typed on the command line, and as in Python
+                f"{path}: --{key.replace('_', '-')} (option {key!r}) does not apply to a {kind} "
+                "layout; it is for "
                 + ("a folder with a pattern" if key in _PATTERN_OPTIONS else "CZI/OME-TIFF files")
             )
     return given
@@ -127,6 +153,10 @@ def read_layout(path: str | os.PathLike, **options: object) -> Layout | TimeSeri
         reads, or an option does not apply; the message names the file (and line).
     """
     path = Path(path)
+    if path.is_dir() and options.get("pattern") is None and (
+            is_ngff_image(path) or any(is_ngff_image(p) for p in path.glob("*.zarr"))):
+        _check_options(path, "omezarr", options)
+        return read_omezarr_tiles(path)
     if path.is_dir():
         given = _check_options(path, "pattern", options)
         if "pattern" not in given:
@@ -147,6 +177,10 @@ def read_layout(path: str | os.PathLike, **options: object) -> Layout | TimeSeri
         return read_ome_tiff(path, **given)
     if kind == "csv":
         return read_csv_layout(path)
+    if kind == "bigstitcher":
+        return read_bigstitcher(path)
+    if kind == "omezarr":
+        return read_omezarr_tiles(path)
     return read_tileconfig(path)
 
 
@@ -180,6 +214,10 @@ def looks_like_layout(path: str | os.PathLike) -> bool:
         text = head.decode("utf-8-sig", errors="replace")
         if name.endswith(".csv"):
             return _csv_header_is_layout(text)
+        if name.endswith(".xml"):
+            return "<SpimData" in text
+        if _lists_zarr_images(path):
+            return True
         return _DIM_LINE.search(head.removeprefix(b"\xef\xbb\xbf")) is not None  # UTF-8 BOM
     except OSError:
         return False

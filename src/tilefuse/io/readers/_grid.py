@@ -26,11 +26,11 @@ def parse_grid(grid: str | tuple[int, int] | None) -> tuple[int, int] | None:
     if isinstance(grid, str):
         m = re.fullmatch(r"\s*(\d+)\s*[xX\u00d7]\s*(\d+)\s*", grid)
         if not m:
-            raise InputError(f"grid {grid!r} must be ROWSxCOLS, e.g. '5x4'")
+            raise InputError(f"--grid {grid}: expected ROWSxCOLS, e.g. --grid 5x4")
         grid = (int(m.group(1)), int(m.group(2)))
     rows, cols = (int(v) for v in grid)
     if rows < 1 or cols < 1:
-        raise InputError(f"grid {rows}x{cols} must have at least one row and one column")
+        raise InputError(f"--grid {rows}x{cols}: expected at least one row and one column")
     return rows, cols
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from tilefuse.errors import InputError
 from tilefuse.io.readers.calibration import stated_pixel_size
+from tilefuse.io.readers.omezarr import is_zarr_array, layout_from_zarr_entries
 from tilefuse.io.tiles import FileSource, PlaneStackSource, TileHeader, probe_tile
 from tilefuse.model.layout import Layout, PixelSize, Tile, TileSource
 
@@ -146,6 +147,9 @@ def layout_from_entries(
     """
     if not entries:
         raise InputError(f"{origin}: the layout lists no tiles")
+    if all(is_zarr_array(p) for e in entries for p in e.paths):  # OME-Zarr tiles, saved
+        return layout_from_zarr_entries(entries, ndim=ndim, origin=origin, unit=unit,
+                                        channel_names=channel_names, pixel_size=pixel_size)
     entries = [_expand_planes(e) for e in entries]
     names = [e.label or (e.name if e.series == 0 else f"{e.name}#{e.series}") for e in entries]
     seen: dict[str, str] = {}

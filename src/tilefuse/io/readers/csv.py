@@ -193,7 +193,7 @@ def _time_series(path: str, entries: list[Entry], times: list[str], ndim: int,
         names.sort(key=int)
     layouts = tuple(
         build_layout([e for e, t in zip(entries, times, strict=True) if t == name], ndim=ndim,
-                     origin=path, header=header)
+                     origin=path, header=header, timepoint=name)
         for name in names
     )
     first = layouts[0].affines

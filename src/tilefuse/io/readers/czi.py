@@ -1,50 +1,78 @@
-"""Zeiss CZI mosaics: one tile per mosaic index ``M``, placed by the stage.
+"""Zeiss CZI mosaics: tiles (``M``) with their planes (``Z``), channels (``C``), time points
+(``T``), one scene (``S``) at a time.
 
-Read with the ``czifile`` package. Each tile is one subblock per channel (``C``) at full
-resolution (pyramid subblocks are ignored). Positions come from each tile's subblock metadata
-``StageXPosition``/``StageYPosition`` (µm), divided by the pixel size from the file's
-``Metadata/Scaling/Items/Distance[@Id="X"|"Y"]/Value`` (metres). When a tile's stage position
-or the scaling cannot be read, all tiles fall back to the subblock start coordinates (pixels of
-ZEN's own mosaic) and the fallback is logged.
+Read with the ``czifile`` package; only the subblock directory and the metadata are read here,
+pixels are decoded at fusion time by :class:`CziSource` (file path + subblock offsets). Each tile
+is one mosaic index ``M`` of the chosen scene: a ``(y, x)`` tile, or ``(z, y, x)`` when the
+scene has several planes (z step from ``Metadata/Scaling/Items/Distance[@Id="Z"]``); channels
+are the tile's channels; several time points make a
+:class:`~tilefuse.model.timeseries.TimeSeries` (positions shared: a tile is the same field of
+view at every time point).
+
+Positions come from each tile's subblock metadata ``StageXPosition``/``StageYPosition`` (µm),
+divided by the pixel size from ``Metadata/Scaling/Items/Distance[@Id="X"|"Y"]/Value``
+(metres). Tiles whose subblocks carry no stage position are placed by their subblock start
+coordinates (pixels of ZEN's own mosaic), shifted to agree with the stage-placed tiles, and a
+warning names them; without a scaling every tile is placed that way.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tilefuse.errors import InputError
+from tilefuse.io.readers._czi_blocks import (
+    Block,
+    Grouped,
+    channel_names,
+    directory,
+    group,
+    open_czi,
+    read_xml,
+    scaling_um,
+    scene_names,
+    scenes_of,
+    select_scene,
+)
 from tilefuse.io.readers.ometiff import stage_to_pixels
 from tilefuse.model.layout import Layout, PixelSize, Tile, translation_affine
+from tilefuse.model.timeseries import TimeSeries
 
-__all__ = ["CziSource", "read_czi"]
+__all__ = ["CZI_SOURCE", "CziSource", "czi_scenes", "read_czi"]
 
 log = logging.getLogger(__name__)
+
+CZI_SOURCE = "CZI metadata"
+"""``PixelSize.source`` of a pixel size read from a CZI's ``Metadata/Scaling``."""
 
 
 @dataclass(frozen=True, slots=True)
 class CziSource:
-    """One CZI tile: one full-resolution subblock per channel.
+    """One CZI tile at one time point: its full-resolution subblocks.
 
     Attributes
     ----------
     path : str
         The CZI file.
     subblocks : tuple of int
-        File offsets of the tile's subblock segments, one per channel, in channel order.
+        File offsets of the tile's subblock segments, channel-major then plane order
+        (``len(channels) * planes`` of them).
     series : int
-        The tile's index among the file's tiles (``M`` order), as a TileConfiguration with
+        The tile's index among the scene's tiles (``M`` order), as a TileConfiguration with
         ``multiseries = true`` names it.
+    depth : int
+        Z planes per channel: 1 reads ``(c, y, x)``, more read ``(c, z, y, x)``.
     """
 
     path: str
     subblocks: tuple[int, ...]
     series: int = 0
+    depth: int = 1
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -56,7 +84,8 @@ class CziSource:
         return ("czi", self.path, self.subblocks)
 
     def read(self) -> np.ndarray:
-        """Decode only this tile's subblocks, shape ``(c, y, x)``; opens and closes the file."""
+        """Decode only this tile's subblocks, shape ``(c, y, x)`` or ``(c, z, y, x)``; opens and
+        closes the file."""
         import czifile
         from tifffile import FileHandle
 
@@ -75,7 +104,11 @@ class CziSource:
             raise
         except Exception as exc:
             raise InputError(f"{self.path}: cannot decode CZI subblock ({exc})") from exc
-        return np.concatenate(parts, axis=0)
+        if self.depth == 1:
+            return np.concatenate(parts, axis=0)
+        stacks = [np.stack(parts[i : i + self.depth], axis=1)  # (samples, z, y, x)
+                  for i in range(0, len(parts), self.depth)]
+        return np.concatenate(stacks, axis=0)
 
 
 def _to_cyx(data: np.ndarray, axes: str) -> np.ndarray:
@@ -86,129 +119,27 @@ def _to_cyx(data: np.ndarray, axes: str) -> np.ndarray:
     return np.moveaxis(data, -1, 0)
 
 
-@dataclass(frozen=True, slots=True)
-class _Block:
-    """A full-resolution subblock: its directory entry's facts, without the file handle."""
+def czi_scenes(path: str | os.PathLike) -> dict[int, str]:
+    """The scenes of a CZI file: index ``S`` -> a distinct, file-name-safe name.
 
-    offset: int
-    dims: dict
-    shape: tuple[int, int]
-    samples: int
-    dtype: np.dtype
+    The name is ZEN's scene name (characters other than letters, digits, ``._-`` replaced by
+    ``_``) when the metadata gives one, else ``S<index>``. A file without scenes has ``{0: "S0"}``.
 
-
-def _blocks(czi) -> list[_Block]:
-    out = []
-    for entry in czi.subblock_directory:
-        if entry.pyramid_type != 0 or tuple(entry.shape) != tuple(entry.stored_shape):
-            continue  # a lower-resolution copy
-        dims = {d.dimension: d for d in entry.dimension_entries}
-        shape = (dims["Y"].size, dims["X"].size)
-        samples = entry.shape[entry.axes.index("0")] if "0" in entry.axes else 1
-        out.append(_Block(entry.file_position, {k: d.start for k, d in dims.items()},
-                          shape, samples, np.dtype(entry.dtype)))
-    return out
-
-
-def _scene(blocks: list[_Block], scene: int | None, path: str) -> list[_Block]:
-    scenes = sorted({b.dims.get("S", 0) for b in blocks})
-    if scene is None:
-        if len(scenes) > 1:
-            raise InputError(f"{path}: holds scenes {scenes}; choose one with scene=N (--scene)")
-        return blocks
-    if scene not in scenes:
-        raise InputError(f"{path}: has no scene {scene}; its scenes are {scenes}")
-    return [b for b in blocks if b.dims.get("S", 0) == scene]
-
-
-def _group(blocks: list[_Block], path: str) -> tuple[list[int], dict[int, dict[int, _Block]]]:
-    """Subblocks per mosaic index and channel, refusing planes (Z, T...) we cannot place."""
-    tiles: dict[int, dict[int, _Block]] = {}
-    for b in blocks:
-        extra = {k: v for k, v in b.dims.items() if k not in "XYCMS" and v != 0}
-        if extra:
-            raise InputError(
-                f"{path}: subblocks along {', '.join(sorted(extra))} (z-stacks, time points, "
-                "phases...) are not supported yet; export one plane or the tiles as OME-TIFF"
-            )
-        m, c = b.dims.get("M", 0), b.dims.get("C", 0)
-        if c in tiles.setdefault(m, {}):
-            raise InputError(f"{path}: two subblocks for tile M={m}, channel C={c}")
-        tiles[m][c] = b
-    channels = sorted({c for t in tiles.values() for c in t})
-    for m, t in sorted(tiles.items()):
-        if sorted(t) != channels:
-            raise InputError(f"{path}: tile M={m} has channels {sorted(t)}, expected {channels}")
-    return channels, tiles
-
-
-def _xml(czi, path: str) -> ET.Element | None:
-    try:
-        return ET.fromstring(czi.metadata())
-    except Exception as exc:  # czifile and XML raise anything on odd files
-        log.warning("%s: cannot read the CZI metadata (%s)", path, exc)
-        return None
-
-
-def _scaling_um(root: ET.Element | None) -> tuple[float, float] | None:
-    """Pixel size (x, y) in µm from ``Metadata/Scaling/Items/Distance``, or None."""
-    if root is None:
-        return None
-    sizes = []
-    for axis in "XY":
-        text = root.findtext(f".//Metadata/Scaling/Items/Distance[@Id='{axis}']/Value")
-        if text is None:
-            return None
-        try:
-            value = float(text) * 1e6
-        except (TypeError, ValueError):
-            return None
-        if not (np.isfinite(value) and value > 0):
-            return None
-        sizes.append(value)
-    return sizes[0], sizes[1]
-
-
-def _channel_names(root: ET.Element | None, channels: list[int], samples: int) -> list[str]:
-    if samples == 3 and len(channels) == 1:
-        return ["R", "G", "B"]
-    if samples != 1:
-        return [f"{c}.{s}" for c in channels for s in range(samples)]
-    names = []
-    if root is not None:
-        found = root.findall(".//Metadata/Information/Image/Dimensions/Channels/Channel")
-        names = [ch.get("Name") or "" for ch in found]
-    if len(names) == len(channels) and all(names) and len(set(names)) == len(names):
-        return names
-    return [str(c) for c in channels]
-
-
-def _stage_um(path: str, offsets: list[int]) -> np.ndarray | None:
-    """StageXPosition/StageYPosition (µm) of each subblock, or None if any is unreadable."""
-    import czifile
-    from tifffile import FileHandle
-
-    out = []
-    try:
-        with FileHandle(path) as fh:
-            for offset in offsets:
-                tags = czifile.Segment(fh, offset).data().metadata()["Tags"]
-                out.append([float(tags["StageXPosition"]), float(tags["StageYPosition"])])
-    except Exception as exc:  # missing tags, unparsable XML, old czifile
-        log.warning("%s: stage positions unavailable (%s); using subblock start coordinates",
-                    path, exc)
-        return None
-    stage = np.asarray(out)
-    return stage if np.all(np.isfinite(stage)) else None
-
-
-def _open(path: str):
-    import czifile
-
-    try:
-        return czifile.CziFile(path)
-    except Exception as exc:
-        raise InputError(f"{path}: cannot read as CZI ({exc})") from exc
+    Raises
+    ------
+    InputError
+        Not a CZI, or no image subblocks.
+    FileNotFoundError
+        The file does not exist.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CZI file not found: {path}")
+    with open_czi(path) as czi:
+        blocks, root = directory(czi, path), read_xml(czi, path)
+    if not blocks:
+        raise InputError(f"{path}: no image subblocks found")
+    return scene_names(root, scenes_of(blocks))
 
 
 def read_czi(
@@ -217,9 +148,9 @@ def read_czi(
     flip_x: bool = False,
     flip_y: bool = False,
     swap_xy: bool = False,
-    scene: int | None = None,
-) -> Layout:
-    """Read a Zeiss CZI mosaic: one tile per mosaic index ``M``, channels from ``C``.
+    scene: int | str | None = None,
+) -> Layout | TimeSeries:
+    """Read one scene of a Zeiss CZI mosaic: tiles from ``M``, planes ``Z``, channels ``C``.
 
     Parameters
     ----------
@@ -230,67 +161,135 @@ def read_czi(
         :func:`~tilefuse.io.readers.ometiff.stage_to_pixels`); ignored by the start-coordinate
         fallback, which is already in image axes.
     scene : int, optional
-        Which scene (``S``) to read; required when the file holds several.
+        Which scene (``S``) to read; required when the file holds several (see
+        :func:`czi_scenes`). ``"all"`` is refused here: every scene is its own layout (the
+        command line's ``--scene all`` makes one run per scene).
 
     Returns
     -------
-    Layout
-        2D tiles ``(y, x)`` read by :class:`CziSource` as ``(c, y, x)``; ``pixel_size`` in µm;
-        ``metadata`` with the reader, the position source, stage positions (µm), pixel size.
+    Layout or TimeSeries
+        Tiles ``(y, x)``, or ``(z, y, x)`` when the scene has several planes, read by
+        :class:`CziSource` as ``(c, *shape)``; ``pixel_size`` in µm (zyx); ``metadata`` with
+        the reader, scene, position source, stage positions (µm). A TimeSeries (one layout per
+        ``T``, names the ``T`` indices, positions shared) when the scene has several time points.
 
     Raises
     ------
     InputError
-        Not a CZI, several scenes and no ``scene``, z-stacks/time series, tiles missing channels.
+        Not a CZI, several scenes and no ``scene``, dimensions other than ``XYZTCMS``, tiles
+        missing planes, channels or time points.
     FileNotFoundError
         The file does not exist.
     """
     path = str(path)
+    if scene is not None and not isinstance(scene, int):
+        raise InputError(f"{path}: scene {scene!r}: read one scene (an index, see czi_scenes) at "
+                         "a time; --scene all fuses each into its own output")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CZI file not found: {path}")
-    with _open(path) as czi:
-        blocks, root = _blocks(czi), _xml(czi, path)
+    with open_czi(path) as czi:
+        blocks, root = directory(czi, path), read_xml(czi, path)
     if not blocks:
         raise InputError(f"{path}: no image subblocks found")
-    channels, tiles = _group(_scene(blocks, scene, path), path)
-    order = sorted(tiles)
-    firsts = [tiles[m][channels[0]] for m in order]
-    _check_same(firsts, path)
-    positions, metadata = _positions(path, firsts, _scaling_um(root),
+    grouped = group(select_scene(blocks, scene, path), path)
+    firsts = [grouped.first(m) for m in grouped.mosaic]
+    scaling = scaling_um(root)
+    positions, metadata = _positions(path, firsts, scaling,
                                      {"flip_x": flip_x, "flip_y": flip_y, "swap_xy": swap_xy})
-    tile_list = [
-        Tile(f"{Path(path).name} M={m}", first.shape, translation_affine(pos),
-             CziSource(path, tuple(tiles[m][c].offset for c in channels), series))
-        for series, (m, first, pos) in enumerate(zip(order, firsts, positions, strict=True))
-    ]
-    pixel = metadata.get("pixel_size_um")
-    return Layout(tuple(tile_list), firsts[0].dtype,
-                  tuple(_channel_names(root, channels, firsts[0].samples)),
-                  PixelSize(pixel, "CZI metadata") if pixel else None, "micrometer", origin=path,
-                  metadata={"reader": "czi", "scene": scene, "mosaic_indices": order,
-                            **metadata})
+    stack = len(grouped.planes) > 1
+    if stack:
+        positions = np.column_stack([np.zeros(len(positions)), positions])
+    pixel = _pixel_size(root, scaling, stack)
+    metadata = {"reader": "czi", "scene": scene, "mosaic_indices": grouped.mosaic, **metadata}
+    if scaling is not None:
+        metadata["pixel_size_um"] = [scaling[1], scaling[0]]
+    names = tuple(channel_names(root, grouped.channels, firsts[0].samples))
+
+    def layout_at(t: int) -> Layout:
+        tiles = []
+        for series, (m, first, pos) in enumerate(
+                zip(grouped.mosaic, firsts, positions, strict=True)):
+            shape = (len(grouped.planes), *first.shape) if stack else first.shape
+            source = CziSource(path, grouped.offsets(m, t), series, len(grouped.planes))
+            tiles.append(Tile(_tile_name(path, m, t, grouped), shape, translation_affine(pos),
+                              source))
+        return Layout(tuple(tiles), firsts[0].dtype, names, pixel, "micrometer", origin=path,
+                      metadata=dict(metadata, timepoint=t) if len(grouped.times) > 1
+                      else metadata)
+
+    if len(grouped.times) == 1:
+        return layout_at(grouped.times[0])
+    return TimeSeries(tuple(layout_at(t) for t in grouped.times),
+                      tuple(str(t) for t in grouped.times), shared=True)
 
 
-def _check_same(firsts: list[_Block], path: str) -> None:
-    kinds = {(b.dtype, b.samples) for b in firsts}
-    if len(kinds) > 1:
-        raise InputError(f"{path}: tiles differ in pixel type {sorted(map(str, kinds))}")
+def _tile_name(path: str, m: int, t: int, grouped: Grouped) -> str:
+    return f"{Path(path).name} M={m}" + (f" T={t}" if len(grouped.times) > 1 else "")
+
+
+def _pixel_size(root, scaling: tuple[float, ...] | None, stack: bool) -> PixelSize | None:
+    """Zyx pixel size in µm from the scaling, z from ``Distance Z`` (else z = y, said so)."""
+    if scaling is None:
+        return None
+    x, y = scaling
+    if not stack:
+        return PixelSize((y, x), CZI_SOURCE)
+    z = scaling_um(root, "Z")
+    if z is None:
+        return PixelSize((y, y, x), f"{CZI_SOURCE}; z spacing not stated, taken equal to y")
+    return PixelSize((z[0], y, x), CZI_SOURCE)
+
+
+def _stage_um(path: str, offsets: list[int]) -> list[tuple[float, float] | None]:
+    """StageXPosition/StageYPosition (µm) of each subblock; None where one is unreadable."""
+    import czifile
+    from tifffile import FileHandle
+
+    out: list[tuple[float, float] | None] = []
+    with FileHandle(path) as fh:
+        for offset in offsets:
+            try:
+                tags = czifile.Segment(fh, offset).data().metadata()["Tags"]
+                xy = (float(tags["StageXPosition"]), float(tags["StageYPosition"]))
+            except Exception:  # missing tags, unparsable XML, old czifile
+                out.append(None)
+                continue
+            out.append(xy if np.all(np.isfinite(xy)) else None)
+    return out
 
 
 def _positions(
-    path: str, firsts: list[_Block], scaling: tuple[float, float] | None, flips: dict
+    path: str, firsts: list[Block], scaling: tuple[float, ...] | None, flips: dict
 ) -> tuple[np.ndarray, dict]:
     """Tile positions (n, 2) in pixels, yx, and what they were made from."""
     stage = _stage_um(path, [b.offset for b in firsts])
-    if stage is not None and scaling is not None:
-        px = stage_to_pixels(stage, scaling, **flips)
-        return px, {"positions_from": "stage", "stage_positions_um": stage.tolist(),
-                    "pixel_size_um": [scaling[1], scaling[0]], **flips}
-    if stage is not None:
-        log.warning("%s: no pixel size (Metadata/Scaling) to convert stage positions; "
-                    "using subblock start coordinates", path)
     starts = np.array([[b.dims.get("Y", 0), b.dims.get("X", 0)] for b in firsts], float)
-    meta: dict[str, object] = {"positions_from": "subblock start"}
-    if scaling is not None:
-        meta["pixel_size_um"] = [scaling[1], scaling[0]]
-    return starts - starts.min(axis=0), meta
+    have = np.array([s is not None for s in stage])
+    names = [f"M={b.dims.get('M', 0)}" for b in firsts]
+    if not have.any() or scaling is None:
+        why = ("no subblock states one" if not have.any() else
+               "no pixel size (Metadata/Scaling) to convert them")
+        log.warning("%s: stage positions unavailable (%s); tiles %s placed by their subblock "
+                    "start coordinates", path, why, _listed(names))
+        return starts - starts.min(axis=0), {"positions_from": "subblock start"}
+    known = np.array([s for s in stage if s is not None])
+    px = np.empty_like(starts)
+    px[have] = stage_to_pixels(known, (scaling[0], scaling[1]), **flips)
+    meta: dict[str, object] = {"positions_from": "stage", **flips}
+    if not have.all():
+        # subblock starts and stage pixels differ by one offset (ZEN's mosaic origin)
+        offset = np.median(px[have] - starts[have], axis=0)
+        px[~have] = starts[~have] + offset
+        missing = [name for name, ok in zip(names, have, strict=True) if not ok]
+        log.warning("%s: tiles %s have no stage position; placed by their subblock start "
+                    "coordinates", path, _listed(missing))
+        meta["positions_from"] = "stage and subblock start"
+        meta["placed_by_subblock_start"] = missing
+    meta["stage_positions_um"] = [list(s) if s is not None else None for s in stage]
+    return px - px.min(axis=0), meta
+
+
+def _listed(names: list[str], most: int = 12) -> str:
+    """``a, b, c`` (the first `most`, then how many more)."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more

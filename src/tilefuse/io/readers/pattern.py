@@ -135,8 +135,8 @@ def _rc_from_index(
 ) -> list[tuple[int, int]]:
     if grid is None:
         raise InputError(
-            f"pattern {pattern!r} uses {{index}}: give the grid as ROWSxCOLS (grid='5x4', "
-            "--grid 5x4) and the order, or name rows and columns with {row} and {col}"
+            f"pattern {pattern!r} uses {{index}}: give the grid as ROWSxCOLS (--grid 5x4) and "
+            "the order (--order), or name rows and columns with {row} and {col}"
         )
     indices = [int(m.fields["index"]) for m in matches]
     first = min(indices) if first_index is None else int(first_index)
@@ -298,11 +298,11 @@ def _steps(first_path: str, overlap: float) -> tuple[tuple[int, ...], tuple[int,
 
 def _check_options(order: str, overlap: float, z_step: float | None) -> None:
     if order not in ORDERS:
-        raise InputError(f"order {order!r} is not one of {', '.join(ORDERS)}")
+        raise InputError(f"--order {order}: expected one of {', '.join(ORDERS)}")
     if not (np.isfinite(overlap) and 0 <= overlap < 1):
-        raise InputError(f"overlap {overlap} must be a fraction in [0, 1), e.g. 0.1 for 10%")
+        raise InputError(f"--overlap {overlap}: expected a fraction in [0, 1), e.g. 0.1 for 10%")
     if z_step is not None and not (np.isfinite(z_step) and z_step > 0):
-        raise InputError(f"z step {z_step} must be a positive number of pixels, e.g. 2.5")
+        raise InputError(f"--z-step {z_step}: expected a positive number of pixels, e.g. 2.5")
 
 
 def _refuse_vendor_files(matches: list[_Match], fields: set[str], pattern: str) -> None:
@@ -458,7 +458,8 @@ def _pixel_size(
 
     lateral = _ome_pixel_size(path, 2)
     y, x = lateral or (1.0, 1.0)
-    source = lateral.source if lateral is not None else DEFAULT_SOURCE
+    source = DEFAULT_SOURCE if lateral is None else lateral.source + (
+        "; z spacing not stated, taken equal to y" if z_step is None else "; z from --z-step")
     return PixelSize((float(1.0 if z_step is None else z_step) * y, y, x), source)
 
 

@@ -181,19 +181,22 @@ def finish_layout(layout: Layout, header: Header) -> Layout:
                    unit=layout.unit if unit is None else unit)
 
 
-def build_layout(entries: list[Entry], *, ndim: int, origin: str, header: Header) -> Layout:
-    """Entries of a layout file as a :class:`Layout`: the series of one CZI file, or tiles
-    probed from their files; then :func:`finish_layout`."""
+def build_layout(entries: list[Entry], *, ndim: int, origin: str, header: Header,
+                 timepoint: str | None = None) -> Layout:
+    """Entries of a layout file as a :class:`Layout`: the series of one CZI file (at
+    `timepoint`, a ``t`` value, when the CZI has time points), or tiles probed from their
+    files; then :func:`finish_layout`."""
     if any(e.paths[0].lower().endswith(".czi") for e in entries):
         scene = header.get("czi_scene", (None, ""))[0]
         assert scene is None or isinstance(scene, int)  # parse_key checked
-        return finish_layout(_czi_tiles(entries, origin, scene), header)
+        return finish_layout(_czi_tiles(entries, origin, scene, timepoint), header)
     pixel = _pixel_size(header, ndim)  # stated: the tiles' calibration need not be probed
     return finish_layout(layout_from_entries(entries, ndim=ndim, origin=origin,
                                              pixel_size=pixel), header)
 
 
-def _czi_tiles(entries: list[Entry], origin: str, scene: int | None) -> Layout:
+def _czi_tiles(entries: list[Entry], origin: str, scene: int | None,
+               timepoint: str | None = None) -> Layout:
     """Entries naming tiles (series, in ``M`` order) of one CZI file, placed by the entries."""
     from tilefuse.io.readers.czi import read_czi
 
@@ -201,7 +204,17 @@ def _czi_tiles(entries: list[Entry], origin: str, scene: int | None) -> Layout:
     if len(files) != 1 or any(len(e.paths) != 1 for e in entries):
         raise InputError(f"{origin}: lists several files with a CZI among them; a layout may "
                          "place the tiles of one CZI file")
-    base = read_czi(files.pop(), scene=scene)
+    file = files.pop()
+    read = read_czi(file, scene=scene)
+    if isinstance(read, TimeSeries):
+        if timepoint not in read.names:
+            raise InputError(f"{origin}: {file} has time points {', '.join(read.names)}; give "
+                             "each row its time point in a t column")
+        base = read.at_time(read.names.index(timepoint))
+    elif timepoint not in (None, "0"):
+        raise InputError(f"{origin}: t = {timepoint}, but {file} has no time points")
+    else:
+        base = read
     tiles: list[Tile] = []
     seen: dict[int, str] = {}
     for e in entries:
