@@ -104,6 +104,19 @@ def test_every_help_page_has_examples_that_parse(command):
             parser.parse_args(words[1:])  # an example that does not parse raises SystemExit
 
 
+def test_flatfield_shows_progress(small_set, tmp_path):
+    """One bar over the sampled tiles and the overlaps read (4 tiles, 4 overlaps), to 100%."""
+    layout, _ = small_set
+    result = run_main("flatfield", layout, "-o", tmp_path / "flat.tif")
+    assert result.returncode == 0, result.stderr
+    states = _bars(result.stderr)
+    assert {(label, total) for label, _, total in states} == {("estimating flat field", 8)}
+    assert states[-1][1] == 8 and [d for _, d, _ in states] == sorted(d for _, d, _ in states)
+    assert "written to" in result.stderr.splitlines()[-1]
+    quiet = run_main("flatfield", layout, "-o", tmp_path / "q.tif", "-q")
+    assert quiet.returncode == 0 and not _bars(quiet.stderr)
+
+
 def test_register_shows_progress(tmp_path):
     ts = grid_tileset(grid=(2, 3), tile_shape=(96, 96), overlap=0.2, position_error=4, seed=3)
     layout = write_tileset(ts, tmp_path / "tiles", stage=True)

@@ -32,7 +32,7 @@ from typing import Any
 from tilefuse.errors import InputError
 
 __all__ = ["JOBQUEUES", "REPLACE_INTERVAL_S", "cluster_executor", "jobqueue_cluster",
-           "terminate_as_interrupt"]
+           "quiet_distributed", "terminate_as_interrupt"]
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def jobqueue_cluster(kind: str, *, jobs: int) -> Iterator[Any]:
     """
     cls = _cluster_class(kind)
     _check_config(kind, cls)
-    _quiet_distributed()  # before the cluster's scheduler starts and logs
+    quiet_distributed()  # before the cluster's scheduler starts and logs
     try:
         cluster = cls(job_script_prologue=_prologue(kind))
     except (ValueError, TypeError) as exc:
@@ -152,7 +152,7 @@ def cluster_executor(scheduler: str, workers: int | None) -> Iterator[Executor |
         return
     from distributed import Client
 
-    _quiet_distributed()
+    quiet_distributed()
     with contextlib.ExitStack() as stack:
         if scheduler in JOBQUEUES:
             client = Client(stack.enter_context(jobqueue_cluster(scheduler, jobs=workers or 1)))
@@ -165,8 +165,13 @@ def cluster_executor(scheduler: str, workers: int | None) -> Iterator[Executor |
         yield client.get_executor()
 
 
-def _quiet_distributed() -> None:
-    """distributed's INFO lines (scheduler start, shutdown races) only with ``-v``."""
+def quiet_distributed() -> None:
+    """Keep distributed's INFO chatter off stderr unless the user asked for ``-v``.
+
+    distributed configures its own logger at INFO when imported; its shutdown races log
+    harmless ``CommClosedError`` tracebacks at that level, which a user would take for a crash.
+    Warnings and errors (memory pressure, dead workers) still show.
+    """
     if logging.getLogger().getEffectiveLevel() > logging.INFO:
         logging.getLogger("distributed").setLevel(logging.WARNING)
 

@@ -308,7 +308,7 @@ def run_fusion(
                 channel=request.channel, workers=request.workers,
                 downsample=request.register_downsample,
                 keep_stage_positions=request.keep_stage_positions, report=request.report,
-                message=say, executor=executor, **progress_option(register_input, progress))
+                message=say, executor=executor, progress=progress)
     clock.lap("register")
     fused_layout = _corrected(layout, request, stage)
     clock.lap("correct")
@@ -425,16 +425,6 @@ def _local_compute(scheduler: str, workers: int | None, progress: ProgressFn) ->
                             callbacks=task_callbacks(progress, batch, label, whole=False))
 
     return compute
-
-
-def progress_option(function: Callable, progress: ProgressFn | None) -> dict[str, Any]:
-    """``{"progress": progress}`` when `function` takes it (registration's pairs and solve),
-    else nothing."""
-    import inspect
-
-    if progress is None or "progress" not in inspect.signature(function).parameters:
-        return {}
-    return {"progress": progress}
 
 
 def _warm_up_kernel(backend: str) -> None:

@@ -16,14 +16,13 @@ Only chunk descriptions (paths, affines) travel to workers; tiles are read where
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import dask
 
 from tilefuse.cli.progress import ProgressBar
-from tilefuse.cluster import JOBQUEUES
+from tilefuse.cluster import JOBQUEUES, quiet_distributed
 from tilefuse.errors import InputError
 from tilefuse.ome_zarr._store import Batch
 
@@ -101,17 +100,6 @@ def _local(name: str, workers: int | None, progress: bool | ProgressFn | None, f
         yield compute, None
 
 
-def _quiet_distributed() -> None:
-    """Keep distributed's INFO chatter off stderr unless the user asked for ``-v``.
-
-    distributed configures its own logger at INFO when imported; its shutdown races log
-    harmless ``CommClosedError`` tracebacks at that level, which a user would take for a crash.
-    Warnings and errors (memory pressure, dead workers) still show.
-    """
-    if logging.getLogger().getEffectiveLevel() > logging.INFO:
-        logging.getLogger("distributed").setLevel(logging.WARNING)
-
-
 def follow_futures(futures: list, report: ProgressFn, batch: Batch | None,
                    label: str | None) -> None:
     """`report` progress as the futures of one compute on a distributed Client finish (one
@@ -130,7 +118,7 @@ def _distributed(address: str | None, workers: int | None, progress: bool | Prog
         from distributed import Client, LocalCluster
     except ImportError as exc:  # pragma: no cover - distributed is a dependency
         raise InputError("--scheduler distributed needs the 'distributed' package") from exc
-    _quiet_distributed()
+    quiet_distributed()
     owned = cluster is None  # a cluster passed in (a job queue's) is closed by its caller
     if cluster is not None:
         client = Client(cluster)

@@ -26,7 +26,6 @@ from tilefuse.model.timeseries import TimeSeries
 from tilefuse.pipeline import (
     FuseRequest,
     FuseResult,
-    progress_option,
     read_input,
     register_input,
     run_fusion,
@@ -176,8 +175,7 @@ def cmd_register(args: argparse.Namespace) -> int:
             layout, timepoint=args.timepoint, max_shift=args.max_shift, channel=args.channel,
             workers=args.workers, downsample=args.register_downsample,
             keep_stage_positions=args.keep_stage_positions, report=args.report,
-            message=None if args.quiet else bar.say, executor=executor,
-            **progress_option(register_input, bar))
+            message=None if args.quiet else bar.say, executor=executor, progress=bar)
     save_layout(registered, out)
     if not args.quiet:
         _say(f"registered layout written to {out}")
@@ -195,7 +193,9 @@ def cmd_flatfield(args: argparse.Namespace) -> int:
     out = check_file_output(args.output, overwrite=args.overwrite,
                             inputs=_run.run_inputs(args.layout, layout), what="-o",
                             suffixes=_TIFF_OUTPUT)
-    flat, dark = estimate_flatfield(layout, sample=args.sample, darkfield=args.darkfield)
+    with ProgressBar(enabled=not args.quiet) as bar:  # tiles sampled, then overlaps read
+        flat, dark = estimate_flatfield(layout, sample=args.sample, darkfield=args.darkfield,
+                                        progress=bar)
     save_flatfield(out, flat, dark)
     size = _sizes(("z", "y", "x")[-flat.ndim:], tuple(flat.shape))
     _say(f"flat field ({size} px, min {flat.min():.3f}, max {flat.max():.3f}) written to "

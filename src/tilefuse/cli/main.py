@@ -239,6 +239,8 @@ def _parser() -> argparse.ArgumentParser:
     flat.add_argument("--sample", type=positive_int, default=64,
                       help="tiles sampled for the estimate (default 64)")
     flat.add_argument("--overwrite", action="store_true", help="replace an existing TIFF")
+    flat.add_argument("-q", "--quiet", action="store_true",
+                      help="only the summary: no progress bar")
 
     info = sub.add_parser("info", help="describe a layout: tiles, mosaic size, overlaps, memory")
     _add_layout_options(info)

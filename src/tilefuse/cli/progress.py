@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 __all__ = ["ProgressBar"]
 
-_UNITS = {"registering pairs": "pair", "solving": "step"}
+_UNITS = {"registering pairs": "pair", "solving": "step", "estimating flat field": "read"}
 """What a label counts; anything else counts chunks."""
 
 

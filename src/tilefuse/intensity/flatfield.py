@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage, sparse
@@ -84,10 +85,14 @@ def _binned(image: np.ndarray, factor: int) -> np.ndarray:
     return blocks.mean(axis=(2, 4), dtype=np.float64)
 
 
-def _sample_stack(layout: Layout, sample: int, rng: np.random.Generator) -> np.ndarray:
-    """Sampled tiles, z-averaged and binned, shape (n_sampled, c, by, bx), float64."""
+def _pick_tiles(layout: Layout, sample: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of the tiles whose content is sampled, sorted."""
     n = len(layout.tiles)
-    picks = np.sort(rng.choice(n, size=min(int(sample), n), replace=False))
+    return np.sort(rng.choice(n, size=min(int(sample), n), replace=False))
+
+
+def _sample_stack(layout: Layout, picks: np.ndarray, tick: Callable[[], None]) -> np.ndarray:
+    """Tiles `picks`, z-averaged and binned, shape (n_sampled, c, by, bx), float64."""
     factor = _bin_factor(_yx(layout.tiles[0].shape))
     stack = []
     for i in picks:
@@ -95,7 +100,9 @@ def _sample_stack(layout: Layout, sample: int, rng: np.random.Generator) -> np.n
         if data.ndim == 4:  # (c, z, y, x): vignetting is the same in every plane
             data = data.mean(axis=1, dtype=np.float64)
         stack.append(_binned(data, factor))
-    log.debug("flat field from %d of %d tiles, binned by %d", len(picks), n, factor)
+        tick()
+    log.debug("flat field from %d of %d tiles, binned by %d", len(picks), len(layout.tiles),
+              factor)
     return np.stack(stack)
 
 
@@ -207,7 +214,8 @@ def _block_centres(slices: tuple[slice, ...], counts: tuple[int, ...], block: in
 
 
 def _overlap_equations(
-    layout: Layout, regions, dark: np.ndarray | None, degree: int, full: tuple[int, int]
+    layout: Layout, regions, dark: np.ndarray | None, degree: int, full: tuple[int, int],
+    tick: Callable[[], None],
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[None, None, None]]:
     """Per channel, over overlap blocks: ``log I_i - log I_j = t_i - t_j + dlogF``.
 
@@ -222,6 +230,7 @@ def _overlap_equations(
     for reg in regions:
         vi, si = _block_means(*region_pixels(layout, reg.i, reg.slices_i, corr), block)
         vj, sj = _block_means(*region_pixels(layout, reg.j, reg.slices_j, corr), block)
+        tick()
         if vi.shape[1] * vi.shape[2] < 4:
             continue
         diff = (_poly_terms(*_block_centres(reg.slices_i, vi.shape[1:], block, full), degree)
@@ -322,6 +331,7 @@ def estimate_flatfield(
     overlaps: bool = True,
     prior_weight: float = 1e-6,
     seed: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Estimate the flat field (and optionally the dark field) shared by a layout's tiles.
 
@@ -356,6 +366,9 @@ def estimate_flatfield(
         matters only for what the overlaps barely measure.
     seed : int
         Seed of the sampling.
+    progress : callable, optional
+        ``progress(done, total, "estimating flat field")`` after each sampled tile and each
+        overlap read.
 
     Returns
     -------
@@ -379,7 +392,17 @@ def estimate_flatfield(
     full = _yx(shape)
     factor = _bin_factor(full)
     rng = np.random.default_rng(seed)
-    stack = _sample_stack(layout, sample, rng)
+    picks = _pick_tiles(layout, sample, rng)
+    regions = _sample_regions(layout, sample, rng) if overlaps else []  # rng order as before
+    done, total = 0, len(picks) + len(regions)
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, "estimating flat field")
+
+    stack = _sample_stack(layout, picks, tick)
     sigma = 0.0 if smooth_sigma is None else float(smooth_sigma)
     dark = None
     if darkfield:
@@ -390,8 +413,7 @@ def estimate_flatfield(
     median = _content_median(stack)
     prior = [_fit_content(ch, degree, factor, full) for ch in median]
     if overlaps:
-        regions = _sample_regions(layout, sample, rng)
-        eqs = _overlap_equations(layout, regions, dark, degree, full)
+        eqs = _overlap_equations(layout, regions, dark, degree, full, tick)
         coefs = [_refine(p, dterms, pairs, rhs, prior_weight)
                  for p, (dterms, pairs, rhs) in zip(prior, eqs, strict=True)]
     else:
