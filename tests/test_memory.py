@@ -296,3 +296,31 @@ def test_chunk_above_the_budget_warns_with_the_parts(small_set, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "--chunk 4096 needs ~" in result.stderr and "libraries" in result.stderr
     assert "above the 114 MiB memory limit" in result.stderr
+
+
+def test_job_queue_budget_is_the_worker_jobs_not_this_machines(monkeypatch):
+    """With --scheduler slurm the chunks are fused in the worker jobs: the budget is a fraction
+    of a worker process's share of the configured job memory, for its threads (issue 18)."""
+    import dask
+
+    from tilefuse import _run
+    from tilefuse.plan import memory
+    from tilefuse.testing import pattern_layout
+
+    layout = pattern_layout((10, 10), tile=1024)  # planned only: no pixel is made
+    options = {"chunk": None, "cache_bytes": 64 * 2**20, "backend": "numpy"}
+    monkeypatch.setattr(memory, "total_memory", lambda **_: 64 * 2**30)  # a big login node
+    local = _run.budget_chunk(layout, memory_limit="0.5", workers=2, **options)
+    job = {"jobqueue.slurm.cores": 4, "jobqueue.slurm.memory": "1GiB",
+           "jobqueue.slurm.processes": 2}  # two worker processes of 512 MiB and 2 threads
+    with dask.config.set(job):
+        on_slurm = _run.budget_chunk(layout, memory_limit="0.5", workers=8, scheduler="slurm",
+                                     **options)
+        absolute = _run.budget_chunk(layout, memory_limit="400MiB", workers=8,
+                                     scheduler="slurm", **options)
+    # the same as asking for a quarter GiB, 2 threads, on this machine
+    assert on_slurm == _run.budget_chunk(layout, memory_limit=str(2**28), workers=2, **options)
+    assert (on_slurm, local) == (512, 1024)
+    # a size is per worker process too, for its 2 threads, not the 8 jobs
+    assert absolute == _run.budget_chunk(layout, memory_limit="400MiB", workers=2, **options)
+    assert absolute > _run.budget_chunk(layout, memory_limit="400MiB", workers=8, **options)

@@ -32,7 +32,7 @@ from typing import Any
 from tilefuse.errors import InputError
 
 __all__ = ["JOBQUEUES", "REPLACE_INTERVAL_S", "cluster_executor", "jobqueue_cluster",
-           "quiet_distributed", "terminate_as_interrupt"]
+           "quiet_distributed", "terminate_as_interrupt", "worker_resources"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,34 @@ def _check_config(kind: str, cls: Any) -> None:
     if command and shutil.which(command[0]) is None:
         raise InputError(f"--scheduler {kind}: {command[0]} is not on PATH; run tilefuse where "
                          f"jobs can be submitted (a login node of the {kind.upper()} cluster)")
+
+
+def worker_resources(kind: str) -> tuple[int, int] | None:
+    """Memory (bytes) and threads of one dask worker process in a `kind` job, as dask-jobqueue
+    will start it from dask's ``jobqueue.<kind>`` configuration (``memory`` and ``cores`` per
+    job, split over ``processes``, by default about the square root of ``cores``).
+
+    Returns
+    -------
+    (int, int) or None
+        None when the configuration does not state ``cores`` and ``memory`` (the run is then
+        refused by :func:`jobqueue_cluster`, with what to set).
+    """
+    import dask
+    from dask.utils import parse_bytes
+    from distributed.deploy.utils import nprocesses_nthreads
+
+    cores = dask.config.get(f"jobqueue.{kind}.cores", None)
+    memory = dask.config.get(f"jobqueue.{kind}.memory", None)
+    if not cores or not memory:
+        return None
+    try:
+        cores, memory = int(cores), parse_bytes(str(memory))
+    except (TypeError, ValueError):
+        return None  # refused, with the configuration's own words, when the cluster is made
+    processes = dask.config.get(f"jobqueue.{kind}.processes", None)
+    processes = int(processes) if processes else nprocesses_nthreads(cores)[0]
+    return memory // processes, max(1, cores // processes)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,8 @@ from tilefuse.intensity.apply import (
     corrected_layout,
     tile_corrections,
 )
-from tilefuse.intensity.flatfield import estimate_flatfield, load_flatfield, save_flatfield
+from tilefuse.intensity.flatfield import estimate_flatfield
+from tilefuse.intensity.flatfield_file import load_flatfield, save_flatfield
 from tilefuse.intensity.matching import match_intensity
 from tilefuse.intensity.prepare import prepare_corrections
 

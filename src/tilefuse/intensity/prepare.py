@@ -8,7 +8,8 @@ import numpy as np
 
 from tilefuse.errors import InputError
 from tilefuse.intensity.apply import TileCorrection, corrected_layout, tile_corrections
-from tilefuse.intensity.flatfield import estimate_flatfield, load_flatfield
+from tilefuse.intensity.flatfield import estimate_flatfield
+from tilefuse.intensity.flatfield_file import load_flatfield
 from tilefuse.intensity.matching import match_intensity
 from tilefuse.model.layout import Layout
 
