@@ -50,7 +50,8 @@ def test_public_names_are_the_real_objects_with_their_signatures():
     assert [n for n, p in fuse.items() if p.kind is p.KEYWORD_ONLY][:7] == [
         "chunk", "blend", "blend_width", "dtype", "fill", "cache_bytes", "backend"]
     write = inspect.signature(tilefuse.write_ome_zarr).parameters
-    assert list(write) == ["mosaic", "path", "ngff_version", "levels", "overwrite", "name"]
+    assert list(write) == ["mosaic", "path", "ngff_version", "levels", "overwrite", "name",
+                           "shard"]
     write = inspect.signature(tilefuse.write_ome_tiff).parameters
     assert list(write) == ["mosaic", "path", "levels", "tile", "compression", "overwrite", "name"]
 

@@ -34,7 +34,7 @@ from tilefuse.ome_zarr.resume import TILE_FILES_KEY, tile_digests
 from tilefuse.ome_zarr.resume import tile_files as files_of_tile
 from tilefuse.plan.chunking import chunk_shape
 
-__all__ = ["SIDECAR_SUFFIXES", "budget_chunk", "check_chunk", "check_output_name",
+__all__ = ["SIDECAR_SUFFIXES", "budget_chunk", "check_chunk", "check_output_name", "check_shard",
            "check_report", "check_sidecars", "report_file", "report_files", "resume_chunk",
            "run_inputs", "run_manifest", "sidecar_path", "tile_files"]
 
@@ -135,6 +135,21 @@ def check_chunk(chunk: Chunk, layout: Layout | TimeSeries) -> None:
                          f"got {len(chunk)}")
 
 
+def check_shard(shard: Chunk, layout: Layout | TimeSeries, *, ngff: str, tiff: bool) -> None:
+    """A shard gives one size or one per spatial axis, for a zarr v3 (NGFF 0.5) output."""
+    if shard is None:
+        return
+    if tiff:
+        raise InputError("--shard is for OME-Zarr output; an OME-TIFF has no shards")
+    if ngff != "0.5":
+        raise InputError(f"--shard needs zarr v3 (--ngff 0.5); --ngff {ngff} (zarr v2) has "
+                         "no shards")
+    ndim = layout.ndim
+    if isinstance(shard, tuple) and len(shard) not in (1, ndim):
+        raise InputError(f"--shard takes 1 or {ndim} values for this {ndim}D layout, "
+                         f"got {len(shard)}")
+
+
 def resume_chunk(output: Path, chunk: Chunk, *, resume: bool) -> Chunk:
     """On a resume without a chunk, the chunk the interrupted run chose (the automatic choice
     depends on the machine's memory, which may differ on another node)."""
@@ -146,17 +161,27 @@ def resume_chunk(output: Path, chunk: Chunk, *, resume: bool) -> Chunk:
 
 
 def budget_chunk(layout: Layout | TimeSeries, chunk: Chunk, *, memory_limit: str | int,
-                 workers: int | None, cache_bytes: int, backend: str) -> int | tuple[int, ...]:
+                 workers: int | None, cache_bytes: int, backend: str,
+                 scheduler: str = "threads") -> int | tuple[int, ...]:
     """`chunk`, checked against `memory_limit`; or the largest chunk the budget allows.
 
     The budget is a size, or a fraction of the memory this job may use (the smallest of RAM,
     its cgroup limits and its SLURM allocation). The estimate counts the libraries, the tiles
-    the cache will actually hold and the chunk tasks that can run at once.
+    the cache will actually hold and the chunk tasks that can run at once. With a job queue
+    (``scheduler`` ``slurm``, ``pbs``...) the chunks are fused in the worker jobs, so the
+    budget is per worker process: a fraction is of its share of the configured job memory,
+    and its threads are the job's cores per process, wherever ``tilefuse`` itself runs.
     """
+    from tilefuse.cluster import JOBQUEUES, worker_resources
     from tilefuse.plan.info import choose_chunk, chunk_peak, layout_memory, parse_bytes
 
-    budget = parse_bytes(str(memory_limit))
-    threads = workers or os.cpu_count() or 1
+    worker = worker_resources(scheduler) if scheduler in JOBQUEUES else None
+    if worker is not None:
+        budget = parse_bytes(str(memory_limit), total=worker[0])
+        threads = worker[1]
+    else:
+        budget = parse_bytes(str(memory_limit))
+        threads = workers or os.cpu_count() or 1
     n_ch, itemsize = len(layout.channels), layout.dtype.itemsize
     options = layout_memory(layout)
     if isinstance(chunk, tuple) and len(chunk) == 1:
@@ -186,13 +211,15 @@ def _tile_identity(tile: Tile) -> tuple:
 def run_manifest(layout: Layout | TimeSeries, plan: FusionPlan | SeriesPlan, *,
                  backend: str, ngff: str, levels: int | None, flatfield: str | None,
                  darkfield: str | None, match_intensity: bool,
-                 sidecars: Sequence[str], reports: Sequence[str] = ()) -> dict:
+                 sidecars: Sequence[str], reports: Sequence[str] = (),
+                 shard: Chunk = None) -> dict:
     """What a fusion run was asked to do: a resume must be asked exactly the same (tile files
-    that changed since are fused again, see :mod:`tilefuse.ome_zarr.resume`)."""
+    that changed since are fused again, see :mod:`tilefuse.ome_zarr.resume`). A sharded run
+    records its ``shard`` (an unsharded one has no such entry)."""
     options: dict[str, Any] = {
         "backend": backend, "ngff": ngff, "levels": levels, "flatfield": flatfield,
         "darkfield": darkfield, "match_intensity": match_intensity, "sidecars": sidecars,
-        "reports": reports,
+        "reports": reports, "shard": shard,
     }
     if isinstance(layout, TimeSeries):
         assert isinstance(plan, SeriesPlan)
@@ -210,7 +237,9 @@ def run_manifest(layout: Layout | TimeSeries, plan: FusionPlan | SeriesPlan, *,
         digest.update(repr(_tile_identity(tile)).encode())
         digest.update(np.round(tile.affine, 9).tobytes())
     digest.update(repr((str(layout.dtype), layout.channels)).encode())
+    sharded = {} if shard is None else {"shard": [int(n) for n in np.atleast_1d(shard)]}
     return {
+        **sharded,
         "tilefuse": __version__,
         "layout_sha256": digest.hexdigest(),
         "tiles": len(layout.tiles),

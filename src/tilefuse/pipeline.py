@@ -129,6 +129,10 @@ class FuseRequest:
         pyramidal OME-TIFF, :func:`tilefuse.write_ome_tiff`; written in one go, no resume).
     bdv : bool
         Also write ``NAME.xml`` for BigDataViewer (:func:`tilefuse.bdv.write_bdv_xml`).
+    shard : int or tuple of int, optional
+        Sharded zarr v3 output (NGFF 0.5): shard size in pixels, one or one per spatial axis,
+        a multiple of the chunk; each shard is one file and one task (``shard`` of
+        :func:`tilefuse.write_ome_zarr`).
     """
 
     layout: str | os.PathLike
@@ -172,6 +176,7 @@ class FuseRequest:
     workers: int | None = None
     format: str | None = None
     bdv: bool = False
+    shard: int | tuple[int, ...] | None = None
 
     def read_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`read_input` this request sets."""
@@ -281,6 +286,7 @@ def run_fusion(
     stage(0, 0, "reading layout")
     layout = read_input(request.layout, **request.read_options())
     _run.check_chunk(request.chunk, layout)
+    _run.check_shard(request.shard, layout, ngff=request.ngff, tiff=tiff)
     inputs = _run.run_inputs(request.layout, layout)
     check_output = check_tiff_output if tiff else check_image_output
     check_output(output, overwrite=request.overwrite, resume=request.resume, inputs=inputs)
@@ -317,7 +323,7 @@ def run_fusion(
         fused_layout,
         chunk=_run.budget_chunk(fused_layout, chunk, memory_limit=request.memory_limit,
                                 workers=request.workers, cache_bytes=request.cache_bytes,
-                                backend=request.backend),
+                                backend=request.backend, scheduler=request.scheduler),
         blend=request.blend, blend_width=request.blend_width, dtype=request.dtype,
         fill=request.fill, cache_bytes=request.cache_bytes, backend=request.backend)
     mosaic = fuse(plan)
@@ -325,7 +331,8 @@ def run_fusion(
     manifest = _run.run_manifest(
         layout, plan, backend=request.backend, ngff=request.ngff, levels=request.levels,
         flatfield=request.flatfield, darkfield=request.darkfield,
-        match_intensity=request.match_intensity, sidecars=sidecars, reports=report_names)
+        match_intensity=request.match_intensity, sidecars=sidecars, reports=report_names,
+        shard=request.shard)
     if tiff:
         manifest["format"] = "ome-tiff"
     _write(request, output, mosaic, plan, json.loads(json.dumps(manifest)), runner, stage, say,
@@ -364,7 +371,7 @@ def _write(request: FuseRequest, output: Path, mosaic: Mosaic, plan: FusionPlan 
                 return
             write_image(mosaic, output, ngff_version=request.ngff, levels=request.levels,
                         overwrite=request.overwrite, compute=compute, manifest=manifest,
-                        resume=request.resume)
+                        resume=request.resume, shard=request.shard)
     except _WRITE_FAILURES as exc:
         if tiff or read_manifest(output) is None or is_finished_image(output):
             raise

@@ -76,6 +76,11 @@ def _chunk_arg(args: argparse.Namespace) -> int | tuple[int, ...] | None:
     return args.chunk[0] if len(args.chunk) == 1 else tuple(args.chunk)
 
 
+def _shard_arg(args: argparse.Namespace) -> int | tuple[int, ...] | None:
+    shard = getattr(args, "shard", None)
+    return None if shard is None else shard[0] if len(shard) == 1 else tuple(shard)
+
+
 # -------------------------------------------------------------------------------------- fuse
 
 
@@ -92,6 +97,7 @@ def fuse_request(args: argparse.Namespace) -> FuseRequest:
         cache_bytes=args.cache_mb * 2**20, memory_limit=args.memory_limit, ngff=args.ngff,
         levels=args.levels, overwrite=args.overwrite, resume=args.resume,
         scheduler=args.scheduler, workers=args.workers, format=args.format, bdv=args.bdv,
+        shard=_shard_arg(args),
     )
 
 

@@ -187,6 +187,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="OME-Zarr version: 0.5 (zarr v3, default) or 0.4 (zarr v2)")
     fuse.add_argument("--levels", type=positive_int, default=None,
                       help="pyramid levels incl. full resolution (default: until one chunk)")
+    fuse.add_argument("--shard", type=positive_int, nargs="+", default=None, metavar="N",
+                      help="sharded zarr v3 output: shard size in pixels, one value or one per "
+                           "axis, a multiple of the chunk; many chunks per file (default: one "
+                           "file per chunk; `tilefuse info` says when sharding helps)")
     fuse.add_argument("--format", choices=FORMATS, default=None,
                       help="output format (default: by the name: NAME.ome.tif is a pyramidal "
                            "OME-TIFF for QuPath/OMERO, anything else OME-Zarr)")

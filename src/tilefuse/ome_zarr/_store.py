@@ -24,6 +24,7 @@ from dask.typing import Graph
 
 from tilefuse.errors import InputError
 from tilefuse.io.outputs import is_finished, read_manifest
+from tilefuse.ome_zarr._shards import ShardFiles
 from tilefuse.ome_zarr.chunkstore import ChunkFiles
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,16 @@ def create_level(
     axes: Sequence[str],
     zarr_format: int,
     write_empty_chunks: bool = False,
+    shards: Sequence[int] | None = None,
 ) -> zarr.Array:
     """Create one empty level (replacing any left by an interrupted run): zstd (v3 default) or
-    Blosc/zstd with "/" chunk keys (v2)."""
+    Blosc/zstd with "/" chunk keys (v2); v3 may be sharded (`shards`: the shard shape)."""
     create = functools.partial(group.create_array, key, shape=shape, chunks=tuple(chunks),
                                dtype=dtype, overwrite=True,
                                config={"write_empty_chunks": write_empty_chunks})
     if zarr_format == 3:
-        return create(dimension_names=list(axes))
+        return create(dimension_names=list(axes),
+                      shards=tuple(shards) if shards is not None else None)
     return create(
         compressors=numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
         chunk_key_encoding={"name": "v2", "separator": "/"},
@@ -69,8 +72,9 @@ def store_level(
 
     `compute` is a level's compute of a :class:`Tally` (``compute(*collections, chunks=n)``).
 
-    Each block is encoded and written by the task that holds it (:class:`ChunkFiles`) when
-    the target allows; otherwise through zarr (``da.store``).
+    Each block is encoded and written by the task that holds it (:class:`ChunkFiles`; for a
+    sharded target each block is one shard, :class:`ShardFiles`) when the target allows;
+    otherwise through zarr (``da.store``).
 
     Returns
     -------
@@ -79,7 +83,7 @@ def store_level(
     """
     reduce_axes = tuple(i for i, a in enumerate(axes) if a != "c")
     count = (0 if target is None else len(blocks) if blocks is not None  # chunks stored
-             else int(np.prod([-(-n // c) for n, c in zip(target.shape, target.chunks,
+             else int(np.prod([-(-n // c) for n, c in zip(target.shape, storage_unit(target),
                                                            strict=True)])))
     writer = _direct_writer(source, target)
     if writer is not None:
@@ -118,13 +122,21 @@ def _block_regions(
     return [source.blocks[b] for b in blocks], [target] * len(blocks), regions
 
 
-def _direct_writer(source: da.Array, target: zarr.Array | None) -> ChunkFiles | None:
-    """A ChunkFiles for `target` when each dask block of `source` is exactly one chunk."""
+def storage_unit(target: zarr.Array) -> tuple[int, ...]:
+    """What one file of `target` holds: its shard shape, or its chunk shape if unsharded."""
+    return tuple(target.shards or target.chunks)
+
+
+def _direct_writer(source: da.Array, target: zarr.Array | None) -> ChunkFiles | ShardFiles | None:
+    """A writer for `target` when each dask block of `source` is exactly one of its files
+    (one chunk, or one shard when sharded)."""
     if target is None:
         return None
-    for cs, c in zip(source.chunks, target.chunks, strict=True):
+    for cs, c in zip(source.chunks, storage_unit(target), strict=True):
         if any(n != c for n in cs[:-1]) or cs[-1] > c:
             return None
+    if target.shards is not None:
+        return ShardFiles(target, str(target.store_path))
     return ChunkFiles.for_array(target, skip_empty=not target.config.write_empty_chunks)
 
 
@@ -137,9 +149,10 @@ class Batch:
     label : str
         ``"fuse"`` (level 0) or ``"pyramid K"``.
     start, count, total : int
-        Chunks stored before this compute (all levels), in it, and in the whole image.
+        Chunks stored before this compute (all levels), in it, and in the whole image; for a
+        sharded image, shards (each one file and one task) instead of chunks throughout.
     level_start, level_total : int
-        Chunks of this compute's level stored before it, and in the level.
+        Chunks (or shards) of this compute's level stored before it, and in the level.
     """
 
     label: str
@@ -171,7 +184,7 @@ class Tally:
     compute : callable
         Like ``dask.compute(*collections)``.
     totals : sequence of int
-        Chunks of each level, level 0 first.
+        Chunks of each level, level 0 first (shards, when the image is sharded).
     """
 
     def __init__(self, compute: Callable[..., tuple], totals: Sequence[int]) -> None:
@@ -205,7 +218,8 @@ class Tally:
         return run
 
 
-def _store_direct(source, writer: ChunkFiles, blocks, reduce_axes, compute, channel_axis):
+def _store_direct(source, writer: ChunkFiles | ShardFiles, blocks, reduce_axes, compute,
+                  channel_axis):
     """One task per block: write it, and return its finite min/max when `reduce_axes`
     (per channel, the channels at `channel_axis`, if any). At most :data:`BATCH_CHUNKS` blocks
     per compute, so neither the graph nor the scheduler ever holds a huge mosaic's work.
@@ -240,7 +254,7 @@ def _store_direct(source, writer: ChunkFiles, blocks, reduce_axes, compute, chan
 class _StoreBlock:
     """The task that stores one block (see :func:`_write_block`)."""
 
-    writer: ChunkFiles
+    writer: ChunkFiles | ShardFiles
     block: tuple[int, ...]
     reduce_axes: tuple[int, ...] | None
 
@@ -248,7 +262,7 @@ class _StoreBlock:
         return _write_block(self.writer, self.block, data, self.reduce_axes)
 
 
-def _write_block(writer: ChunkFiles, block, data: np.ndarray, reduce_axes):
+def _write_block(writer: ChunkFiles | ShardFiles, block, data: np.ndarray, reduce_axes):
     """Store one chunk; its per-channel finite (min, max) when `reduce_axes` is given."""
     writer.write(block, data)
     if reduce_axes is None:
@@ -298,24 +312,28 @@ def open_unfinished(out: Path, zarr_format: Literal[2, 3], manifest: dict | None
     return group
 
 
-def level_zero(group, shape, chunks, dtype, axes, zarr_format, resume: bool) -> zarr.Array:
-    """Level 0, every chunk stored as a file (even all-fill ones) so written chunks can be
-    told from missing ones on a resume."""
+def level_zero(group, shape, chunks, dtype, axes, zarr_format, resume: bool,
+               shards: Sequence[int] | None = None) -> zarr.Array:
+    """Level 0, every chunk (or shard) stored as a file (even all-fill ones) so written ones
+    can be told from missing ones on a resume."""
     if resume and "0" in group:
         target = group["0"].with_config({"write_empty_chunks": True})
-        if tuple(target.shape) != tuple(shape) or tuple(target.chunks) != tuple(chunks):
+        if (tuple(target.shape) != tuple(shape) or tuple(target.chunks) != tuple(chunks)
+                or target.shards != (tuple(shards) if shards is not None else None)):
             raise InputError(
-                f"level 0 of the interrupted output is {target.shape} in chunks {target.chunks}, "
-                f"this run makes {tuple(shape)} in {tuple(chunks)}; start again with --overwrite"
+                f"level 0 of the interrupted output is {target.shape} in chunks {target.chunks}"
+                f" (shards {target.shards}), this run makes {tuple(shape)} in {tuple(chunks)} "
+                f"(shards {shards}); start again with --overwrite"
             )
         return target
     return create_level(group, "0", shape, chunks, dtype, axes, zarr_format,
-                         write_empty_chunks=True)
+                         write_empty_chunks=True, shards=shards)
 
 
 def written_blocks(target: zarr.Array, folder: Path) -> set[tuple[int, ...]]:
-    """Chunks of `target` that exist as files and decode; broken chunk files are removed."""
-    grid = tuple(-(-n // c) for n, c in zip(target.shape, target.chunks, strict=True))
+    """Chunks (shards, when sharded) of `target` that exist as files and decode; broken files
+    are removed."""
+    grid = tuple(-(-n // c) for n, c in zip(target.shape, storage_unit(target), strict=True))
 
     def check(block: tuple[int, ...]) -> tuple[int, ...] | None:
         path = folder / target.metadata.encode_chunk_key(block)

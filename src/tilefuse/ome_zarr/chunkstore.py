@@ -37,8 +37,9 @@ from zarr.storage import LocalStore
 
 __all__ = ["ChunkFiles", "remove_partial_files"]
 
-# The temporary a chunk is written to before its rename: ``.{chunk name}.{uuid4 hex}.partial``.
-_PARTIAL = re.compile(r"\..+\.[0-9a-f]{32}\.partial")
+# The temporary a chunk is written to before its rename: ``.{chunk name}.{uuid4 hex}.partial``,
+# or, by zarr's local store (a shard file), ``{name without suffix}.{uuid4 hex}.partial``.
+_PARTIAL = re.compile(r"\.?[^.].*\.[0-9a-f]{32}\.partial")
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ def remove_partial_files(folder: str | os.PathLike[str]) -> int:
     """Delete the temporaries that writes killed before their rename left under ``folder``.
 
     Only files named as :class:`ChunkFiles` names them (``.{chunk}.{32 hex digits}.partial``)
+    or as zarr's local store names them (``{name}.{32 hex digits}.partial``: shard files)
     are touched; anything else, and every stored chunk, stays. Call it when no writer is
     running on the folder (a run that starts or resumes): it would delete a live temporary.
 

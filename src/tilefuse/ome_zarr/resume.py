@@ -101,17 +101,22 @@ def refresh_changed_tiles(output: Path, saved: dict, manifest: dict, plan) -> No
 
 
 def _remove_chunks_of(level, folder: Path, plan, tiles: set[int]) -> int:
-    """Delete the chunk files of `level` whose chunk a tile of `tiles` touches."""
+    """Delete the chunk files of `level` whose chunk a tile of `tiles` touches (the shard
+    files holding such a chunk, when sharded)."""
     removed = 0
     chunk_plan = plan.chunks
+    per_file = [s // c for s, c in zip(level.shards or level.chunks, level.chunks, strict=True)]
+    keys: set[tuple[int, ...]] = set()
     for block in np.ndindex(*chunk_plan.grid):
         if tiles.isdisjoint(int(t) for t in chunk_plan.tiles_of(block)):
             continue
-        for full in _with_channels(level, block):
-            path = folder / level.metadata.encode_chunk_key(full)
-            if path.is_file():
-                path.unlink()
-                removed += 1
+        keys.update(tuple(b // n for b, n in zip(full, per_file, strict=True))
+                    for full in _with_channels(level, block))
+    for key in sorted(keys):
+        path = folder / level.metadata.encode_chunk_key(key)
+        if path.is_file():
+            path.unlink()
+            removed += 1
     return removed
 
 

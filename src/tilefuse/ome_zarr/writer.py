@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +47,7 @@ from tilefuse.ome_zarr._pyramid import (
     pyramid_shapes,
     regular_chunks,
 )
+from tilefuse.ome_zarr._shards import shard_shapes
 from tilefuse.ome_zarr._store import (
     Tally,
     create_level,
@@ -83,6 +84,7 @@ def write_ome_zarr(
     levels: int | None = None,
     overwrite: bool = False,
     name: str | None = None,
+    shard: int | Sequence[int] | None = None,
 ) -> Path:
     """Write a mosaic and its 2x mean pyramid as an OME-Zarr image.
 
@@ -106,6 +108,11 @@ def write_ome_zarr(
         refusing. Any other folder or file is never deleted (see :mod:`tilefuse.io.outputs`).
     name : str, optional
         Image name in the metadata; default the folder name without ``.ome.zarr``.
+    shard : int or sequence of int, optional
+        Write sharded zarr v3 arrays (NGFF 0.5 only): many chunks in one file, the shard, of
+        this size in pixels, one value or one per spatial axis (z, y, x), each a multiple of
+        the chunk. Every level is sharded (the shard capped at the level's size); each task
+        writes whole shards. Default: one file per chunk.
 
     Returns
     -------
@@ -126,7 +133,7 @@ def write_ome_zarr(
     >>> tilefuse.write_ome_zarr(tilefuse.fuse(layout), "mosaic.ome.zarr")  # doctest: +SKIP
     """
     return write_image(mosaic, path, ngff_version=ngff_version, levels=levels,
-                       overwrite=overwrite, name=name)
+                       overwrite=overwrite, name=name, shard=shard)
 
 
 def write_image(
@@ -140,12 +147,13 @@ def write_image(
     compute: Compute | None = None,
     manifest: dict | None = None,
     resume: bool = False,
+    shard: int | Sequence[int] | None = None,
 ) -> Path:
     """:func:`write_ome_zarr` with the plumbing of a run (:mod:`tilefuse.pipeline`): not public.
 
     Parameters
     ----------
-    mosaic, path, ngff_version, levels, overwrite, name
+    mosaic, path, ngff_version, levels, overwrite, name, shard
         As in :func:`write_ome_zarr`.
     compute : callable, optional
         Runs the dask collections of one level, like ``dask.compute(*collections)``; lets a
@@ -158,7 +166,8 @@ def write_image(
     resume : bool
         Continue an interrupted write of the same image at `path`: level-0 chunks that exist
         and decode are kept, the others are written; the pyramid and metadata are then made.
-        Resuming a finished image of the same manifest does nothing.
+        Resuming a finished image of the same manifest does nothing. With `shard`, whole
+        shards are kept or written.
 
     Raises
     ------
@@ -188,6 +197,10 @@ def write_image(
     check_levels(levels, (array.shape[iy], array.shape[ix]))
     shapes = pyramid_shapes(array.shape, (chunks[iy], chunks[ix]), axes, levels)
     zarr_format: Literal[2, 3] = 3 if ngff_version == "0.5" else 2
+    if shard is not None and zarr_format == 2:
+        raise InputError("sharding needs zarr v3 (NGFF 0.5); NGFF 0.4 (zarr v2) has no shards")
+    shards = (shard_shapes(shard, chunks, axes, shapes) if shard is not None
+              else [None] * len(shapes))
     if compute is None:
         compute = dask.compute
     manifest = json.loads(json.dumps({"tilefuse": __version__, **(manifest or {})}))
@@ -204,19 +217,26 @@ def write_image(
         group = _new_image(out, zarr_format, manifest)
 
     lo = hi = None
-    tally = Tally(compute, [_chunk_count(s, chunks) for s in shapes])
-    for k, shape in enumerate(shapes):
+    # the progress unit: chunks, or shards when sharded (each is one file and one task)
+    tally = Tally(compute, [_chunk_count(s, u or chunks)
+                            for s, u in zip(shapes, shards, strict=True)])
+    for k, (shape, unit) in enumerate(zip(shapes, shards, strict=True)):
         last = k == len(shapes) - 1
-        log.info("level %d: shape %s, chunks %s", k, shape, chunks)
+        log.info("level %d: shape %s, chunks %s, shards %s", k, shape, chunks, unit)
         if k == 0:
-            target = level_zero(group, shape, chunks, array.dtype, axes, zarr_format, resume)
-            lo, hi = store_missing_blocks(array, target, out / "0", axes, last,
+            target = level_zero(group, shape, chunks, array.dtype, axes, zarr_format, resume,
+                                shards=unit)
+            source = array if unit is None else array.rechunk(unit)  # a task per shard
+            lo, hi = store_missing_blocks(source, target, out / "0", axes, last,
                                            tally.level(0), resume, tally)
             continue
         previous = group[str(k - 1)]
         assert isinstance(previous, zarr.Array)
         source = downsample_level(previous, axes)
-        target = create_level(group, str(k), shape, chunks, array.dtype, axes, zarr_format)
+        if unit is not None:
+            source = source.rechunk(unit)  # one task per shard stores it
+        target = create_level(group, str(k), shape, chunks, array.dtype, axes, zarr_format,
+                              shards=unit)
         lo, hi = store_level(source, target, axes, stats=last, compute=tally.level(k))
 
     attrs = image_attrs(axes, sizes, offsets, mosaic.unit, len(shapes), ngff_version, channels,

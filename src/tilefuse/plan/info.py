@@ -278,6 +278,54 @@ def choose_chunk(
                      f"{hint}")
 
 
+SHARD_ADVICE_FILES = 10_000
+"""Chunk files per level above which ``info`` advises ``--shard``."""
+_SHARD_TARGET_FILES = 1_000  # files per level the advised shard aims at
+_SHARD_MAX_BYTES = 256 * 2**20  # one shard is held whole by its task
+
+
+def shard_advice(grid: Sequence[int], chunk: Sequence[int], itemsize: int) -> str | None:
+    """The ``--shard`` to advise for a level 0 of `grid` chunks of shape `chunk`, or None.
+
+    Advised above :data:`SHARD_ADVICE_FILES` chunk files: y and x grow by the smallest power
+    of 2 that brings the files under about 1,000, as long as a shard stays under 256 MiB.
+
+    Parameters
+    ----------
+    grid, chunk : sequence of int, shape (ndim,)
+        Chunks per spatial axis, and the chunk shape (z, y, x order).
+    itemsize : int
+        Bytes per pixel.
+
+    Returns
+    -------
+    str or None
+        One ``info`` line.
+    """
+    files = int(np.prod(grid, dtype=np.int64))
+    if files <= SHARD_ADVICE_FILES:
+        return None
+    best = None
+    k = 2
+    while True:
+        shard = [*chunk[:-2], chunk[-2] * k, chunk[-1] * k]
+        if np.prod(shard, dtype=np.int64) * itemsize > _SHARD_MAX_BYTES:
+            break
+        shards = int(np.prod([*grid[:-2], -(-grid[-2] // k), -(-grid[-1] // k)]))
+        best = (shard, shards, k)
+        if shards <= _SHARD_TARGET_FILES:
+            break
+        k *= 2
+    if best is None:
+        return (f"sharding:     {files} chunk files per level; a smaller --chunk with --shard "
+                "(a multiple of it) writes fewer files")
+    shard, shards, k = best
+    value = str(shard[-1]) if len(set(shard)) == 1 else " ".join(map(str, shard))
+    return (f"sharding:     {files} chunk files per level; --shard {value} writes {shards} "
+            f"(zarr v3 shards of {k} x {k} chunks in y and x, "
+            f"{_fmt_bytes(int(np.prod(shard)) * itemsize)} each)")
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -347,7 +395,8 @@ def describe(
         f"memory:       {_fmt_bytes(limits[source])} available to this process ({source})"
         if source else "memory:       limit unknown",
     ]
-    return lines + _position_lines(layout)
+    advice = shard_advice(plan.chunks.grid, plan.chunks.chunk_shape, layout.dtype.itemsize)
+    return lines + ([advice] if advice else []) + _position_lines(layout)
 
 
 def describe_series(
