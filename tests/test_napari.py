@@ -433,3 +433,26 @@ def test_widget_corrects_intensity_resumes_and_keeps_its_sidecars(qtbot, widget,
     assert w.status.text() == f"already complete: {out}", w.status.text()
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()) == before
     assert len(viewer.layers) == 2  # the mosaic shown after each run
+
+
+def test_widget_chunk_is_auto_by_default_and_resumes_a_command_line_run(qtbot, widget,
+                                                                       tileset_file, tmp_path):
+    """The chunk box starts at "auto" (no chunk: the memory budget's, or the interrupted run's),
+    so the widget resumes what `tilefuse fuse --chunk 24` left, instead of refusing a chunk
+    that differs."""
+    from conftest import run_main, unfinish
+
+    _, w = widget
+    ts, path = tileset_file
+    out = tmp_path / "cli.ome.zarr"
+    assert run_main("fuse", path, "-o", out, "--chunk", "24", "-q").returncode == 0
+    unfinish(out)  # as a run killed before its last step leaves it
+    w.layout_path.setText(str(path))
+    w.output_path.setText(str(out))
+    assert w.chunk.text() == "auto" and w.request().chunk is None
+    w.resume.setChecked(True)
+    run_widget(qtbot, w)
+    assert w.status.text() == f"wrote {out}", w.status.text()
+    np.testing.assert_array_equal(read_ome_zarr_level(out, 0).compute(), ts.truth)
+    w.chunk.setValue(64)
+    assert w.request().chunk == 64

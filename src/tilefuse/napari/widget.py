@@ -48,6 +48,9 @@ __all__ = ["FuseWidget", "WidgetRun", "add_mosaic", "read_levels", "run_in_widge
 
 log = logging.getLogger(__name__)
 
+_AUTO = "auto"
+"""What the chunk box shows at 0: no chunk given (memory budget, or the resumed run's)."""
+
 FLATFIELD_CHOICES = ("none", "estimate")
 
 
@@ -166,10 +169,13 @@ class FuseWidget(QWidget):
         self.output_path = _line("mosaic.ome.zarr")
         self.blend = QComboBox()
         self.blend.addItems(BLENDS)
-        self.chunk = QSpinBox()
-        self.chunk.setRange(16, 8192)
+        self.chunk = QSpinBox()  # its minimum, 0, reads "auto": as fuse without --chunk
+        self.chunk.setRange(0, 8192)
         self.chunk.setSingleStep(64)
-        self.chunk.setValue(DEFAULT_CHUNK)
+        self.chunk.setSpecialValueText(_AUTO)
+        self.chunk.setValue(0)
+        self.chunk.setToolTip(f"output chunk in pixels; {_AUTO}: the largest the memory budget "
+                              f"allows, or an interrupted run's (typical: {DEFAULT_CHUNK})")
         self.flatfield = QComboBox()
         self.flatfield.addItems(FLATFIELD_CHOICES)
         self.register_first = QCheckBox("register first")
@@ -255,7 +261,7 @@ class FuseWidget(QWidget):
             layout=os.path.expanduser(layout), output=os.path.expanduser(output),
             pattern=self.pattern.text().strip() or None, grid=self.grid.text().strip() or None,
             overlap=overlap, blend=self.blend.currentText(),
-            register=self.register_first.isChecked(), chunk=self.chunk.value(),
+            register=self.register_first.isChecked(), chunk=self.chunk.value() or None,
             flatfield=None if flatfield == "none" else flatfield,
             match_intensity=self.match_intensity.isChecked(),
             overwrite=self.overwrite.isChecked(), resume=self.resume.isChecked(),
