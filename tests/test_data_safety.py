@@ -141,6 +141,24 @@ def test_preview_and_flatfield_never_replace_tiles_or_files(tiles, tmp_path):
     assert picture.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_file_output_that_is_a_symlink_is_neither_followed_nor_deleted(tiles, tmp_path):
+    """preview, flatfield, register and --report refuse a link (as image outputs do): with
+    --overwrite the link used to be deleted at check time, before the run could fail."""
+    target = tmp_path / "mine.png"
+    target.write_bytes(b"mine")
+    for command, name in (("preview", "p.png"), ("flatfield", "f.tif"),
+                          ("register", "r.txt")):
+        link = tmp_path / name
+        link.symlink_to(target)
+        _refused(run_main(command, tiles, "-o", link, "--overwrite"), "symbolic link")
+        assert link.is_symlink() and target.read_bytes() == b"mine"
+    report = tmp_path / "report.json"
+    report.symlink_to(target)
+    _refused(run_main("register", tiles, "-o", tmp_path / "r2.txt", "--report", report),
+             "symbolic link")
+    assert report.is_symlink() and target.read_bytes() == b"mine"
+
+
 def test_library_overwrite_refuses_foreign_folders(tmp_path):
     """The Python API (and napari through it) obeys the same rule as the CLI."""
     folder = tmp_path / "someone.zarr"

@@ -200,7 +200,8 @@ def check_file_output(path: str | os.PathLike, *, overwrite: bool, inputs: Itera
     Raises
     ------
     InputError, FileExistsError
-        A URL, a wrong suffix, an input, a folder, or an existing file without `overwrite`.
+        A URL, a wrong suffix, an input, a symbolic link, a folder, or an existing file
+        without `overwrite`.
     """
     refuse_url(path, what)
     out = Path(path)
@@ -208,12 +209,13 @@ def check_file_output(path: str | os.PathLike, *, overwrite: bool, inputs: Itera
         raise InputError(f"{what} {out}: expected a file name ending in "
                          f"{' or '.join(suffixes)}")
     _refuse_inputs(out, inputs, what)
+    if out.is_symlink():  # as for images: never written through, and not deleted either
+        raise InputError(f"{what} {out} is a symbolic link; tilefuse does not write through "
+                         "links: name the file itself")
     if out.is_dir():
         raise InputError(f"{what} {out} is a folder; expected a file name")
-    if (out.exists() or out.is_symlink()) and not overwrite:
+    if out.exists() and not overwrite:
         raise FileExistsError(f"{what} {out} exists; pass --overwrite to replace it")
-    if out.is_symlink():  # replace the link itself, never write through it into its target
-        out.unlink()
     return out
 
 
