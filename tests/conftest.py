@@ -12,6 +12,17 @@ import pytest
 DATA = Path(__file__).parent / "data"
 
 
+@pytest.fixture(scope="session")
+def layout_file(tmp_path_factory):
+    """A 4 x 5 grid of 160 x 192 tiles at fractional, jittered positions (TileConfiguration):
+    the set the scheduler, SLURM and sharding tests fuse and compare."""
+    from tilefuse.testing import grid_tileset, write_tileset
+
+    ts = grid_tileset(grid=(4, 5), tile_shape=(160, 192), overlap=0.15, position_error=4,
+                      fractional=True, seed=21)
+    return write_tileset(ts, tmp_path_factory.mktemp("tiles"), stage=False)
+
+
 @pytest.fixture
 def data_dir() -> Path:
     return DATA

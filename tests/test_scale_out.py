@@ -15,14 +15,6 @@ import pytest
 from conftest import run_cli
 from tilefuse import fuse, read_layout
 from tilefuse.ome_zarr.writer import read_ome_zarr_level
-from tilefuse.testing import grid_tileset, write_tileset
-
-
-@pytest.fixture(scope="module")
-def layout_file(tmp_path_factory):
-    ts = grid_tileset(grid=(4, 5), tile_shape=(160, 192), overlap=0.15, position_error=4,
-                      fractional=True, seed=21)
-    return write_tileset(ts, tmp_path_factory.mktemp("tiles"), stage=False)
 
 
 @pytest.fixture(scope="module")

@@ -23,16 +23,8 @@ from tilefuse import Mosaic, write_ome_zarr
 from tilefuse.errors import InputError
 from tilefuse.ome_zarr.writer import read_ome_zarr_level, write_image
 from tilefuse.plan.info import shard_advice
-from tilefuse.testing import grid_tileset, write_tileset
 
 CHUNK, SHARD = 24, 96  # 4 x 4 chunks per shard
-
-
-@pytest.fixture(scope="module")
-def layout_file(tmp_path_factory):
-    ts = grid_tileset(grid=(4, 5), tile_shape=(160, 192), overlap=0.15, position_error=4,
-                      fractional=True, seed=21)
-    return write_tileset(ts, tmp_path_factory.mktemp("tiles"), stage=False)
 
 
 @pytest.fixture(scope="module")

@@ -83,13 +83,6 @@ def _no_jobs_within(name: str, seconds: float) -> list:
     return left
 
 
-@pytest.fixture(scope="module")
-def layout_file(tmp_path_factory):
-    ts = grid_tileset(grid=(4, 5), tile_shape=(160, 192), overlap=0.15, position_error=4,
-                      fractional=True, seed=21)
-    return write_tileset(ts, tmp_path_factory.mktemp("tiles"), stage=False)
-
-
 def _fuse_args(layout_file: Path, out: Path, *extra: str) -> list[str]:
     return ["fuse", str(layout_file), "-o", str(out), "--chunk", CHUNK, "--levels", "2", "-q",
             *extra]
