@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,13 +134,19 @@ def czi_scenes(path: str | os.PathLike) -> dict[int, str]:
         The file does not exist.
     """
     path = str(path)
+    blocks, root = _contents(path)
+    return scene_names(root, scenes_of(blocks))
+
+
+def _contents(path: str) -> tuple[list[Block], ET.Element | None]:
+    """The subblock directory and the metadata XML of the CZI at `path` (no pixels read)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CZI file not found: {path}")
     with open_czi(path) as czi:
         blocks, root = directory(czi, path), read_xml(czi, path)
     if not blocks:
         raise InputError(f"{path}: no image subblocks found")
-    return scene_names(root, scenes_of(blocks))
+    return blocks, root
 
 
 def read_czi(
@@ -185,12 +192,7 @@ def read_czi(
     if scene is not None and not isinstance(scene, int):
         raise InputError(f"{path}: scene {scene!r}: read one scene (an index, see czi_scenes) at "
                          "a time; --scene all fuses each into its own output")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"CZI file not found: {path}")
-    with open_czi(path) as czi:
-        blocks, root = directory(czi, path), read_xml(czi, path)
-    if not blocks:
-        raise InputError(f"{path}: no image subblocks found")
+    blocks, root = _contents(path)
     grouped = group(select_scene(blocks, scene, path), path)
     firsts = [grouped.first(m) for m in grouped.mosaic]
     scaling = scaling_um(root)
