@@ -217,3 +217,24 @@ def test_positions_near_an_integer(x, blend):
     np.testing.assert_array_equal(whole, chunked)
     if abs(x - round(x)) < 1e-6:  # snapped to the integer: the tile comes through unchanged
         np.testing.assert_array_equal(whole[:, -41:], tile)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fuse_in_memory_is_the_dask_mosaic(channels):
+    """The dask-free fusion (previews) runs the same chunk jobs: the same pixels, chunk by
+    chunk, for one channel and several, on rotated tiles and a partial last chunk."""
+    from tilefuse.fusion.direct import fuse_in_memory
+    from tilefuse.fusion.graph import plan_fusion
+
+    ts = grid_tileset(grid=(2, 3), tile_shape=(40, 52), overlap=0.25, seed=4)
+    pixels = [t.source.read()[0] for t in ts.layout.tiles]
+    tiles = [np.stack([p // (k + 1) for k in range(channels)]) if channels > 1 else p
+             for p in pixels]
+    names = [f"c{k}" for k in range(channels)] if channels > 1 else None
+    layout = layout_from_arrays(tiles, affines=ts.layout.rotated(0.8).affines, channels=names)
+    plan = plan_fusion(layout, chunk=24, backend="numpy")
+    assert plan.chunks.n_chunks > 6 and plan.chunks.shape[0] % 24  # several, a partial one
+    expected = fuse(plan).compute()
+    got = fuse_in_memory(plan, workers=2)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)

@@ -95,6 +95,44 @@ def test_import_and_help_stay_cheap():
     assert "--memory-limit" in out.stdout and out.stderr.strip() == "[]"
 
 
+def test_a_small_local_fuse_loads_only_what_it_uses(tmp_path):
+    """A small translation-only ``tilefuse fuse`` on local threads imports neither distributed
+    (dask's scheduler lookup, 0.3 s), the intensity package (0.2 s) nor numba (0.5 s with its
+    cache): start-up is most of a small run. A rotated one does load the compiled kernel."""
+    from tilefuse.testing import write_tileset
+
+    ts = grid_tileset(grid=(2, 2), tile_shape=(48, 64), overlap=0.2, seed=1)
+    layout = write_tileset(ts, tmp_path / "tiles", stage=False)
+    heavy = "('distributed', 'tilefuse.intensity', 'numba')"
+    for extra, loaded in (((), "[]"), (("--rotate", "1"), "['numba']")):
+        code = ("import sys\nfrom tilefuse.cli.main import main\n"
+                f"status = main(['fuse', {str(layout)!r}, '-o', {str(tmp_path / 'o.ome.zarr')!r}, "
+                f"'-q', '--overwrite', *{list(extra)!r}])\n"
+                f"print(status, sorted(m for m in {heavy} if m in sys.modules))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.strip().splitlines()[-1] == f"0 {loaded}", out.stderr
+
+
+def test_info_and_preview_load_no_dask_or_zarr(tmp_path):
+    """``tilefuse info`` and ``preview`` of a layout plan and fuse a small picture without
+    dask, zarr, distributed or numba: the bulk of their start-up otherwise."""
+    from tilefuse.testing import write_tileset
+
+    ts = grid_tileset(grid=(2, 2), tile_shape=(48, 64), overlap=0.2, seed=1)
+    layout = str(write_tileset(ts, tmp_path / "tiles", stage=False))
+    heavy = "('dask', 'zarr', 'distributed', 'numba')"
+    for args in (["info", layout], ["preview", layout, "-o", str(tmp_path / "p.png")],
+                 ["preview", layout, "-o", str(tmp_path / "r.png"), "--rotate", "1"]):
+        code = ("import sys\nfrom tilefuse.cli.main import main\n"
+                f"status = main({args!r})\n"
+                f"print(status, sorted(m for m in {heavy} if m in sys.modules))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.strip().splitlines()[-1] == "0 []", (args, out.stderr)
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
 # ------------------------------------------------------------------------------------ Mosaic
 
 

@@ -128,9 +128,13 @@ class Run:
     def __init__(self, args: list[str], name: str, log: Path) -> None:
         self.name, self.ids, self.log = name, [], log
         with log.open("w") as err:
+            # SIGINT as a terminal's Ctrl-C delivers it: a suite started in the background by
+            # a non-interactive shell ignores SIGINT, and a child inherits that (the run then
+            # rightly ignores the test's signal)
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tilefuse", *args, "--scheduler", "slurm", "--workers",
-                 "2"], stdout=subprocess.DEVNULL, stderr=err)
+                 "2"], stdout=subprocess.DEVNULL, stderr=err,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def poll(self) -> list[tuple[str, str]]:
         jobs = _squeue(self.name)
@@ -196,8 +200,11 @@ def test_cancelled_worker_job_is_replaced_and_the_output_is_identical(
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_cancels_every_job(layout_file, jobs, tmp_path, sig):
     out = tmp_path / "interrupted.ome.zarr"
-    run = Run(_fuse_args(layout_file, out), jobs, tmp_path / "err.txt")
-    run.until(run.running(out, 0.02))
+    # 8² chunks (16 times as many) and the signal at the first chunk file, whichever job
+    # wrote it: waiting for both jobs to run let the first one finish all 486 chunks of 32²
+    # before the second started, and the signal came after the run had ended
+    run = Run(_fuse_args(layout_file, out, "--chunk", "8"), jobs, tmp_path / "err.txt")
+    run.until(lambda: _chunk_files(out) >= 1)
     run.proc.send_signal(sig)
     assert run.proc.wait(timeout=60) == 130, run.stderr()
     err = run.stderr()

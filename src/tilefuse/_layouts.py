@@ -22,9 +22,10 @@ from tilefuse.model.timeseries import TimeSeries
 
 if TYPE_CHECKING:
     from tilefuse.registration import RegistrationReport
+    from tilefuse.registration.cycle_run import Cycles
 
-__all__ = ["MessageFn", "read_input", "register_input", "save_layout", "save_sidecars",
-           "silent"]
+__all__ = ["MessageFn", "read_cycles", "read_input", "register_input", "save_layout",
+           "save_sidecars", "silent"]
 
 MessageFn = Callable[[str], None]
 """Receives each line a person should read (the command line prints them)."""
@@ -77,6 +78,20 @@ def read_input(
         return adjust(read)
     read.at_time(timepoint or 0)  # refuses a time point that does not exist
     return read.map(adjust)
+
+
+def read_cycles(request: Any, first: Layout | TimeSeries) -> Cycles | None:
+    """With several inputs (a :class:`tilefuse.pipeline.FuseRequest` whose ``cycles`` are
+    set; `first` its cycle 1 as read): every cycle read as :func:`read_input` reads, checked,
+    with its alignment channel (:func:`tilefuse.registration.cycle_run.read_cycles`). None
+    for one input."""
+    if not request.cycles:
+        return None
+    from tilefuse.registration.cycle_run import read_cycles as read_all
+
+    return read_all(request.layout, first, request.cycles, read=read_input,
+                    align_channel=request.align_channel, channel_names=request.channel_names,
+                    **request.read_options())
 
 
 def register_input(

@@ -25,7 +25,6 @@ import numpy as np
 from tilefuse import __version__
 from tilefuse.errors import InputError
 from tilefuse.fusion.graph import FusionPlan, SeriesPlan
-from tilefuse.fusion.kernel import resolve_backend
 from tilefuse.io.outputs import check_file_output, image_stem, input_files, read_manifest
 from tilefuse.io.tiles import TIFF_SUFFIXES
 from tilefuse.model.layout import Layout, Tile
@@ -76,10 +75,12 @@ def sidecar_path(output: Path, suffix: str) -> Path:
     return output.with_name(image_stem(output) + suffix)
 
 
-def check_sidecars(output: Path, inputs: set[Path]) -> list[str]:
-    """The layout files written beside the output: never an input; an existing one only when
-    the output being replaced or resumed wrote it. Returns their names (for the manifest)."""
-    paths = [sidecar_path(output, suffix) for suffix in SIDECAR_SUFFIXES]
+def check_sidecars(output: Path, inputs: set[Path],
+                   suffixes: Sequence[str] = SIDECAR_SUFFIXES) -> list[str]:
+    """The layout files written beside the output (``NAME`` + each of `suffixes`): never an
+    input; an existing one only when the output being replaced or resumed wrote it. Returns
+    their names (for the manifest)."""
+    paths = [sidecar_path(output, suffix) for suffix in suffixes]
     previous = read_manifest(output) if output.exists() else None  # a folder or OME-TIFF
     ours = set((previous or {}).get("sidecars", ()))
     for path in paths:
@@ -246,7 +247,7 @@ def run_manifest(layout: Layout | TimeSeries, plan: FusionPlan | SeriesPlan, *,
         "blend": plan.blend,
         "blend_width": [round(w, 6) for w in plan.widths],
         "chunk": list(plan.chunks.chunk_shape),
-        "backend": resolve_backend(backend),
+        "backend": plan.backend,
         "dtype": str(plan.dtype),
         "fill": plan.fill,
         "ngff": ngff,

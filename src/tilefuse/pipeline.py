@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from tilefuse import _run
 from tilefuse._layouts import (
     MessageFn,
+    read_cycles,
     read_input,
     register_input,
     save_layout,
@@ -41,11 +42,12 @@ from tilefuse._layouts import (
 )
 from tilefuse.bdv.write import bdv_sidecar, write_mosaic_xml
 from tilefuse.errors import USER_ERRORS, InputError
-from tilefuse.fusion.graph import FusionPlan, SeriesPlan, fuse, plan_fusion
-from tilefuse.fusion.kernel import check_fill, resolve_backend
+from tilefuse.fusion.graph import FusionPlan, SeriesPlan, fuse, layout_backend, plan_fusion
+from tilefuse.fusion.kernel import check_fill
 from tilefuse.io.outputs import (
     check_image_output,
     check_tiff_output,
+    is_finished,
     read_manifest,
     refuse_url,
 )
@@ -54,7 +56,6 @@ from tilefuse.model.layout import Layout
 from tilefuse.model.mosaic import Mosaic
 from tilefuse.model.timeseries import TimeSeries
 from tilefuse.ome_tiff import output_format
-from tilefuse.ome_zarr.writer import is_finished_image, write_image
 from tilefuse.runner import ProgressFn
 
 if TYPE_CHECKING:
@@ -133,6 +134,9 @@ class FuseRequest:
         Sharded zarr v3 output (NGFF 0.5): shard size in pixels, one or one per spatial axis,
         a multiple of the chunk; each shard is one file and one task (``shard`` of
         :func:`tilefuse.write_ome_zarr`).
+    cycles, align_channel, channel_names : tuple
+        Cyclic imaging: further inputs, cycles 2.. (`layout` is cycle 1), aligned to cycle 1
+        and fused with all their channels; see :mod:`tilefuse.registration.cycle_run`.
     """
 
     layout: str | os.PathLike
@@ -177,6 +181,9 @@ class FuseRequest:
     format: str | None = None
     bdv: bool = False
     shard: int | tuple[int, ...] | None = None
+    cycles: tuple[str | os.PathLike, ...] = ()
+    align_channel: tuple[int | str, ...] = ()
+    channel_names: tuple[str, ...] = ()
 
     def read_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`read_input` this request sets."""
@@ -211,6 +218,8 @@ class FuseResult:
         ``sidecars``, and ``total``.
     complete : bool
         A resume found the image already finished: nothing was written.
+    cycles : tuple of CycleAlignment
+        With several inputs, each cycle's alignment (:mod:`tilefuse.registration.cycles`).
     """
 
     output: Path
@@ -221,6 +230,7 @@ class FuseResult:
     reports: dict[int, RegistrationReport] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     complete: bool = False
+    cycles: tuple = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,15 +292,17 @@ def run_fusion(
         check_tiff_output(output, overwrite=request.overwrite, resume=request.resume)
     else:
         _run.check_output_name(output)
-    _warm_up_kernel(request.backend)
     stage(0, 0, "reading layout")
     layout = read_input(request.layout, **request.read_options())
+    _warm_up_kernel(request.backend, layout)
     _run.check_chunk(request.chunk, layout)
     _run.check_shard(request.shard, layout, ngff=request.ngff, tiff=tiff)
-    inputs = _run.run_inputs(request.layout, layout)
+    cycles = read_cycles(request, layout)  # several inputs: every cycle read and checked
+    inputs = _run.run_inputs(request.layout, layout) if cycles is None else cycles.inputs()
     check_output = check_tiff_output if tiff else check_image_output
     check_output(output, overwrite=request.overwrite, resume=request.resume, inputs=inputs)
     sidecars = _run.check_sidecars(output, inputs)
+    sidecars += cycles.check_sidecars(output, inputs) if cycles else []
     bdv_xml = bdv_sidecar(output, inputs, tiff=tiff) if request.bdv else None
     sidecars += [bdv_xml.name] if bdv_xml else []  # the manifest says NAME.xml is ours
     previous = read_manifest(output) if request.resume else None
@@ -301,20 +313,25 @@ def run_fusion(
         report_names = ours                      # names of the ones the run wrote
     check_fill(request.fill, request.dtype or layout.dtype)
     chunk = _run.resume_chunk(output, request.chunk, resume=request.resume)
-    complete = request.resume and is_finished_image(output)
+    complete = request.resume and is_finished(output)
     clock.lap("read")
     reports: dict[int, RegistrationReport] = {}
-    if request.register:
+    if request.register or cycles:
         stage(0, 0, "registering")
         from tilefuse.cluster import cluster_executor  # a job queue's or cluster's workers
 
         with cluster_executor(request.scheduler, request.workers) as executor:
-            layout, reports = register_input(
-                layout, timepoint=request.timepoint, max_shift=request.max_shift,
-                channel=request.channel, workers=request.workers,
-                downsample=request.register_downsample,
-                keep_stage_positions=request.keep_stage_positions, report=request.report,
-                message=say, executor=executor, progress=progress)
+            if request.register:
+                layout, reports = register_input(
+                    layout, timepoint=request.timepoint, max_shift=request.max_shift,
+                    channel=request.channel, workers=request.workers,
+                    downsample=request.register_downsample,
+                    keep_stage_positions=request.keep_stage_positions,
+                    report=None if cycles else request.report, message=say, executor=executor,
+                    progress=progress)
+            if cycles:  # every later cycle aligned to cycle 1 (the report holds both)
+                cycles.align(layout, reports.get(0), request.report, request.workers, executor,
+                             progress, say)
     clock.lap("register")
     fused_layout = _corrected(layout, request, stage)
     clock.lap("correct")
@@ -326,7 +343,8 @@ def run_fusion(
                                 backend=request.backend, scheduler=request.scheduler),
         blend=request.blend, blend_width=request.blend_width, dtype=request.dtype,
         fill=request.fill, cache_bytes=request.cache_bytes, backend=request.backend)
-    mosaic = fuse(plan)
+    mosaic = fuse(plan) if cycles is None else cycles.fuse(
+        plan, lambda one: _corrected(one, request, stage))
     clock.lap("plan")
     manifest = _run.run_manifest(
         layout, plan, backend=request.backend, ngff=request.ngff, levels=request.levels,
@@ -335,18 +353,20 @@ def run_fusion(
         shard=request.shard)
     if tiff:
         manifest["format"] = "ome-tiff"
+    manifest.update(cycles.record() if cycles else {})
     _write(request, output, mosaic, plan, json.loads(json.dumps(manifest)), runner, stage, say,
            tiff=tiff)
     clock.lap("write")
     written: tuple[Path, ...] = ()
     if not complete:
         stage(0, 0, "saving layout")
-        written = save_sidecars(layout, output)
+        written = (*(cycles.save(output) if cycles else ()), *save_sidecars(layout, output))
         if bdv_xml is not None:
             written = (write_mosaic_xml(mosaic, output, bdv_xml), *written)
     clock.lap("sidecars")
     timings["total"] = sum(timings.values())
-    return FuseResult(output, layout, plan, mosaic, written, reports, timings, complete)
+    return FuseResult(output, layout, plan, mosaic, written, reports, timings, complete,
+                      cycles.alignments if cycles else ())
 
 
 def _write(request: FuseRequest, output: Path, mosaic: Mosaic, plan: FusionPlan | SeriesPlan,
@@ -369,11 +389,13 @@ def _write(request: FuseRequest, output: Path, mosaic: Mosaic, plan: FusionPlan 
                                  overwrite=request.overwrite, compute=compute,
                                  manifest=manifest, progress=progress)
                 return
+            from tilefuse.ome_zarr.writer import write_image
+
             write_image(mosaic, output, ngff_version=request.ngff, levels=request.levels,
                         overwrite=request.overwrite, compute=compute, manifest=manifest,
                         resume=request.resume, shard=request.shard)
     except _WRITE_FAILURES as exc:
-        if tiff or read_manifest(output) is None or is_finished_image(output):
+        if tiff or read_manifest(output) is None or is_finished(output):
             raise
         note = f" (partial output kept in {output}; the same command with --resume continues it)"
         if isinstance(exc, KeyboardInterrupt):
@@ -387,10 +409,11 @@ def _write(request: FuseRequest, output: Path, mosaic: Mosaic, plan: FusionPlan 
 def _corrected(layout: Layout | TimeSeries, request: FuseRequest,
                stage: ProgressFn) -> Layout | TimeSeries:
     """The layout whose tiles read flat-field corrected and intensity matched, if asked."""
+    if not (request.flatfield or request.darkfield or request.match_intensity):
+        return layout  # and no import of the intensity package (0.2 s of scipy.sparse)
     from tilefuse.intensity import prepare_corrections
 
-    if request.flatfield or request.darkfield or request.match_intensity:
-        stage(0, 0, "correcting intensity")
+    stage(0, 0, "correcting intensity")
 
     def correct(one: Layout) -> Layout:
         return prepare_corrections(one, flatfield=request.flatfield, darkfield=request.darkfield,
@@ -425,18 +448,21 @@ def _local_compute(scheduler: str, workers: int | None, progress: ProgressFn) ->
     """
     import dask
 
-    from tilefuse.runner import task_callbacks
+    from tilefuse.runner import local_scheduler, task_callbacks
 
     def compute(*collections: Any, label: str | None = None, batch: Batch | None = None) -> tuple:
-        return dask.compute(*collections, scheduler=scheduler, num_workers=workers,
+        return dask.compute(*collections, scheduler=local_scheduler(scheduler),
+                            num_workers=workers,
                             callbacks=task_callbacks(progress, batch, label, whole=False))
 
     return compute
 
 
-def _warm_up_kernel(backend: str) -> None:
-    """Load the compiled kernel in the background while the layout is read (~0.5 s saved)."""
-    if resolve_backend(backend) != "numba":
+def _warm_up_kernel(backend: str, layout: Layout | TimeSeries) -> None:
+    """Load the compiled kernel, if the plan will take it, in the background while the run
+    checks its outputs, registers and plans (~0.5 s saved)."""
+    one = layout.at_time(0) if isinstance(layout, TimeSeries) else layout
+    if layout_backend(one, backend) != "numba":
         return
     from tilefuse.fusion._numba.kernel import warm_up
 

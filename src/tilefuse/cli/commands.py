@@ -84,10 +84,28 @@ def _shard_arg(args: argparse.Namespace) -> int | tuple[int, ...] | None:
 # -------------------------------------------------------------------------------------- fuse
 
 
+def _one_or_cycles(args: argparse.Namespace) -> tuple[str, ...]:
+    """The inputs of ``fuse`` or ``register``: one, or several cycles (not with --scene all);
+    --align-channel (and --channel-names) only with several."""
+    inputs = tuple(args.layout)
+    if len(inputs) > 1 and args.scene == "all":
+        raise InputError("--scene all makes one output per scene; with several inputs "
+                         "(cycles) give one scene: --scene N")
+    given = [o for o, v in (("--align-channel", args.align_channel),
+                            ("--channel-names", getattr(args, "channel_names", ()))) if v]
+    if len(inputs) == 1 and given:
+        raise InputError(f"{given[0]} is for several inputs (the cycles of a cyclic "
+                         f"acquisition); {inputs[0]} is one")
+    return inputs
+
+
 def fuse_request(args: argparse.Namespace) -> FuseRequest:
-    """The run ``tilefuse fuse`` describes."""
+    """The run ``tilefuse fuse`` describes (several inputs: the cycles, the first as `layout`)."""
+    first, *more = _one_or_cycles(args)
     return FuseRequest(
-        layout=args.layout, output=args.output, **_read_options(args), register=args.register,
+        layout=first, cycles=tuple(more), align_channel=tuple(args.align_channel),
+        channel_names=tuple(args.channel_names), output=args.output, **_read_options(args),
+        register=args.register,
         max_shift=args.max_shift, channel=args.channel,
         register_downsample=args.register_downsample,
         keep_stage_positions=args.keep_stage_positions, report=args.report,
@@ -127,6 +145,8 @@ def _fuse_summary(result: FuseResult, seconds: float) -> str:
         shape: tuple[int, ...] = (len(layout), *plan.chunks.shape)
     else:
         what, shape = f"{len(layout.tiles)} tiles", tuple(plan.chunks.shape)
+    if result.cycles:
+        what = f"{len(result.cycles)} cycles ({what} in cycle 1)"
     mpix = math.prod(shape) / 1e6
     note = ("" if layout.pixel_size_known else
             f"\npixel size {layout.pixel_size[-1]:g} {layout.unit} is a default: no file states "
@@ -134,7 +154,13 @@ def _fuse_summary(result: FuseResult, seconds: float) -> str:
     return (f"fused {what} -> {result.output} ({_sizes(result.mosaic.axes, shape)} px, "
             f"{mpix:.1f} MPix) "
             f"in {seconds:.1f} s ({mpix / seconds:.1f} MPix/s); layout saved as "
-            f"{result.sidecars[-1]}{note}")
+            f"{result.sidecars[-1]}{_cycle_layouts(result)}{note}")
+
+
+def _cycle_layouts(result: FuseResult) -> str:
+    """Where the later cycles' layouts went, when there are cycles."""
+    names = [p.name for p in result.sidecars if p.name.endswith(".layout.csv")][:-1]
+    return f" (later cycles: {', '.join(names)})" if result.cycles and names else ""
 
 
 def _sizes(axes: tuple[str, ...] | list[str], shape: tuple[int, ...]) -> str:
@@ -167,6 +193,10 @@ def _layout_output(args: argparse.Namespace, layout: Layout | TimeSeries) -> Pat
 def cmd_register(args: argparse.Namespace) -> int:
     from tilefuse.io.outputs import check_file_output
 
+    inputs_given = _one_or_cycles(args)
+    args.layout = inputs_given[0]
+    if len(inputs_given) > 1:
+        return _register_cycles(args, inputs_given)
     layout = _load_input(args)
     inputs = _run.run_inputs(args.layout, layout)
     out = check_file_output(_layout_output(args, layout), overwrite=args.overwrite,
@@ -185,6 +215,47 @@ def cmd_register(args: argparse.Namespace) -> int:
     save_layout(registered, out)
     if not args.quiet:
         _say(f"registered layout written to {out}")
+    return 0
+
+
+def _register_cycles(args: argparse.Namespace, paths: tuple[str, ...]) -> int:
+    """``tilefuse register CYCLE1 CYCLE2 ...``: cycle 1 registered, the others aligned to it;
+    one layout per cycle (-o NAME.EXT: NAME.EXT, NAME.cycle2.EXT, ...; else each beside its
+    input, NAME.registered.txt)."""
+    from tilefuse.cluster import cluster_executor
+    from tilefuse.io.outputs import check_file_output
+    from tilefuse.registration.cycle_run import cycle_suffix, read_cycles
+
+    first = _load_input(args)
+    cycles = read_cycles(paths[0], first, paths[1:], read=read_input,
+                         align_channel=args.align_channel, **_read_options(args))
+    inputs = cycles.inputs()
+    outs: list[Path] = []
+    for k, path in enumerate(paths, start=1):
+        out = _layout_output(argparse.Namespace(layout=path, output=args.output), first)
+        if args.output and k > 1:
+            out = out.with_name(out.stem + cycle_suffix(k, out.suffix))
+        if out in outs:
+            raise InputError(f"cycles {outs.index(out) + 1} and {k} would both be saved as "
+                             f"{out}: give -o NAME.csv")
+        outs.append(check_file_output(out, overwrite=args.overwrite, inputs=inputs,
+                                      what=f"registered layout of cycle {k}",
+                                      suffixes=(".txt", ".csv")))
+    _run.check_report(args.report, first, inputs, overwrite=args.overwrite)
+    with cluster_executor(args.scheduler, args.workers) as executor, \
+            ProgressBar(enabled=not args.quiet) as bar:
+        say = None if args.quiet else bar.say
+        registered, reports = register_input(
+            first, max_shift=args.max_shift, channel=args.channel, workers=args.workers,
+            downsample=args.register_downsample,
+            keep_stage_positions=args.keep_stage_positions, message=say, executor=executor,
+            progress=bar)
+        cycles.align(registered, registration=reports.get(0), report=args.report,
+                     workers=args.workers, executor=executor, progress=bar, message=say)
+    for layout, out in zip(cycles.layouts, outs, strict=True):
+        save_layout(layout, out)
+    if not args.quiet:
+        _say("registered layouts written to " + ", ".join(map(str, outs)))
     return 0
 
 
@@ -210,13 +281,12 @@ def cmd_flatfield(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from tilefuse.io.outputs import check_file_output, input_files
-    from tilefuse.ome_zarr.writer import is_finished_image
+    from tilefuse.io.outputs import check_file_output, input_files, is_finished
     from tilefuse.viz.preview import preview_image
 
     source = Path(args.layout)
     is_image = source.is_dir() and any((source / n).exists() for n in ("zarr.json", ".zattrs"))
-    if is_image and not is_finished_image(source):
+    if is_image and not is_finished(source):
         raise InputError(f"{source} is an unfinished tilefuse output (no OME metadata yet): "
                          "finish it with the same 'tilefuse fuse' command and --resume")
     layout = None if is_image else _load(args)

@@ -36,12 +36,21 @@ from tilefuse.plan.chunking import DEFAULT_CHUNK, MAX_Z_CHUNK
 __all__ = ["main"]
 
 _CACHE_MB = DEFAULT_CACHE_BYTES // 2**20
+_NO_NANNY = ("threads", "processes", "sync")  # schedulers that start no distributed workers
 
 
-def _add_layout_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("layout", help="TileConfiguration.txt, CSV layout, .czi, OME-TIFF with stage "
-                                  "positions, BigStitcher dataset.xml, a folder of OME-Zarr "
-                                  "images, or a folder of tiles with --pattern")
+def _add_layout_options(p: argparse.ArgumentParser, *, cycles: bool = False) -> None:
+    what = ("TileConfiguration.txt, CSV layout, .czi, OME-TIFF with stage positions, "
+            "BigStitcher dataset.xml, a folder of OME-Zarr images, or a folder of tiles with "
+            "--pattern")
+    if not cycles:
+        p.add_argument("layout", help=what)
+    else:  # several inputs: the cycles of a cyclic acquisition
+        p.add_argument("layout", nargs="+", help=what + "; several: the cycles of a cyclic "
+                       "acquisition (CyCIF, CODEX), each aligned to the first")
+        p.add_argument("--align-channel", nargs="+", default=(), metavar="NAME|INDEX",
+                       help="with several inputs: the channel all cycles share (nuclei), by "
+                            "name or index, one or one per cycle (default: each one's first)")
     g = p.add_argument_group("folders of tiles")
     g.add_argument("--pattern", default=None,
                    help="file names with {row} {col} {index} {channel} {z} {t}, e.g. "
@@ -128,10 +137,12 @@ _EXAMPLES = {
   tilefuse fuse tiles/TileConfiguration.txt -o mosaic.ome.zarr --pixel-size 0.65
   tilefuse fuse stage.csv -o mosaic.ome.zarr --register --report mosaic.report.json
   tilefuse fuse tiles/ --pattern 'img_{row}_{col}.tif' --overlap 0.15 -o mosaic.ome.zarr
-  tilefuse fuse scan.czi -o mosaic.ome.zarr --ngff 0.4    (zarr v2: for Fiji's N5/Zarr reader)""",
+  tilefuse fuse scan.czi -o mosaic.ome.zarr --ngff 0.4    (zarr v2: for Fiji's N5/Zarr reader)
+  tilefuse fuse cycle1.czi cycle2.czi cycle3.czi -o cycif.ome.zarr --align-channel DAPI""",
     "register": """examples:
   tilefuse register tiles/TileConfiguration.txt    (writes TileConfiguration.registered.txt)
   tilefuse register stage.csv -o registered.csv --report report.json --max-shift 40
+  tilefuse register cycle1.csv cycle2.csv -o reg.csv    (reg.csv, reg.cycle2.csv: aligned)
   tilefuse preview stage.csv -o links.png --report report.json    (then look at the links)""",
     "preview": """examples:
   tilefuse preview tiles/TileConfiguration.txt -o layout.png
@@ -167,7 +178,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fuse = sub.add_parser("fuse", help="fuse a layout into a multiscale OME-Zarr mosaic")
-    _add_layout_options(fuse)
+    _add_layout_options(fuse, cycles=True)
+    fuse.add_argument("--channel-names", nargs="+", default=(), metavar="NAME",
+                      help="with several inputs: the output's channel names, one per channel "
+                           "of every cycle (default 'NAME (cycle K)')")
     _add_chunk_option(fuse)
     fuse.add_argument("-o", "--output", required=True,
                       help="output: mosaic.ome.zarr (a folder) or mosaic.ome.tif")
@@ -204,8 +218,8 @@ def _parser() -> argparse.ArgumentParser:
     fuse.add_argument("--cache-mb", type=positive_int, default=_CACHE_MB,
                       help=f"decoded-tile cache per process in MiB (default {_CACHE_MB})")
     fuse.add_argument("--backend", choices=BACKENDS, default="auto",
-                      help="chunk kernel: numba (compiled, needs tilefuse[fast]) or numpy; "
-                           "auto (default) takes numba when installed; same mosaic either way")
+                      help="chunk kernel: numba (compiled) or numpy; auto (default) takes numba "
+                           "for rotated tiles and mosaics over 64 MPix; same mosaic either way")
     fuse.add_argument("--memory-limit", default="0.5", metavar="BYTES",
                       help="memory budget: picks the chunk size when --chunk is not given, "
                            "warns when it is (e.g. 8GB; default 0.5 = half of the job's "
@@ -216,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="only the summary: no progress bar, no registration details")
 
     reg = sub.add_parser("register", help="refine tile positions from the image content")
-    _add_layout_options(reg)
+    _add_layout_options(reg, cycles=True)
     reg.add_argument("-o", "--output", default=None, metavar="LAYOUT",
                      help="registered TileConfiguration (default: NAME.registered.txt beside "
                           "the input, as Fiji names it)")
@@ -285,7 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    retain_freed_memory()  # this process is ours: reuse freed blocks (see tilefuse.cli.allocator)
+    # this process is ours: reuse freed blocks (see tilefuse.cli.allocator); and so do the
+    # dask workers it starts (not needed, and dask not imported, on the local schedulers)
+    retain_freed_memory(workers=getattr(args, "scheduler", "threads") not in _NO_NANNY)
     if not args.verbose:  # decoders' own complaints become our one-line errors instead
         for name in ("tifffile", "imageio", "PIL"):
             logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -8,12 +8,11 @@ runs on threads, processes or a distributed cluster.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
-import dask
-import dask.array as da
 import numpy as np
 
 from tilefuse.errors import InputError
@@ -31,7 +30,16 @@ from tilefuse.model.layout import Layout
 from tilefuse.model.mosaic import Mosaic
 from tilefuse.model.timeseries import TimeSeries
 from tilefuse.plan.chunking import chunk_shape
-from tilefuse.plan.geometry import ChunkPlan, neighbour_overlaps, plan_chunks, union_box
+from tilefuse.plan.geometry import (
+    ChunkPlan,
+    neighbour_overlaps,
+    output_box,
+    plan_chunks,
+    union_box,
+)
+
+if TYPE_CHECKING:  # dask is imported when a mosaic is made, not to plan (info, preview)
+    import dask.array as da
 
 __all__ = [
     "FusionPlan",
@@ -196,8 +204,9 @@ def plan_fusion(
     cache_bytes : int
         Decoded-tile cache budget per worker process.
     backend : {"auto", "numpy", "numba"}
-        Chunk kernel: ``numba`` (compiled; ``pip install "tilefuse[fast]"``) or ``numpy``;
-        ``auto`` takes numba when installed. The mosaic is the same either way.
+        Chunk kernel: ``numba`` (compiled) or ``numpy``; ``auto`` takes numba unless the job
+        is small and all translations (see :func:`tilefuse.fusion.kernel.resolve_backend`).
+        The mosaic is the same either way.
     box : (origin, shape), optional
         Explicit output grid: mosaic pixel index (integers) of its first pixel, shape (ndim,),
         and its spatial shape; default the smallest grid holding every tile (of a time series,
@@ -220,8 +229,63 @@ def plan_fusion(
 
     if isinstance(layout, TimeSeries):
         shared = union_box(layout.layouts) if box is None else box
-        return SeriesPlan(tuple(plan(one, shared) for one in layout.layouts), layout.names)
-    return plan(layout, box)
+        series = SeriesPlan(tuple(plan(one, shared) for one in layout.layouts), layout.names)
+        _warn_cache(series.plans[0])  # once: every time point has the same tiles
+        return series
+    return _warn_cache(plan(layout, box))
+
+
+def cache_advice(plan: FusionPlan) -> str | None:
+    """What to do when tiles are larger than the plan's tile cache (None when they fit).
+
+    Such a tile cannot stay in the cache, so it is decoded again for every chunk it touches:
+    a light-sheet stack of 2 GiB under a 512 MiB cache, read some 30 times.
+    """
+    layout = plan.layout
+    per_px = len(layout.channels) * layout.dtype.itemsize
+    sizes = np.array([math.prod(t.shape) * per_px for t in layout.tiles])
+    touches = np.bincount(plan.chunks.indices, minlength=len(sizes))
+    over = (sizes > plan.cache_bytes) & (touches > 1)
+    if not over.any():
+        return None
+    return (f"tiles of up to {_size(sizes.max())} do not fit the {_size(plan.cache_bytes)} tile "
+            f"cache: each is decoded again for every chunk it touches (up to "
+            f"{int(touches[over].max())} times); a cache of four tiles (--cache-mb "
+            f"{math.ceil(4 * sizes.max() / 2**20)}) reads each far fewer times, if memory allows")
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.0f} KiB"
+
+
+def _warn_cache(plan: FusionPlan) -> FusionPlan:
+    advice = cache_advice(plan)
+    if advice:
+        log.warning(advice)
+    return plan
+
+
+def layout_backend(layout: Layout, backend: str = "auto", *,
+                   shape: Sequence[int] | None = None,
+                   paths: Sequence[str] | None = None) -> str:
+    """The kernel a plan of `layout` runs (:func:`tilefuse.fusion.kernel.resolve_backend` for
+    its output pixels and whether some tile is affine).
+
+    Parameters
+    ----------
+    shape, paths : optional
+        The output grid's shape and the tiles' resampling paths, when already known (default:
+        the smallest grid holding every tile, and each tile's :func:`classify`).
+    """
+    if shape is None:
+        shape = output_box(layout)[1]
+    if paths is None:
+        paths = [classify(t.affine) for t in layout.tiles]
+    return resolve_backend(backend, pixels=math.prod(shape) * len(layout.channels),
+                           affine="affine" in paths)
 
 
 def _plan_layout(
@@ -253,7 +317,7 @@ def _plan_layout(
     accumulator = accumulator_dtype(layout.dtype, out_dtype)
     check_fill(fill, out_dtype)
     paths = tuple(classify(t.affine) for t in layout.tiles)
-    backend = resolve_backend(backend)
+    backend = layout_backend(layout, backend, shape=chunks.shape, paths=paths)
     log.info(
         "plan: %d tiles -> mosaic %s in %d chunks of %s; blend %s; paths %s; %s kernel, "
         "%s accumulator",
@@ -378,6 +442,8 @@ def fuse(
                            box=box)
     if isinstance(plan, SeriesPlan):
         first = plan.plans[0]
+        import dask.array as da
+
         data = da.stack([_fuse_plan(p) for p in plan.plans])
         return _mosaic(data, first, ("t", *fused_axes(first.layout)), plan.names)
     return _mosaic(_fuse_plan(plan), plan, fused_axes(plan.layout), None)
@@ -393,6 +459,9 @@ def _mosaic(data: da.Array, plan: FusionPlan, axes: tuple[str, ...],
 
 def _fuse_plan(plan: FusionPlan) -> da.Array:
     """The lazy pixels of one plan: ``(*spatial)`` for one channel, ``(c, *spatial)`` else."""
+    import dask
+    import dask.array as da
+
     token = _token(plan)
     lead = () if plan.n_channels == 1 else ((plan.n_channels,),)
     chunks = (*lead, *plan.chunks.chunks)

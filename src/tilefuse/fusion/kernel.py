@@ -41,13 +41,33 @@ __all__ = [
 
 BACKENDS = ("auto", "numpy", "numba")
 
+NUMBA_MIN_PIXELS = 64 * 2**20
+"""Output pixels (times channels) from which ``auto`` compiles translations too.
 
-def resolve_backend(backend: str = "auto") -> str:
+Loading the compiled kernel costs ~0.5 s per process (numba's imports and its disk cache); on
+translations it saves ~8 ns per output pixel and thread (12.5 vs 4.4 ns, one thread, 6x6 tiles
+of 1024², ``benchmarks/bench_fusion.py``), so it repays its start from about 64 MPix. On
+affine tiles it saves ~55 ns per pixel (65 vs 11 ns) and is always taken.
+"""
+
+
+def resolve_backend(backend: str = "auto", *, pixels: int | None = None,
+                    affine: bool = True) -> str:
     """The chunk kernel to run: ``"numba"`` (compiled, when numba is installed) or ``"numpy"``.
 
-    ``"auto"`` picks numba when it can be imported. Both give the same mosaic: bit-identical for
-    translations, equal to float rounding for general affines (see
+    ``"auto"`` picks numba when it can be imported, except for a small job of translations
+    only: fewer than :data:`NUMBA_MIN_PIXELS` output pixels (`pixels`) and no affine tile,
+    where loading the compiled kernel would cost more than it saves. Both give the same mosaic:
+    bit-identical for translations, equal to float rounding for general affines (see
     :mod:`tilefuse.fusion._numba.kernel`).
+
+    Parameters
+    ----------
+    backend : {"auto", "numpy", "numba"}
+    pixels : int, optional
+        Output pixels times channels of the job; unknown (None): as a large job.
+    affine : bool
+        Some tile takes the general affine path (rotation, scale, shear).
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -55,7 +75,8 @@ def resolve_backend(backend: str = "auto") -> str:
     if backend == "numba" and not has_numba:
         raise InputError('backend "numba" needs numba: pip install "tilefuse[fast]"')
     if backend == "auto":
-        return "numba" if has_numba else "numpy"
+        small = pixels is not None and pixels < NUMBA_MIN_PIXELS and not affine
+        return "numba" if has_numba and not small else "numpy"
     return backend
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +88,9 @@ def store_level(
     writer = _direct_writer(source, target)
     if writer is not None:
         channel_axis = axes.index("c") if "c" in axes else None
-        return _store_direct(source, writer, blocks, reduce_axes if stats else None, compute,
+        order = tile_order(blocks if blocks is not None else np.ndindex(*source.numblocks),
+                           axes)
+        return _store_direct(source, writer, order, reduce_axes if stats else None, compute,
                              channel_axis)
     # dask types store's targets as ArrayLike; it needs only __setitem__, which zarr.Array has.
     if blocks is not None:
@@ -111,6 +113,20 @@ def store_level(
         hi = da.where(finite, values, -np.inf).max(axis=reduce_axes)
     _, lo, hi = compute(stored, lo, hi, chunks=count)
     return np.atleast_1d(lo), np.atleast_1d(hi)
+
+
+def tile_order(blocks: Iterable[Sequence[int]], axes: Sequence[str]) -> list[tuple[int, ...]]:
+    """The blocks in the order to compute them: C order, but z innermost.
+
+    The chunks of one lateral column of a z-stack (every z, the same y and x) read the same
+    tiles, so computed one after another they find them in the tile cache; in C order (z
+    outermost) each z-slab goes through every tile of the mosaic before the next slab does.
+    """
+    ordered = [tuple(int(i) for i in b) for b in blocks]
+    if "z" in axes:
+        z = list(axes).index("z")
+        ordered.sort(key=lambda b: (*b[:z], *b[z + 1:], b[z]))
+    return ordered
 
 
 def _block_regions(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tilefuse.errors import InputError
-from tilefuse.fusion.graph import plan_fusion
+from tilefuse.fusion.graph import cache_advice, plan_fusion
 from tilefuse.fusion.kernel import resolve_backend
 from tilefuse.fusion.resample import classify
 from tilefuse.io.tiles import DEFAULT_CACHE_BYTES
@@ -396,6 +396,8 @@ def describe(
         if source else "memory:       limit unknown",
     ]
     advice = shard_advice(plan.chunks.grid, plan.chunks.chunk_shape, layout.dtype.itemsize)
+    cache = cache_advice(plan)
+    lines += [f"tile cache:   {cache}"] if cache else []
     return lines + ([advice] if advice else []) + _position_lines(layout)
 
 

@@ -4,12 +4,13 @@ A job on a cluster node sees the node's physical RAM but is killed at its cgroup
 budget taken from RAM alone is a promise the job cannot keep. :func:`memory_limits` reads every
 source it finds and :func:`total_memory` takes the smallest:
 
-- ``distributed.system.memory_limit()`` (the reading dask's workers use): physical RAM, the
-  cgroup v1/v2 limits of the *root* cgroup (``/sys/fs/cgroup/memory.max``, ``memory.high``,
-  ``memory/memory.limit_in_bytes``, ...) and ``RLIMIT_RSS``.
-- the process's *own* cgroup and each of its ancestors, from ``/proc/self/cgroup`` (v2:
-  ``memory.max`` and ``memory.high``; v1: ``memory.limit_in_bytes``): a SLURM or systemd job
-  without a cgroup namespace sits deep in the tree, where ``distributed`` does not look.
+- physical RAM and ``RLIMIT_RSS`` (what ``distributed.system.memory_limit()`` reads besides the
+  root cgroup; read here directly, since importing ``distributed`` costs a quarter of a second
+  of every command's start);
+- the *root* cgroup and the process's *own* cgroup with each of its ancestors, from
+  ``/proc/self/cgroup`` (v2: ``memory.max`` and ``memory.high``; v1:
+  ``memory.limit_in_bytes``): a SLURM or systemd job without a cgroup namespace sits deep in
+  the tree, where ``distributed`` does not look.
 - ``SLURM_MEM_PER_NODE``, or ``SLURM_MEM_PER_CPU`` times ``SLURM_CPUS_ON_NODE`` (else
   ``SLURM_CPUS_PER_TASK``, else 1), in MiB as SLURM writes them (a K/M/G/T suffix is accepted).
 
@@ -37,7 +38,7 @@ PROC_CGROUP = Path("/proc/self/cgroup")
 _V2_FILES: tuple[str, ...] = ("memory.max", "memory.high")
 _V1_FILES: tuple[str, ...] = ("memory.limit_in_bytes",)
 _FALLBACK_BYTES = 8 * 2**30
-SYSTEM = "RAM, root cgroup or RLIMIT_RSS"  # the key of distributed's reading
+SYSTEM = "RAM or RLIMIT_RSS"  # the key of the system's own reading
 _SLURM_UNITS = {"": 2**20, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -80,8 +81,8 @@ def memory_limits(
     -------
     dict of str -> int
         E.g. ``{SYSTEM: 25e9, "cgroup /sys/fs/cgroup/job_1/memory.max": 4e9,
-        "SLURM_MEM_PER_NODE": 4e9}``: :data:`SYSTEM` is ``distributed.system.memory_limit()``
-        (physical RAM, root cgroups, ``RLIMIT_RSS``). Only positive limits appear.
+        "SLURM_MEM_PER_NODE": 4e9}``: :data:`SYSTEM` is the smaller of physical RAM and
+        ``RLIMIT_RSS``. Only positive limits appear.
     """
     limits = {}
     system = _system_memory()
@@ -97,15 +98,18 @@ def memory_limits(
 
 
 def _system_memory() -> int | None:
-    """``distributed.system.memory_limit()``: physical RAM, root cgroups and ``RLIMIT_RSS``."""
+    """Physical RAM, or ``RLIMIT_RSS`` when that is set and smaller; None if unreadable."""
     try:
-        from distributed.system import memory_limit
-    except ImportError:  # distributed is a dependency; be safe all the same
-        try:
-            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-        except (ValueError, OSError, AttributeError):
-            return None
-    return int(memory_limit())
+        ram = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        import resource
+
+        rss = resource.getrlimit(resource.RLIMIT_RSS)[0]
+    except (ImportError, ValueError, OSError, AttributeError):  # not on every platform
+        return ram
+    return min(ram, int(rss)) if 0 < rss != resource.RLIM_INFINITY else ram
 
 
 def cgroup_limits(cgroup_root: Path, proc_cgroup: Path) -> dict[str, int]:

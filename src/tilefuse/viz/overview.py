@@ -7,9 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
-
-from tilefuse.ome_zarr.writer import read_ome_zarr_level
 
 __all__ = ["contrast_stretch", "screen_image", "write_png_overview"]
 
@@ -26,6 +23,8 @@ def contrast_stretch(image: np.ndarray, low: float = 0.5, high: float = 99.5) ->
 
 def _multiscale(path: Path) -> dict[str, Any]:
     """The first ``multiscales`` entry of an OME-NGFF image (0.5: under ``"ome"``)."""
+    import zarr  # here, not at import: a layout's preview needs neither zarr nor dask
+
     # Walked as untyped JSON: the keys are those the NGFF specification (and tilefuse) writes.
     attrs: dict[str, Any] = zarr.open_group(str(path), mode="r").attrs.asdict()
     return attrs.get("ome", attrs)["multiscales"][0]
@@ -42,6 +41,8 @@ def screen_image(zarr_path: str | os.PathLike, max_size: int = 1024) -> tuple[np
     scale : float
         Size of the returned plane relative to full resolution (1 for level 0).
     """
+    from tilefuse.ome_zarr.writer import read_ome_zarr_level
+
     path = Path(zarr_path)
     meta = _multiscale(path)
     axes = [a["name"] for a in meta["axes"]]

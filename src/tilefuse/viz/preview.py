@@ -85,7 +85,8 @@ def _scaled_affine(affine: np.ndarray, f: int) -> np.ndarray:
 
 def _fuse_small(layout: Layout, max_size: int) -> tuple[np.ndarray, float]:
     """Low-resolution fusion of a layout; returns the (y, x) image and its scale (< 1)."""
-    from tilefuse import fuse
+    from tilefuse.fusion.direct import fuse_in_memory
+    from tilefuse.fusion.graph import plan_fusion
     from tilefuse.io.readers.memory import layout_from_arrays
     from tilefuse.io.tiles import read_tile
     from tilefuse.plan.geometry import output_box
@@ -95,7 +96,9 @@ def _fuse_small(layout: Layout, max_size: int) -> tuple[np.ndarray, float]:
     tiles = [_downsample(read_tile(t.source), f) for t in layout.tiles]
     affines = np.stack([_scaled_affine(_yx_affine(t.affine), f) for t in layout.tiles])
     small = layout_from_arrays(tiles, affines=affines)
-    image = np.asarray(fuse(small, chunk=4096, dtype="float32").compute())
+    # small by construction: in threads, without dask; the numpy kernel (numba's ~0.5 s load
+    # would cost more than the few megapixels it fuses)
+    image = fuse_in_memory(plan_fusion(small, chunk=4096, dtype="float32", backend="numpy"))
     return (image[0] if image.ndim == 3 else image), 1.0 / f
 
 

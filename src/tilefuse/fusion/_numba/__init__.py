@@ -1,1 +1,1 @@
-"""The compiled chunk kernel (numba, ``tilefuse[fast]``): the numpy kernel's mosaic, faster."""
+"""The compiled chunk kernel (numba): the numpy kernel's mosaic, faster."""

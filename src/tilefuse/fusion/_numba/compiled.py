@@ -1,4 +1,4 @@
-"""numba compile settings shared by the compiled kernels (optional extra ``tilefuse[fast]``)."""
+"""numba compile settings shared by the compiled kernels (numba, a dependency)."""
 
 from __future__ import annotations
 

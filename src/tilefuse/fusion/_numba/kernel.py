@@ -1,4 +1,4 @@
-"""The chunk kernel compiled with numba (optional: ``pip install "tilefuse[fast]"``).
+"""The chunk kernel compiled with numba (numba).
 
 It computes what :func:`tilefuse.fusion.kernel.fuse_chunk` computes with numpy, but in one pass per
 tile instead of a dozen whole-array passes (convert, interpolate per axis, weight, accumulate,

@@ -17,13 +17,24 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from tilefuse.io.readers.memory import layout_from_arrays
 from tilefuse.model.layout import Layout, translation_affine
+from tilefuse.testing.cycles import (
+    CycleSet,
+    cycle_alignment_error,
+    cycle_tilesets,
+    cycles_from_image,
+)
 
 __all__ = [
+    "CycleSet",
+    "cycle_alignment_error",
+    "cycle_tilesets",
+    "cycles_from_image",
     "PatternSource",
     "Scene",
     "TextureSource",
@@ -227,14 +238,7 @@ def grid_tileset(
             values = values + rng.normal(0, noise, values.shape)
         tiles.append(_to_dtype(np.clip(values, 0, 1), dtype))
     layout = layout_from_arrays(tiles, affines=affines)
-    stage = layout_from_arrays(tiles, positions=stage_pos)
-    from tilefuse.plan.geometry import output_box
-
-    origin, shape = output_box(layout)
-    truth = _to_dtype(scene.render(shape, origin), dtype)
-    covered = coverage(layout, origin, shape)
-    truth[~covered] = 0
-    return TileSet(layout, stage, tiles, truth, covered, origin, scene)
+    return _tileset(layout, layout_from_arrays(tiles, positions=stage_pos), tiles, scene, dtype)
 
 
 def miscalibrated_tileset(
@@ -296,7 +300,13 @@ def miscalibrated_tileset(
         else:
             tiles.append(_to_dtype(scene.sample(translation_affine(p), tile_shape), dtype))
     layout = layout_from_arrays(tiles, positions=true_pos)
-    stage = layout_from_arrays(tiles, positions=stage_pos)
+    return _tileset(layout, layout_from_arrays(tiles, positions=stage_pos), tiles, scene, dtype)
+
+
+def _tileset(layout: Layout, stage: Layout, tiles: list[np.ndarray], scene: Scene,
+             dtype: np.dtype | str) -> TileSet:
+    """The :class:`TileSet` of tiles placed by `layout`: the scene rendered on its output
+    grid as truth, zero where no tile covers."""
     from tilefuse.plan.geometry import output_box
 
     origin, shape = output_box(layout)
@@ -356,11 +366,9 @@ def write_tileset(tileset: TileSet, folder: str | os.PathLike, *, stage: bool = 
 
 
 @dataclass(frozen=True, slots=True)
-class PatternSource:
-    """A tile made on the fly from a procedural pattern of mosaic coordinates.
-
-    Overlapping tiles agree exactly (the pattern is a function of the global pixel index), tiles
-    cost no disk, and any mosaic size can be fused; used by the scale benchmarks.
+class _CoordinateSource:
+    """A tile made on the fly from a function of mosaic coordinates: overlapping tiles agree
+    exactly, and tiles cost no disk. Subclasses name their ``kind`` and make the pixels.
 
     Attributes
     ----------
@@ -372,15 +380,33 @@ class PatternSource:
 
     origin: tuple[int, int]
     shape: tuple[int, int]
+    kind: ClassVar[str] = ""
 
     @property
     def key(self) -> tuple:
-        return ("pattern", self.origin, self.shape)
+        return (self.kind, self.origin, self.shape)
+
+    def read(self) -> np.ndarray:
+        """Pixels ``(1, y, x)``: the subclass's function of :meth:`coordinates`."""
+        raise NotImplementedError
+
+    def coordinates(self, margin: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Global row and column indices of the tile, widened by `margin` on each side."""
+        gy = np.arange(self.shape[0] + 2 * margin, dtype=np.int64) + self.origin[0] - margin
+        gx = np.arange(self.shape[1] + 2 * margin, dtype=np.int64) + self.origin[1] - margin
+        return gy, gx
+
+
+@dataclass(frozen=True, slots=True)
+class PatternSource(_CoordinateSource):
+    """A procedural pattern of mosaic coordinates (waves and a hashed texture): any mosaic
+    size can be fused from it; used by the scale benchmarks."""
+
+    kind: ClassVar[str] = "pattern"
 
     def read(self) -> np.ndarray:
         """Pixels ``(1, y, x)`` uint16: smooth waves plus a fine hashed texture."""
-        gy = np.arange(self.shape[0], dtype=np.int64) + self.origin[0]
-        gx = np.arange(self.shape[1], dtype=np.int64) + self.origin[1]
+        gy, gx = self.coordinates()
         wave_y = (np.sin(gy / 97.0) * 8000 + 20000).astype(np.uint16)
         wave_x = (np.cos(gx / 131.0) * 8000 + 20000).astype(np.uint16)
         texture = ((gy[:, None] * 2654435761) ^ (gx[None, :] * 40503)) & 1023
@@ -389,6 +415,12 @@ class PatternSource:
 
 def pattern_layout(grid: Sequence[int], tile: int = 1024, overlap: float = 0.1) -> Layout:
     """A ``grid`` of on-the-fly tiles at integer positions, for scale tests (no files)."""
+    return _coordinate_layout(PatternSource, grid, tile, overlap)
+
+
+def _coordinate_layout(source: type[_CoordinateSource], grid: Sequence[int], tile: int,
+                       overlap: float) -> Layout:
+    """A ``grid`` of `source` tiles of ``tile`` x ``tile`` at integer positions."""
     from tilefuse.model.layout import Tile
 
     step = round(tile * (1 - overlap))
@@ -397,8 +429,8 @@ def pattern_layout(grid: Sequence[int], tile: int = 1024, overlap: float = 0.1) 
         for c in range(grid[1]):
             origin = (r * step, c * step)
             tiles.append(Tile(f"r{r}c{c}", (tile, tile), translation_affine(origin),
-                              PatternSource(origin, (tile, tile))))
-    return Layout(tuple(tiles), np.dtype(np.uint16), origin="pattern")
+                              source(origin, (tile, tile))))
+    return Layout(tuple(tiles), np.dtype(np.uint16), origin=source.kind)
 
 
 def _hash_texture(gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
@@ -413,31 +445,16 @@ def _hash_texture(gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, slots=True)
-class TextureSource:
-    """A tile of a band-limited random texture of mosaic coordinates, made on the fly.
+class TextureSource(_CoordinateSource):
+    """A band-limited random texture of mosaic coordinates. Unlike :class:`PatternSource` it
+    has no period and no preferred direction, so every overlap registers to one unambiguous
+    shift."""
 
-    Unlike :class:`PatternSource` the texture has no period and no preferred direction, so
-    every overlap registers to one unambiguous shift; overlapping tiles agree exactly.
-
-    Attributes
-    ----------
-    origin : tuple of int
-        Mosaic index of the tile's first pixel (y, x).
-    shape : tuple of int
-        Tile shape (y, x).
-    """
-
-    origin: tuple[int, int]
-    shape: tuple[int, int]
-
-    @property
-    def key(self) -> tuple:
-        return ("texture", self.origin, self.shape)
+    kind: ClassVar[str] = "texture"
 
     def read(self) -> np.ndarray:
         """Pixels ``(1, y, x)`` uint16: hashed noise smoothed over 3 x 3 pixels, plus a wave."""
-        gy = np.arange(self.shape[0] + 2, dtype=np.int64) + self.origin[0] - 1
-        gx = np.arange(self.shape[1] + 2, dtype=np.int64) + self.origin[1] - 1
+        gy, gx = self.coordinates(margin=1)
         noise = _hash_texture(gy, gx)
         noise = (noise[:-2] + noise[1:-1] + noise[2:]) / 3
         noise = (noise[:, :-2] + noise[:, 1:-1] + noise[:, 2:]) / 3
@@ -463,16 +480,7 @@ def texture_layout(grid: Sequence[int], tile: int = 256, overlap: float = 0.1, *
     truth, stage : Layout
         The tiles at their true (integer) positions, and at the stage positions.
     """
-    from tilefuse.model.layout import Tile
-
-    step = round(tile * (1 - overlap))
-    tiles = []
-    for r in range(grid[0]):
-        for c in range(grid[1]):
-            origin = (r * step, c * step)
-            tiles.append(Tile(f"r{r}c{c}", (tile, tile), translation_affine(origin),
-                              TextureSource(origin, (tile, tile))))
-    truth = Layout(tuple(tiles), np.dtype(np.uint16), origin="texture")
+    truth = _coordinate_layout(TextureSource, grid, tile, overlap)
     rng = np.random.default_rng(seed)
     error = rng.uniform(-stage_error, stage_error, truth.positions.shape)
     return truth, truth.with_positions(truth.positions + error)
