@@ -47,8 +47,10 @@ $(REG_VENV)/.installed: pyproject.toml
 bench: $(TEST_STAMP) $(BENCH_VENV)/.installed $(REG_VENV)/.installed
 	$(BIN)/python benchmarks/bench_fusion.py --repeats 5
 	$(BIN)/python benchmarks/bench_fusion.py --repeats 5 --tile-compression zlib
+	$(BIN)/python benchmarks/bench_3d.py
 	$(BIN)/python benchmarks/bench_scale.py --mosaic 50000
 	$(BIN)/python benchmarks/bench_registration.py
+	$(BIN)/python benchmarks/bench_cycles.py
 	$(BIN)/python benchmarks/bench_pairs.py
 
 clean:

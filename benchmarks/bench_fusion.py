@@ -1,12 +1,15 @@
 """Fusion throughput and peak memory, side by side, on one generated tile set.
 
-    python benchmarks/bench_fusion.py [--grid 8x8] [--tile 1024] [--repeats 3]
+    python benchmarks/bench_fusion.py [--grid 6x6] [--tile 1024] [--repeats 3] [--no-process]
 
 Each variant runs in its own process under ``/usr/bin/time -v`` (peak RSS) and times its own work,
 imports excluded (read tiles -> write the full-resolution mosaic as zarr, zstd, 1024² chunks).
 Variants:
 
-floor         read every tile once, paste at rounded positions, write with the same codec/chunks
+floor-zarr    read every tile once, paste at rounded positions, write with the same codec/chunks
+              through zarr-python (``floor`` is an alias)
+floor-ts      the same with tensorstore (benchmarks/tsfloor.py): zarr v3, bytes + zstd level 0,
+              1024² chunks, tiles read with one thread per core
 linear        tilefuse, fractional translations, linear (cosine) blend
 rotate1       tilefuse, the same tiles rotated 1 degree (affine path)
 max           tilefuse, max blend
@@ -20,9 +23,16 @@ mvs           multiview-stitcher's ``fuse(...)`` computed in memory (only if imp
               benchmarks/.venv, which ``make bench`` installs; never a tilefuse dependency)
 mvs-zarr      multiview-stitcher's ``fuse(..., output_zarr_url=...)``: its own chunked writer
 
-Variants run interleaved, one of each per round, for ``--repeats`` rounds (naive and mvs in the
-first round only); the table gives each variant's median seconds and the median of its
-same-round ratios to the floor, is printed and saved as JSON in benchmarks/results/.
+Whole processes (unless ``--no-process``), timed by wall clock, start-up and imports included,
+with peak RSS (``/usr/bin/time -v``): the tensorstore floor as a script that imports only
+numpy, tifffile and tensorstore (``python benchmarks/tsfloor.py TileConfiguration.txt OUT``),
+``tilefuse fuse TileConfiguration.txt -o OUT.ome.zarr --levels 1``, the same with
+``--rotate 1``, and ``tilefuse --help``.
+
+Variants run interleaved, one of each per round (the whole processes after them), for
+``--repeats`` rounds (naive and mvs in the first round only). The tables give each variant's
+median seconds and the median of its same-round ratios to each floor, next to the targets of
+issue 15; they are printed and saved as JSON in benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -40,12 +50,23 @@ from pathlib import Path
 
 import numpy as np
 
-from common import grid_parser, print_table, run_timed
+from common import grid_parser, print_table, run_timed, run_wall
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 MVS_PYTHON = HERE / ".venv" / "bin" / "python"
 CHUNK = 1024
+FLOORS = ("floor-zarr", "floor-ts")
+ALIASES = {"floor": "floor-zarr"}
+PROCESSES = ("floor-ts", "linear", "rotate1", "help")
+"""Whole-process variants: the tensorstore floor script, ``tilefuse fuse`` (plain, rotated 1
+degree) and ``tilefuse --help``."""
+TARGETS = (  # issue 15: (label, table, variant, key, bound)
+    ("linear, in-process, x floor-ts", "results", "linear", "x_floor-ts", 1.3),
+    ("linear, whole process, x ts floor", "whole_process", "linear", "x_floor-ts", 1.5),
+    ("rotate1, whole process, x ts floor", "whole_process", "rotate1", "x_floor-ts", 2.0),
+    ("tilefuse --help, seconds", "whole_process", "help", "seconds", 0.4),
+)
 
 
 # ----------------------------------------------------------------------------- the tile set
@@ -91,7 +112,7 @@ def _zarr_out(path: Path, shape, dtype):
                              overwrite=True)
 
 
-def run_floor(layout_path: Path, out: Path) -> tuple:
+def run_floor_zarr(layout_path: Path, out: Path) -> tuple:
     from concurrent.futures import ThreadPoolExecutor
 
     import tifffile
@@ -111,6 +132,12 @@ def run_floor(layout_path: Path, out: Path) -> tuple:
             region[...] = data[: region.shape[0], : region.shape[1]]
     _zarr_out(out, shape, layout.dtype)[...] = mosaic
     return shape
+
+
+def run_floor_ts(layout_path: Path, out: Path) -> tuple:
+    from tsfloor import floor
+
+    return floor(str(layout_path), str(out))
 
 
 def run_tilefuse(layout_path: Path, out: Path, blend: str, rotate: float = 0.0,
@@ -188,7 +215,8 @@ def run_mvs(layout_path: Path, out: Path, to_zarr: bool = False) -> tuple:
 
 
 VARIANTS = {
-    "floor": run_floor,
+    "floor-zarr": run_floor_zarr,
+    "floor-ts": run_floor_ts,
     "linear": lambda lp, o: run_tilefuse(lp, o, "linear"),
     "rotate1": lambda lp, o: run_tilefuse(lp, o, "linear", 1.0),
     "max": lambda lp, o: run_tilefuse(lp, o, "max"),
@@ -213,7 +241,9 @@ def _import_everything(variant: str) -> None:
     with contextlib.suppress(ImportError):  # dask imports it at the first compute if installed
         import distributed  # noqa: F401
 
-    if variant.startswith("mvs"):
+    if variant == "floor-ts":
+        import tensorstore  # noqa: F401
+    elif variant.startswith("mvs"):
         import multiview_stitcher.fusion  # noqa: F401
     elif variant in ("linear", "rotate1", "max"):
         from tilefuse.fusion.kernel import resolve_backend
@@ -250,28 +280,55 @@ def measure(variant: str, layout_path: Path, work: Path, python: str) -> dict:
     return result
 
 
+def process_command(name: str, layout_path: Path, out: Path) -> list[str]:
+    """The command line of a whole-process variant (see :data:`PROCESSES`)."""
+    if name == "floor-ts":
+        return [sys.executable, str(HERE / "tsfloor.py"), str(layout_path), str(out)]
+    script = Path(sys.executable).parent / "tilefuse"  # the console script of this environment
+    tilefuse = str(script) if script.exists() else shutil.which("tilefuse") or "tilefuse"
+    if name == "help":
+        return [tilefuse, "--help"]
+    cmd = [tilefuse, "fuse", str(layout_path), "-o", str(out), "--levels", "1"]
+    return [*cmd, "--rotate", "1"] if name == "rotate1" else cmd
+
+
+def measure_process(name: str, layout_path: Path, work: Path) -> dict:
+    folder = work / f"process-{name}"  # the output and its sidecars (layout.csv...), then gone
+    folder.mkdir()
+    try:
+        return run_wall(process_command(name, layout_path, folder / "out.ome.zarr"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> int:
-    parser = grid_parser(__doc__, grid="8x8", tile=1024)
+    parser = grid_parser(__doc__, grid="6x6", tile=1024)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tile-compression", default=None,
                         help="TIFF compression of the generated tiles, e.g. zlib (default none)")
-    parser.add_argument("--variants", default="floor,linear,rotate1,max,linear-numpy,"
-                        "rotate1-numpy,naive,naive-linear,mvs,mvs-zarr")
+    parser.add_argument("--variants", default="floor-zarr,floor-ts,linear,rotate1,max,"
+                        "linear-numpy,rotate1-numpy,naive,naive-linear,mvs,mvs-zarr")
+    parser.add_argument("--no-process", action="store_true",
+                        help="skip the whole-process runs (floor script, tilefuse fuse, --help)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--layout", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.layout, args.out)
+        child(ALIASES.get(args.child, args.child), args.layout, args.out)
         return 0
-    grid = args.grid
+    variants = list(dict.fromkeys(ALIASES.get(v, v) for v in args.variants.split(",") if v))
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; expected some of {sorted(VARIANTS)}")
+    processes = () if args.no_process else PROCESSES
     work = Path(tempfile.mkdtemp(prefix="tilefuse-bench-"))
     try:
-        layout_path = make_tiles(work, grid, args.tile, compression=args.tile_compression)
-        rows = run_rounds(args.variants.split(","), layout_path, work, args.repeats)
+        layout_path = make_tiles(work, args.grid, args.tile, compression=args.tile_compression)
+        runs, process_runs = run_rounds(variants, processes, layout_path, work, args.repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report(rows, grid, args)
+    report(runs, process_runs, args)
     return 0
 
 
@@ -281,51 +338,84 @@ def _python_for(variant: str) -> str | None:
     return str(MVS_PYTHON) if MVS_PYTHON.exists() else None
 
 
-def run_rounds(variants: list[str], layout_path: Path, work: Path, repeats: int) -> dict:
-    """Run every variant once per round, ``repeats`` rounds (naive and mvs: the first only).
+def run_rounds(variants: list[str], processes: tuple[str, ...], layout_path: Path, work: Path,
+               repeats: int) -> tuple[dict, dict]:
+    """Run every variant once per round, then every whole process, ``repeats`` rounds (naive
+    and mvs: the first round only).
 
-    Interleaving keeps the floor and each variant under the same machine conditions: this
-    machine drifts by +-20% over minutes, so each variant's ratio to the floor is the median of
+    The tilefuse whole processes run once untimed first, so that a kernel compiled after an
+    edit (numba's disk cache) is not timed; loading it from the cache is.
+
+    Interleaving keeps the floors and each variant under the same machine conditions: this
+    machine drifts by +-20% over minutes, so each variant's ratio to a floor is the median of
     its per-round ratios, not a ratio of medians taken minutes apart.
+
+    Returns
+    -------
+    runs, process_runs : dict of name -> list
+        Per round (index = round), the child's result, or None where it did not run.
     """
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    runs: dict[str, list] = {v: [] for v in variants}
+    process_runs: dict[str, list] = {p: [] for p in processes}
+    for name in processes:  # untimed: numba compiles into its disk cache once, not in round 1
+        if name in ("linear", "rotate1"):
+            measure_process(name, layout_path, work)
     for round_ in range(repeats):
         for variant in variants:
             if round_ and variant.startswith(("naive", "mvs")):
+                runs[variant].append(None)
                 continue
             python = _python_for(variant)
             runs[variant].append(
                 measure(variant, layout_path, work, python) if python else
                 {"error": "benchmarks/.venv missing (make bench installs it)"})
-    rows = {}
-    floors = [r.get("seconds") for r in runs.get("floor", [])]
-    for variant, results in runs.items():
-        good = [r for r in results if "error" not in r]
-        if not good:
-            rows[variant] = results[0]
-            continue
-        # naive and mvs run in the first round only, and without a floor variant there are no
-        # floors: pair the rounds both have.
-        paired = [r["seconds"] / f for r, f in zip(results, floors, strict=False)
-                  if "error" not in r and f]
-        rows[variant] = {
-            "seconds": statistics.median(r["seconds"] for r in good),
-            "all_seconds": [round(r["seconds"], 3) for r in good],
-            "paired_ratios": [round(x, 3) for x in paired],
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in good),
-            "shape": good[0]["shape"],
-        }
-        print(f"  {variant}: {rows[variant]['all_seconds']} s", file=sys.stderr)
-    return rows
+        for name in processes:
+            process_runs[name].append(measure_process(name, layout_path, work))
+        done = {**runs, **{f"process {k}": v for k, v in process_runs.items()}}
+        print(f"  round {round_ + 1}: " + ", ".join(
+            f"{k} {r[-1]['seconds']:.2f} s" for k, r in done.items()
+            if r[-1] and "seconds" in r[-1]), file=sys.stderr)
+    return runs, process_runs
+
+
+def _ok(result: dict | None) -> bool:
+    return bool(result) and "error" not in result and bool(result.get("seconds"))
+
+
+def summarise(results: list, floors: dict[str, list]) -> dict:
+    """One variant's row: median seconds, peak RSS, and per floor the median same-round ratio.
+
+    Parameters
+    ----------
+    results : list of dict or None
+        The variant's result per round.
+    floors : dict of floor name -> list of dict or None
+        Each floor's result per round; ``x_<floor>`` pairs the rounds both ran.
+    """
+    good = [r for r in results if _ok(r)]
+    if not good:
+        tried = [r for r in results if r]
+        return tried[0] if tried else {"error": "did not run"}
+    row = {"seconds": statistics.median(r["seconds"] for r in good),
+           "all_seconds": [round(r["seconds"], 3) for r in good],
+           "peak_rss_mb": max(r["peak_rss_mb"] for r in good)}
+    if "shape" in good[0]:
+        row["shape"] = good[0]["shape"]
+    for name, floor in floors.items():
+        paired = [r["seconds"] / f["seconds"] for r, f in zip(results, floor, strict=True)
+                  if _ok(r) and _ok(f)]
+        row[f"ratios_{name}"] = [round(x, 3) for x in paired]
+        row[f"x_{name}"] = statistics.median(paired) if paired else None
+    return row
 
 
 def _speedups(rows: dict) -> None:
     """How many times faster tilefuse (linear blend) is than each baseline, and the targets."""
     ours = rows.get("linear", {}).get("seconds")
-    if not ours:
+    targets = {"naive": 20, "naive-linear": 20, "mvs": 10, "mvs-zarr": 10}
+    if not ours or not any(rows.get(name, {}).get("seconds") for name in targets):
         return
     print("\ntilefuse linear is faster than:")
-    targets = {"naive": 20, "naive-linear": 20, "mvs": 10, "mvs-zarr": 10}
     for name, target in targets.items():
         if rows.get(name, {}).get("seconds"):
             ratio = rows[name]["seconds"] / ours
@@ -333,27 +423,54 @@ def _speedups(rows: dict) -> None:
             print(f"  {name:<13} {ratio:6.1f}x   (target >= {target}x)")
 
 
-def report(rows: dict, grid, args) -> None:
-    floor = rows.get("floor", {}).get("seconds")
+def check_targets(tables: dict) -> list[dict]:
+    """Issue 15's targets against what was measured (``met`` is None where not measured)."""
+    out = []
+    for label, table, variant, key, bound in TARGETS:
+        value = tables[table].get(variant, {}).get(key)
+        out.append({"target": label, "value": value, "bound": bound,
+                    "met": None if value is None else bool(value <= bound)})
+    return out
+
+
+def report(runs: dict, process_runs: dict, args) -> None:
+    grid = args.grid
+    floors = {f: runs[f] for f in FLOORS if f in runs}
+    rows = {variant: summarise(results, floors) for variant, results in runs.items()}
     print(f"\n{grid[0] * grid[1]} tiles of {args.tile}² uint16 TIFF "
           f"({args.tile_compression or 'uncompressed'}), 10% overlap, fractional positions; "
           f"{os.cpu_count()} cores; median of {args.repeats} interleaved rounds (naive, mvs: "
           "1 run); x floor: median of the same-round ratios\n")
+    print("in-process (imports excluded):")
     for r in rows.values():
         if "error" not in r:
             r["mpix_per_s"] = np.prod(r["shape"]) / 1e6 / r["seconds"]
-            # the median of same-round ratios where there are several, else vs the median floor
-            several = len(r["paired_ratios"]) > 1
-            r["ratio_to_floor"] = (statistics.median(r["paired_ratios"]) if several else
-                                   r["seconds"] / floor if floor else None)
-    print_table(rows, [("seconds", "seconds", ".2f"), ("MPix/s", "mpix_per_s", ".1f"),
-                       ("peak RSS MB", "peak_rss_mb", ".0f"), ("x floor", "ratio_to_floor", ".2f")])
+    columns = [("seconds", "seconds", ".2f"), ("MPix/s", "mpix_per_s", ".1f"),
+               ("peak RSS MB", "peak_rss_mb", ".0f")]
+    columns += [(f"x {f}", f"x_{f}", ".2f") for f in floors]
+    print_table(rows, columns, width=14)
     _speedups(rows)
+    process_rows = {}
+    if process_runs:
+        floor = {"floor-ts": process_runs["floor-ts"]}
+        process_rows = {name: summarise(results, {} if name == "help" else floor)
+                        for name, results in process_runs.items()}
+        print("\nwhole process (wall clock incl. start-up, /usr/bin/time -v):")
+        print_table(process_rows, [("seconds", "seconds", ".2f"),
+                                   ("peak RSS MB", "peak_rss_mb", ".0f"),
+                                   ("x ts floor", "x_floor-ts", ".2f")], width=14)
+    targets = check_targets({"results": rows, "whole_process": process_rows})
+    print("\nissue 15 targets:")
+    for t in targets:
+        verdict = {None: "not measured", True: "met", False: "MISSED"}[t["met"]]
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        print(f"  {t['target']:<38} {value:>6}  (<= {t['bound']})  {verdict}")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"fusion-{args.tile_compression or 'raw'}.json"
     path.write_text(json.dumps({"grid": grid, "tile": args.tile, "cores": os.cpu_count(),
-                                "tile_compression": args.tile_compression, "results": rows},
-                               indent=2))
+                                "repeats": args.repeats,
+                                "tile_compression": args.tile_compression, "results": rows,
+                                "whole_process": process_rows, "targets": targets}, indent=2))
     print(f"\nsaved {path}")
 
 

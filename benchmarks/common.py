@@ -7,9 +7,18 @@ import json
 import re
 import subprocess
 
-__all__ = ["grid_parser", "print_table", "run_timed"]
+__all__ = ["grid_parser", "parse_grid", "print_table", "run_timed", "run_wall"]
 
 _RSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
+_ELAPSED = re.compile(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): "
+                      r"(?:(\d+):)?(\d+):([\d.]+)")
+
+
+def _failure(proc: subprocess.CompletedProcess) -> dict:
+    """``{"error": the child's last stderr line}``, ``time -v``'s own lines left out."""
+    lines = [ln for ln in proc.stderr.splitlines()
+             if ln.strip() and "\t" not in ln and not ln.startswith("Command exited")]
+    return {"error": (lines[-1] if lines else "failed")[:300]}
 
 
 def run_timed(cmd: list[str]) -> dict:
@@ -22,13 +31,31 @@ def run_timed(cmd: list[str]) -> dict:
     """
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.splitlines()
-                 if ln.strip() and "\t" not in ln and not ln.startswith("Command exited")]
-        return {"error": (lines[-1] if lines else "failed")[:300]}
+        return _failure(proc)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     rss = _RSS.search(proc.stderr)
     result["peak_rss_mb"] = int(rss.group(1)) / 1024 if rss else float("nan")
     return result
+
+
+def run_wall(cmd: list[str]) -> dict:
+    """Run ``cmd`` as a whole process under ``time -v``: its wall clock, start-up included.
+
+    Returns
+    -------
+    dict
+        ``seconds`` (elapsed wall clock, as ``time`` reports it: 10 ms steps) and
+        ``peak_rss_mb``; or ``{"error": last stderr line}`` on failure.
+    """
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return _failure(proc)
+    elapsed, rss = _ELAPSED.search(proc.stderr), _RSS.search(proc.stderr)
+    if elapsed is None or rss is None:
+        return {"error": "no timing from /usr/bin/time -v"}
+    hours, minutes, seconds = elapsed.groups()
+    return {"seconds": int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds),
+            "peak_rss_mb": int(rss.group(1)) / 1024}
 
 
 def print_table(rows: dict, columns: list[tuple[str, str, str]], *, width: int = 12) -> None:
@@ -51,7 +78,7 @@ def print_table(rows: dict, columns: list[tuple[str, str, str]], *, width: int =
         print(f"{name:<{width}}" + "".join(f"{c:>13}" for c in cells))
 
 
-def _grid(text: str) -> tuple[int, int]:
+def parse_grid(text: str) -> tuple[int, int]:
     """``"8x8"`` -> ``(8, 8)``."""
     try:
         rows, cols = (int(v) for v in text.lower().split("x"))
@@ -71,7 +98,7 @@ def grid_parser(doc: str, *, grid: str, tile: int | None = None,
         The script's docstring; its first line describes the script.
     """
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-    parser.add_argument("--grid", type=_grid, default=grid, help=f"ROWSxCOLS (default {grid})")
+    parser.add_argument("--grid", type=parse_grid, default=grid, help=f"ROWSxCOLS (default {grid})")
     if tile is not None:
         parser.add_argument("--tile", type=int, default=tile, help=f"tile side (default {tile})")
     if seed is not None:
