@@ -59,7 +59,6 @@ from tilefuse.ome_tiff import output_format
 from tilefuse.runner import ProgressFn
 
 if TYPE_CHECKING:
-    from tilefuse.ome_zarr._store import Batch
     from tilefuse.registration import RegistrationReport
 
 __all__ = ["FuseRequest", "FuseResult", "read_input", "register_input", "run_fusion",
@@ -373,7 +372,6 @@ def _write(request: FuseRequest, output: Path, mosaic: Mosaic, plan: FusionPlan 
            manifest: dict, runner: Runner | None, progress: ProgressFn, say: MessageFn, *,
            tiff: bool = False) -> None:
     """Fuse and write the image; a failure that leaves a resumable output says so."""
-    from tilefuse.ome_tiff.writer import write_tiff_image
     from tilefuse.ome_zarr.resume import refresh_changed_tiles
 
     try:
@@ -385,6 +383,8 @@ def _write(request: FuseRequest, output: Path, mosaic: Mosaic, plan: FusionPlan 
             if dashboard:
                 say(f"dask dashboard: {dashboard}")
             if tiff:  # an OME-TIFF: one go, from a temporary file (nothing left to resume)
+                from tilefuse.ome_tiff.writer import write_tiff_image
+
                 write_tiff_image(mosaic, output, levels=request.levels,
                                  overwrite=request.overwrite, compute=compute,
                                  manifest=manifest, progress=progress)
@@ -440,22 +440,16 @@ def _computing(request: FuseRequest, runner: Runner | None,
 
 
 def _local_compute(scheduler: str, workers: int | None, progress: ProgressFn) -> Compute:
-    """``compute(*collections, label=None, batch=None)`` on a local dask scheduler, reporting
-    chunks stored of each level (``"fusing"``, ``"pyramid level 1"``, ...) across its batches.
+    """The write's compute on a local scheduler (:class:`tilefuse.runner.LocalCompute`),
+    reporting chunks stored of each level (``"fusing"``, ``"pyramid level 1"``, ...) across
+    its batches.
 
-    The dask callbacks go to this compute only (not registered globally), so computations in
-    other threads (a viewer's, say) neither count here nor see these tasks.
+    Progress goes to this compute only (no dask callbacks registered globally), so
+    computations in other threads (a viewer's, say) neither count here nor see these tasks.
     """
-    import dask
+    from tilefuse.runner import LocalCompute
 
-    from tilefuse.runner import local_scheduler, task_callbacks
-
-    def compute(*collections: Any, label: str | None = None, batch: Batch | None = None) -> tuple:
-        return dask.compute(*collections, scheduler=local_scheduler(scheduler),
-                            num_workers=workers,
-                            callbacks=task_callbacks(progress, batch, label, whole=False))
-
-    return compute
+    return LocalCompute(scheduler, workers, progress, whole=False)
 
 
 def _warm_up_kernel(backend: str, layout: Layout | TimeSeries) -> None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
 
 from tilefuse.cli.progress import ProgressBar
@@ -27,8 +29,8 @@ from tilefuse.errors import InputError
 if TYPE_CHECKING:
     from tilefuse.ome_zarr._store import Batch
 
-__all__ = ["LOCAL_SCHEDULERS", "follow_futures", "local_scheduler", "open_runner", "share",
-           "task_callbacks"]
+__all__ = ["LOCAL_SCHEDULERS", "LocalCompute", "follow_futures", "local_scheduler",
+           "open_runner", "share", "task_callbacks"]
 
 ProgressFn = Callable[[int, int, str], None]
 """``progress(done, total, label)``, as in :mod:`tilefuse.pipeline`."""
@@ -105,19 +107,82 @@ def task_callbacks(report: ProgressFn, batch: Batch | None, label: str | None,
     return [(None, start_state, None, posttask, None)]
 
 
+class LocalCompute:
+    """The writer's compute on this machine: dask collections on a local scheduler
+    (``compute(*collections, label=None, batch=None)``) and, for ``threads`` and ``sync``,
+    plain tasks on threads without dask (``run_tasks(tasks, label=None, batch=None)``: what
+    the OME-Zarr writer stores block pixels with).
+
+    Parameters
+    ----------
+    scheduler : str
+        One of :data:`LOCAL_SCHEDULERS`.
+    workers : int, optional
+        Threads or processes (default: one per core).
+    report : callable, optional
+        ``report(done, total, label)`` as tasks finish (at most about 200 reports a compute).
+    whole : bool
+        Report chunks of the whole image (one bar for every level) rather than of each level.
+    first_label : str, optional
+        Label of computes that name none.
+    """
+
+    def __init__(self, scheduler: str, workers: int | None, report: ProgressFn | None, *,
+                 whole: bool = True, first_label: str | None = None) -> None:
+        local_scheduler(scheduler) if scheduler != "threads" else None  # refuses a wrong name
+        self.scheduler = scheduler
+        self.workers = workers
+        self.report = report
+        self.whole = whole
+        self.first_label = first_label
+        self.run_tasks = self._run_tasks if scheduler in ("threads", "sync") else None
+
+    def __call__(self, *collections: Any, label: str | None = None,
+                 batch: Batch | None = None) -> tuple:
+        import dask
+
+        callbacks = (task_callbacks(self.report, batch, label or self.first_label, self.whole)
+                     if self.report else [])
+        return dask.compute(*collections, scheduler=local_scheduler(self.scheduler),
+                            num_workers=self.workers, callbacks=callbacks)
+
+    def _run_tasks(self, tasks: Sequence[Callable[[], Any]], *, label: str | None = None,
+                   batch: Batch | None = None) -> list[Any]:
+        """Run `tasks` (in order, on at most `workers` threads); their results in order. The
+        first error is raised once the running tasks finish; the others are not started."""
+        label = label or self.first_label
+        every = max(1, len(tasks) // 200)
+
+        def tell(done: int) -> None:
+            if self.report and (done == len(tasks) or done % every == 0):
+                self.report(*share(batch, done, len(tasks), label, self.whole))
+
+        tell(0) if self.report else None
+        threads = min(len(tasks), self.workers or os.cpu_count() or 1)
+        if self.scheduler == "sync" or threads <= 1:
+            results = []
+            for task in tasks:
+                results.append(task())
+                tell(len(results))
+            return results
+        out: list[Any] = [None] * len(tasks)
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tilefuse") as pool:
+            futures = {pool.submit(task): i for i, task in enumerate(tasks)}
+            try:
+                for done, future in enumerate(as_completed(futures), 1):
+                    out[futures[future]] = future.result()
+                    tell(done)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        return out
+
+
 @contextlib.contextmanager
 def _local(name: str, workers: int | None, progress: bool | ProgressFn | None, first: str):
     report, bar = _reporter(progress)
-
-    def compute(*collections, label: str | None = None, batch: Batch | None = None):
-        callbacks = task_callbacks(report, batch, label or first) if report else []
-        import dask
-
-        return dask.compute(*collections, scheduler=local_scheduler(name), num_workers=workers,
-                            callbacks=callbacks)
-
     with bar if bar is not None else contextlib.nullcontext():
-        yield compute, None
+        yield LocalCompute(name, workers, report, first_label=first), None
 
 
 def follow_futures(futures: list, report: ProgressFn, batch: Batch | None,

@@ -11,7 +11,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, cast, overload
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from tilefuse.fusion.kernel import (
     fuse_chunk,
     resolve_backend,
 )
+from tilefuse.fusion.pixels import FusedPixels
 from tilefuse.fusion.resample import classify
 from tilefuse.io.tiles import DEFAULT_CACHE_BYTES, read_tile
 from tilefuse.model.layout import Layout
@@ -38,7 +39,7 @@ from tilefuse.plan.geometry import (
     union_box,
 )
 
-if TYPE_CHECKING:  # dask is imported when a mosaic is made, not to plan (info, preview)
+if TYPE_CHECKING:  # dask is imported when mosaic.data is read or a series is fused
     import dask.array as da
 
 __all__ = [
@@ -396,7 +397,7 @@ def fuse(
     backend: str = "auto",
     box: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> Mosaic:
-    """The fused mosaic, lazy: one dask task per output chunk (and time point).
+    """The fused mosaic, lazy: one task per output chunk (and time point).
 
     Parameters
     ----------
@@ -444,45 +445,15 @@ def fuse(
         first = plan.plans[0]
         import dask.array as da
 
-        data = da.stack([_fuse_plan(p) for p in plan.plans])
+        data = da.stack([FusedPixels(p).to_dask() for p in plan.plans])
         return _mosaic(data, first, ("t", *fused_axes(first.layout)), plan.names)
-    return _mosaic(_fuse_plan(plan), plan, fused_axes(plan.layout), None)
+    return _mosaic(FusedPixels(plan), plan, fused_axes(plan.layout), None)
 
 
-def _mosaic(data: da.Array, plan: FusionPlan, axes: tuple[str, ...],
+def _mosaic(data: da.Array | FusedPixels, plan: FusionPlan, axes: tuple[str, ...],
             timepoints: tuple[str, ...] | None) -> Mosaic:
     layout = plan.layout
-    return Mosaic(data, axes, pixel_size=tuple(layout.pixel_size), unit=layout.unit,
-                  channel_names=layout.channels,
+    # block pixels are read back as a dask array (Mosaic.data): typed as what readers get
+    return Mosaic(cast("da.Array", data), axes, pixel_size=tuple(layout.pixel_size),
+                  unit=layout.unit, channel_names=layout.channels,
                   origin=tuple(float(v) for v in plan.chunks.origin), timepoints=timepoints)
-
-
-def _fuse_plan(plan: FusionPlan) -> da.Array:
-    """The lazy pixels of one plan: ``(*spatial)`` for one channel, ``(c, *spatial)`` else."""
-    import dask
-    import dask.array as da
-
-    token = _token(plan)
-    lead = () if plan.n_channels == 1 else ((plan.n_channels,),)
-    chunks = (*lead, *plan.chunks.chunks)
-    # The plan is one key of the graph (sent once to each worker); the chunk tasks are a
-    # blockwise layer, made only for the chunks a compute asks for.
-    shared = dask.delayed(plan, name="tilefuse-plan-" + token, pure=True)
-    return da.map_blocks(_fuse_block, shared, name="tilefuse-" + token, chunks=chunks,
-                         dtype=plan.dtype, meta=np.empty((0,) * len(chunks), dtype=plan.dtype))
-
-
-def _fuse_block(plan: FusionPlan, block_id: tuple[int, ...] | None = None) -> np.ndarray:
-    """The task of one output chunk: its job is looked up in the plan where it runs."""
-    assert block_id is not None  # dask passes it
-    return chunk_job(plan, block_id[-plan.layout.ndim :]).run()
-
-
-def _token(plan: FusionPlan) -> str:
-    from dask.base import tokenize
-
-    return tokenize(
-        plan.layout.affines, [t.source.key for t in plan.layout.tiles], plan.chunks.chunk_shape,
-        plan.chunks.origin, plan.chunks.shape, plan.blend, plan.widths, str(plan.dtype),
-        plan.fill, plan.backend,
-    )

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from tilefuse.model.units import check_unit
 if TYPE_CHECKING:
     import dask.array as da
 
-__all__ = ["AXIS_ORDER", "SPATIAL_AXES", "Mosaic", "check_axes"]
+__all__ = ["AXIS_ORDER", "SPATIAL_AXES", "BlockPixels", "Mosaic", "check_axes"]
 
 AXIS_ORDER = "tczyx"
 """The axes a mosaic may have, in the order they come: absent axes are dropped."""
@@ -46,6 +46,40 @@ def check_axes(axes: Sequence[str], ndim: int) -> tuple[str, ...]:
     return names
 
 
+@runtime_checkable
+class BlockPixels(Protocol):
+    """Pixels made one block at a time on request, without dask: what :func:`tilefuse.fuse`
+    puts in a :class:`Mosaic` (:class:`tilefuse.fusion.graph.FusedPixels`).
+
+    A writer that runs its own threads asks for the blocks it stores
+    (:meth:`block`); everything else gets the same pixels as a dask array (:meth:`to_dask`),
+    built the first time :attr:`Mosaic.data` is read (importing dask costs a command ~0.3 s).
+
+    Attributes
+    ----------
+    shape : tuple of int
+    dtype : numpy.dtype
+    chunk_shape : tuple of int
+        The block shape, one per axis (the last block along an axis may be smaller).
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    @property
+    def chunk_shape(self) -> tuple[int, ...]: ...
+
+    def block(self, index: tuple[int, ...]) -> np.ndarray:
+        """The block at `index` (one block number per axis), shape ``chunk_shape`` or smaller
+        at the far edges."""
+
+    def to_dask(self) -> da.Array:
+        """The same pixels as a dask array chunked as :attr:`chunk_shape`."""
+
+
 def _floats(values: Sequence[float] | None, default: float, n: int, what: str,
             spatial: tuple[str, ...]) -> tuple[float, ...]:
     out = (default,) * n if values is None or len(values) == 0 else tuple(map(float, values))
@@ -62,9 +96,11 @@ class Mosaic:
 
     Parameters
     ----------
-    data : dask.array.Array, shape ([t,] [c,] [z,] y, x)
+    data : dask.array.Array or BlockPixels, shape ([t,] [c,] [z,] y, x)
         The pixels; axes named by `axes`, absent axes dropped (a single channel has no ``c``
-        axis). Any dtype the tiles had (or the one asked for); chunks as fused.
+        axis). Any dtype the tiles had (or the one asked for); chunks as fused. Read back,
+        :attr:`data` is always a dask array (a :class:`BlockPixels` is turned into one the
+        first time it is read; writers running on threads take its blocks directly).
     axes : sequence of str
         One name per dimension of `data`, from ``t c z y x`` in that order, with ``y`` and
         ``x``; e.g. ``("c", "y", "x")``. Stored as a tuple of str.
@@ -113,19 +149,22 @@ class Mosaic:
     origin: tuple[float, ...] = ()
     timepoints: tuple[str, ...] | None = None
 
-    def __post_init__(self) -> None:
-        import dask.array as da
+    _pixels: BlockPixels | None = field(default=None, init=False, repr=False)
 
-        if not isinstance(self.data, da.Array):
-            raise InputError(f"Mosaic data must be a dask array, got {type(self.data).__name__} "
+    def __post_init__(self) -> None:
+        raw = self._raw
+        if isinstance(raw, BlockPixels):
+            object.__setattr__(self, "_pixels", raw)
+        elif not _is_dask_array(raw):
+            raise InputError(f"Mosaic data must be a dask array, got {type(raw).__name__} "
                              "(wrap a numpy array with dask.array.from_array)")
-        axes = check_axes(self.axes, self.data.ndim)
+        axes = check_axes(self.axes, len(raw.shape))
         spatial = tuple(a for a in axes if a in SPATIAL_AXES)
         sizes = _floats(self.pixel_size, 1.0, len(spatial), "pixel_size", spatial)
         if not all(s > 0 for s in sizes):
             raise InputError(f"pixel sizes must be finite and > 0, got {sizes}")
         origin = _floats(self.origin, 0.0, len(spatial), "origin", spatial)
-        n_channels = self.data.shape[axes.index("c")] if "c" in axes else 1
+        n_channels = self.shape[axes.index("c")] if "c" in axes else 1
         names = (tuple(str(n) for n in self.channel_names) if self.channel_names
                  else tuple(f"Channel {i}" for i in range(n_channels)))
         colors = None if self.channel_colors is None else tuple(map(str, self.channel_colors))
@@ -134,30 +173,53 @@ class Mosaic:
                              f"{n_channels if colors is None else len(colors)} colours for "
                              f"{n_channels} channel(s)")
         times = None if self.timepoints is None else tuple(str(t) for t in self.timepoints)
-        if times is not None and ("t" not in axes or len(times) != self.data.shape[0]):
+        if times is not None and ("t" not in axes or len(times) != self.shape[0]):
             raise InputError(f"{len(times)} time point names for axes {axes} of shape "
-                             f"{self.data.shape}")
+                             f"{self.shape}")
         for name, value in (("axes", axes), ("pixel_size", sizes), ("unit", check_unit(self.unit)),
                             ("channel_names", names), ("channel_colors", colors),
                             ("origin", origin), ("timepoints", times)):
             object.__setattr__(self, name, value)
 
+    def __getattribute__(self, name: str) -> Any:
+        # `data` stays a dataclass field (positional, keyword, dataclasses.replace all work);
+        # block pixels given as `data` become a dask array the first time it is read.
+        if name == "data":
+            pixels = object.__getattribute__(self, "_pixels")
+            data = object.__getattribute__(self, "__dict__")["data"]
+            if pixels is not None and data is pixels:
+                data = pixels.to_dask()
+                object.__setattr__(self, "data", data)
+            return data
+        return object.__getattribute__(self, name)
+
+    @property
+    def pixels(self) -> BlockPixels | None:
+        """The block pixels the mosaic was made of (what :func:`tilefuse.fuse` gives), or None
+        for a mosaic of a dask array."""
+        return self._pixels
+
+    @property
+    def _raw(self) -> Any:
+        """`data` as given: block pixels are not turned into dask."""
+        return self.__dict__["data"]
+
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(int(n) for n in self.data.shape)
+        return tuple(int(n) for n in self._raw.shape)
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self.data.dtype)
+        return np.dtype(self._raw.dtype)
 
     @property
     def ndim(self) -> int:
-        return int(self.data.ndim)
+        return len(self._raw.shape)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the whole image, uncompressed."""
-        return int(self.data.nbytes)
+        return math.prod(self.shape) * self.dtype.itemsize
 
     @property
     def spatial_axes(self) -> tuple[str, ...]:
@@ -177,3 +239,12 @@ class Mosaic:
         return (f"Mosaic(shape={self.shape}, axes={''.join(self.axes)!r}, dtype={self.dtype}, "
                 f"pixel_size={scale} {self.unit}, channels={list(self.channel_names)}, "
                 f"origin={self.origin})")
+
+
+def _is_dask_array(value: object) -> bool:
+    """Whether `value` is a dask array (without importing dask when it cannot be one)."""
+    if type(value).__module__.split(".")[0] != "dask":
+        return False
+    import dask.array as da
+
+    return isinstance(value, da.Array)

@@ -6,16 +6,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import dask
-import dask.array as da
 import numpy as np
 import zarr
 
 from tilefuse.errors import InputError
 from tilefuse.ome_zarr._metadata import check_axes
 from tilefuse.ome_zarr.chunkstore import ChunkFiles
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ def regular_chunks(array: da.Array) -> da.Array:
     return array.rechunk(target)
 
 
-def downsample_level(previous: zarr.Array, axes: Sequence[str]) -> da.Array:
+def downsample_level(previous: zarr.Array, axes: Sequence[str]) -> da.Array | DownsampledPixels:
     """2x mean in y and x of a stored level, one output chunk per task.
 
     Parameters
@@ -114,12 +116,18 @@ def downsample_level(previous: zarr.Array, axes: Sequence[str]) -> da.Array:
 
     Returns
     -------
-    dask.array.Array, shape (..., ceil(y / 2), ceil(x / 2))
-        Chunked as C, so it stores into a level with chunk shape C without locking. Each task
-        reads its 2x2 chunks straight from their files (:class:`ChunkFiles`) where the store
-        allows, else through zarr.
+    DownsampledPixels or dask.array.Array, shape (..., ceil(y / 2), ceil(x / 2))
+        Chunked as C, so it stores into a level with chunk shape C without locking. Each block
+        is made from its 2x2 chunks read straight from their files (:class:`ChunkFiles`) where
+        the store allows (block pixels, stored with or without dask); else a dask array read
+        through zarr.
     """
     iy, ix = axes.index("y"), axes.index("x")
+    files = ChunkFiles.for_array(previous, skip_empty=False)
+    if files is not None:
+        return DownsampledPixels(files, iy, ix)
+    import dask.array as da
+
     read = list(previous.chunks)
     read[iy], read[ix] = 2 * read[iy], 2 * read[ix]
     read_chunks = da.core.normalize_chunks(tuple(read), previous.shape)
@@ -127,35 +135,69 @@ def downsample_level(previous: zarr.Array, axes: Sequence[str]) -> da.Array:
         tuple(-(-c // 2) for c in cs) if i in (iy, ix) else cs for i, cs in enumerate(read_chunks)
     )
     meta = np.empty((0,) * previous.ndim, dtype=previous.dtype)
-    files = ChunkFiles.for_array(previous, skip_empty=False)
-    if files is None:
-        src = da.from_zarr(previous, chunks=read_chunks)
-        return da.map_blocks(mean_2x_yx, src, chunks=out_chunks, dtype=src.dtype, meta=meta,
-                             iy=iy, ix=ix)
-    name = "tilefuse-downsample-" + dask.base.tokenize(files.folder, previous.shape)
-    return da.map_blocks(_DownsampledBlock(files, iy, ix), chunks=out_chunks,
-                         dtype=previous.dtype, meta=meta, name=name)
+    src = da.from_zarr(previous, chunks=read_chunks)
+    return da.map_blocks(mean_2x_yx, src, chunks=out_chunks, dtype=src.dtype, meta=meta,
+                         iy=iy, ix=ix)
 
 
 @dataclass(frozen=True)
-class _DownsampledBlock:
-    """The task that makes one block of the next level from 2x2 chunk files of this one."""
+class DownsampledPixels:
+    """The next pyramid level of a stored one: each block the 2x mean in y and x of (up to)
+    2 x 2 chunks read from their files.
+
+    Attributes
+    ----------
+    files : ChunkFiles
+        The stored level, chunk shape C.
+    iy, ix : int
+        The y and x axes.
+    shape : tuple of int
+        ``(..., ceil(y / 2), ceil(x / 2))``.
+    dtype : numpy.dtype
+    chunk_shape : tuple of int
+        C: the blocks store into a level of chunk shape C.
+    """
 
     files: ChunkFiles
     iy: int
     ix: int
+    shape: tuple[int, ...] = field(init=False)
+    dtype: np.dtype = field(init=False)
+    chunk_shape: tuple[int, ...] = field(init=False)
 
-    def __call__(self, block_id: tuple[int, ...] | None = None) -> np.ndarray:
-        assert block_id is not None  # map_blocks passes it to a function that takes it
-        first = [b * 2 if i in (self.iy, self.ix) else b for i, b in enumerate(block_id)]
+    def __post_init__(self) -> None:
+        shape = list(self.files.shape)
+        for axis in (self.iy, self.ix):
+            shape[axis] = -(-shape[axis] // 2)
+        object.__setattr__(self, "shape", tuple(shape))
+        object.__setattr__(self, "dtype", np.dtype(self.files.dtype))
+        object.__setattr__(self, "chunk_shape", tuple(self.files.chunks))
+
+    def block(self, index: tuple[int, ...]) -> np.ndarray:
+        """The block at `index`, shape :attr:`chunk_shape` or smaller at the far edges."""
+        first = [b * 2 if i in (self.iy, self.ix) else b for i, b in enumerate(index)]
         grid = [-(-n // c) for n, c in zip(self.files.shape, self.files.chunks, strict=True)]
         spans = [range(f, min(f + 2, g)) if i in (self.iy, self.ix) else range(f, f + 1)
                  for i, (f, g) in enumerate(zip(first, grid, strict=True))]
         pieces = np.empty([len(s) for s in spans], dtype=object)
-        for index in np.ndindex(pieces.shape):
-            pieces[index] = self.files.read(tuple(s[k] for s, k in zip(spans, index,
-                                                                        strict=True)))
+        for at in np.ndindex(pieces.shape):
+            pieces[at] = self.files.read(tuple(s[k] for s, k in zip(spans, at, strict=True)))
         return mean_2x_yx(np.block(pieces.tolist()), self.iy, self.ix)
+
+    def to_dask(self) -> da.Array:
+        """The same blocks as a dask array, one task per block."""
+        import dask
+        import dask.array as da
+
+        name = "tilefuse-downsample-" + dask.base.tokenize(self.files.folder, self.files.shape)
+        return da.map_blocks(self._dask_block, name=name, dtype=self.dtype,
+                             chunks=da.core.normalize_chunks(self.chunk_shape, self.shape),
+                             meta=np.empty((0,) * len(self.shape), dtype=self.dtype))
+
+    def _dask_block(self, block_id: tuple[int, ...] | None = None) -> np.ndarray:
+        assert block_id is not None  # map_blocks passes it to a function that takes it
+        return self.block(block_id)
+
 
 
 def mean_2x_yx(block: np.ndarray, iy: int, ix: int) -> np.ndarray:

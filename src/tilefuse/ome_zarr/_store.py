@@ -11,21 +11,21 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import dask
-import dask.array as da
 import numcodecs
 import numpy as np
 import zarr
-from dask.delayed import Delayed
-from dask.highlevelgraph import HighLevelGraph
-from dask.typing import Graph
 
 from tilefuse.errors import InputError
 from tilefuse.io.outputs import is_finished, read_manifest
+from tilefuse.model.mosaic import BlockPixels
+from tilefuse.ome_zarr._blocks import StoredPixels, merge_stats, stats_of_blocks, store_blocks
 from tilefuse.ome_zarr._shards import ShardFiles
 from tilefuse.ome_zarr.chunkstore import ChunkFiles
+
+if TYPE_CHECKING:  # dask is imported by the dask path only: block pixels store without it
+    import dask.array as da
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def create_level(
 
 
 def store_level(
-    source: da.Array,
+    source: da.Array | BlockPixels,
     target: zarr.Array | None,
     axes: Sequence[str],
     *,
@@ -70,11 +70,14 @@ def store_level(
     """Store `source` (or only its `blocks`) into `target` in one dask compute, with
     per-channel min/max of what was stored if `stats`.
 
-    `compute` is a level's compute of a :class:`Tally` (``compute(*collections, chunks=n)``).
+    `compute` is a level's compute of a :class:`Tally` (:class:`LevelCompute`:
+    ``compute(*collections, chunks=n)``, and ``compute.run_tasks`` for local threads).
 
     Each block is encoded and written by the task that holds it (:class:`ChunkFiles`; for a
     sharded target each block is one shard, :class:`ShardFiles`) when the target allows;
-    otherwise through zarr (``da.store``).
+    otherwise through zarr (``da.store``). Block pixels (:class:`BlockPixels`) with
+    `run_tasks` and chunk files are stored without dask (:func:`store_blocks`); otherwise they
+    go through dask like any array.
 
     Returns
     -------
@@ -82,16 +85,27 @@ def store_level(
         Finite per-channel minimum and maximum (NaN and inf ignored), when `stats`.
     """
     reduce_axes = tuple(i for i, a in enumerate(axes) if a != "c")
+    channel_axis = axes.index("c") if "c" in axes else None
+    run_tasks = getattr(compute, "run_tasks", None)
+    if isinstance(source, BlockPixels):
+        files = _chunk_files(source, target) if run_tasks is not None else None
+        if files is not None:
+            assert run_tasks is not None
+            grid = [-(-n // c) for n, c in zip(source.shape, source.chunk_shape, strict=True)]
+            order = tile_order(blocks if blocks is not None else np.ndindex(*grid), axes)
+            return store_blocks(source, files, order, reduce_axes if stats else None,
+                                run_tasks, channel_axis)
+        source = source.to_dask()
     count = (0 if target is None else len(blocks) if blocks is not None  # chunks stored
              else int(np.prod([-(-n // c) for n, c in zip(target.shape, storage_unit(target),
                                                            strict=True)])))
     writer = _direct_writer(source, target)
     if writer is not None:
-        channel_axis = axes.index("c") if "c" in axes else None
         order = tile_order(blocks if blocks is not None else np.ndindex(*source.numblocks),
                            axes)
         return _store_direct(source, writer, order, reduce_axes if stats else None, compute,
                              channel_axis)
+    import dask.array as da
     # dask types store's targets as ArrayLike; it needs only __setitem__, which zarr.Array has.
     if blocks is not None:
         assert target is not None  # only the stats-only pass (no blocks) has no target
@@ -141,6 +155,16 @@ def _block_regions(
 def storage_unit(target: zarr.Array) -> tuple[int, ...]:
     """What one file of `target` holds: its shard shape, or its chunk shape if unsharded."""
     return tuple(target.shards or target.chunks)
+
+
+def _chunk_files(source: BlockPixels, target: zarr.Array | None) -> ChunkFiles | None:
+    """Chunk files of `target` when each block of `source` is exactly one of its chunks
+    (unsharded, a local store: :meth:`ChunkFiles.for_array`)."""
+    if target is None or target.shards is not None:
+        return None
+    if tuple(source.chunk_shape) != tuple(target.chunks):
+        return None
+    return ChunkFiles.for_array(target, skip_empty=not target.config.write_empty_chunks)
 
 
 def _direct_writer(source: da.Array, target: zarr.Array | None) -> ChunkFiles | ShardFiles | None:
@@ -215,23 +239,50 @@ class Tally:
         """Count `chunks` as stored already (a resume keeps them)."""
         self.done += chunks
 
-    def level(self, k: int) -> Callable[..., tuple]:
-        """The compute that stores level `k`: ``run(*collections, chunks=n)``."""
-        label = "fuse" if k == 0 else f"pyramid {k}"
-        level_first = self.done
+    def level(self, k: int) -> LevelCompute:
+        """The compute that stores level `k`: ``run(*collections, chunks=n)``, and its
+        ``run.run_tasks`` when the caller's compute runs tasks on local threads."""
+        return LevelCompute(self, k)
 
-        def run(*collections: object, chunks: int) -> tuple:
-            kwargs: dict[str, object] = {}
-            if self.labels:
-                kwargs["label"] = label
-            if self.batches:
-                kwargs["batch"] = Batch(label, self.done, chunks, self.total,
-                                        self.done - level_first, self.totals[k])
-            out = self.compute(*collections, **kwargs)
-            self.done += chunks
-            return out
 
-        return run
+class LevelCompute:
+    """One level's compute of a :class:`Tally`.
+
+    ``run(*collections, chunks=n)`` computes dask collections; ``run.run_tasks(tasks,
+    chunks=n)`` (None unless the caller's compute has a ``run_tasks``, as
+    :class:`tilefuse.runner.LocalCompute` has) runs zero-argument tasks on local threads
+    and returns their results. Both pass ``label=`` and ``batch=`` on, and count `chunks`
+    as stored.
+    """
+
+    def __init__(self, tally: Tally, k: int) -> None:
+        self.tally = tally
+        self.label = "fuse" if k == 0 else f"pyramid {k}"
+        self.k = k
+        self.level_first = tally.done
+        local = getattr(tally.compute, "run_tasks", None) is not None
+        self.run_tasks = self._tasks if local else None
+
+    def _kwargs(self, chunks: int) -> dict[str, object]:
+        tally = self.tally
+        kwargs: dict[str, object] = {}
+        if tally.labels:
+            kwargs["label"] = self.label
+        if tally.batches:
+            kwargs["batch"] = Batch(self.label, tally.done, chunks, tally.total,
+                                    tally.done - self.level_first, tally.totals[self.k])
+        return kwargs
+
+    def __call__(self, *collections: object, chunks: int) -> tuple:
+        out = self.tally.compute(*collections, **self._kwargs(chunks))
+        self.tally.done += chunks
+        return out
+
+    def _tasks(self, tasks: Sequence[Callable[[], Any]], *, chunks: int) -> list[Any]:
+        out: list[Any] = self.tally.compute.run_tasks(  # type: ignore[attr-defined]
+            tasks, **self._kwargs(chunks))
+        self.tally.done += chunks
+        return out
 
 
 def _store_direct(source, writer: ChunkFiles | ShardFiles, blocks, reduce_axes, compute,
@@ -243,27 +294,24 @@ def _store_direct(source, writer: ChunkFiles | ShardFiles, blocks, reduce_axes, 
     The graph is built by hand: ``dask.delayed`` would walk the writer's zarr metadata for
     collections on every call.
     """
+    import dask
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+
     blocks = [tuple(b) for b in (blocks if blocks is not None else np.ndindex(*source.numblocks))]
     results = []
     for first in range(0, len(blocks), BATCH_CHUNKS):  # a bounded graph per compute
         batch = blocks[first : first + BATCH_CHUNKS]
         name = "store-" + dask.base.tokenize(source.name, writer.folder, reduce_axes, batch)
-        dsk: Graph = {(name, i): (_StoreBlock(writer, b, reduce_axes), (source.name, *b))
+        dsk: dict[Any, Any] = {(name, i): (_StoreBlock(writer, b, reduce_axes), (source.name, *b))
                for i, b in enumerate(batch)}
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=[source])
         results += compute(*[Delayed((name, i), graph, layer=name) for i in range(len(batch))],
                            chunks=len(batch))
     if reduce_axes is None or not results:
         return None, None
-    n = source.shape[channel_axis] if channel_axis is not None else 1
-    lo, hi = np.full(n, np.inf), np.full(n, -np.inf)
-    step = source.chunks[channel_axis][0] if channel_axis is not None else 0
-    for b, (block_lo, block_hi) in zip(blocks, results, strict=True):
-        first = b[channel_axis] * step if channel_axis is not None else 0
-        sl = slice(first, first + np.size(block_lo))
-        lo[sl] = np.minimum(lo[sl], block_lo)
-        hi[sl] = np.maximum(hi[sl], block_hi)
-    return lo, hi
+    return merge_stats(results, blocks, source.shape, [c[0] for c in source.chunks],
+                       channel_axis)
 
 
 @dataclass(frozen=True)
@@ -275,14 +323,19 @@ class _StoreBlock:
     reduce_axes: tuple[int, ...] | None
 
     def __call__(self, data: np.ndarray):
-        return _write_block(self.writer, self.block, data, self.reduce_axes)
+        return write_block(self.writer, self.block, data, self.reduce_axes)
 
 
-def _write_block(writer: ChunkFiles | ShardFiles, block, data: np.ndarray, reduce_axes):
+def write_block(writer: ChunkFiles | ShardFiles, block, data: np.ndarray, reduce_axes):
     """Store one chunk; its per-channel finite (min, max) when `reduce_axes` is given."""
     writer.write(block, data)
     if reduce_axes is None:
         return None
+    return block_stats(data, reduce_axes)
+
+
+def block_stats(data: np.ndarray, reduce_axes: tuple[int, ...]) -> tuple[Any, Any]:
+    """Per-channel finite (min, max) of one block over `reduce_axes` (NaN and inf ignored)."""
     if data.dtype.kind in "biu":
         return data.min(axis=reduce_axes), data.max(axis=reduce_axes)
     values = data.astype(np.float64)
@@ -369,15 +422,17 @@ def written_blocks(target: zarr.Array, folder: Path) -> set[tuple[int, ...]]:
 
 
 def store_missing_blocks(
-    source: da.Array, target: zarr.Array, folder: Path, axes, stats: bool, compute, resume: bool,
-    tally: Tally | None = None,
+    source: da.Array | BlockPixels, target: zarr.Array, folder: Path, axes, stats: bool,
+    compute, resume: bool, tally: Tally | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Store the blocks of `source` that `target` lacks (all of them on a fresh write); the
     chunks kept count as stored in `tally`."""
     done = written_blocks(target, folder) if resume else set()
     if not done:
         return store_level(source, target, axes, stats=stats, compute=compute)
-    todo = [b for b in np.ndindex(*source.numblocks) if b not in done]
+    unit = source.chunk_shape if isinstance(source, BlockPixels) else source.chunksize
+    grid = [-(-n // c) for n, c in zip(source.shape, unit, strict=True)]
+    todo = [b for b in np.ndindex(*grid) if b not in done]
     if isinstance(tally, Tally):
         tally.skip(len(done))
     log.info("resuming: %d of %d chunks already written", len(done), len(done) + len(todo))
@@ -385,4 +440,19 @@ def store_missing_blocks(
         store_level(source, target, axes, stats=False, compute=compute, blocks=todo)
     if not stats:
         return None, None
+    return _stored_stats(target, axes, compute)
+
+
+def _stored_stats(target: zarr.Array, axes, compute) -> tuple[np.ndarray | None,
+                                                              np.ndarray | None]:
+    """Per-channel finite min/max of a stored level, read back (after a resume)."""
+    files = ChunkFiles.for_array(target, skip_empty=False) if target.shards is None else None
+    run_tasks = getattr(compute, "run_tasks", None)
+    if files is not None and run_tasks is not None:
+        channel_axis = axes.index("c") if "c" in axes else None
+        return stats_of_blocks(StoredPixels(files),
+                               tuple(i for i, a in enumerate(axes) if a != "c"), run_tasks,
+                               channel_axis)
+    import dask.array as da
+
     return store_level(da.from_zarr(target), None, axes, stats=True, compute=compute)

@@ -15,10 +15,8 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import dask
-import dask.array as da
 import numpy as np
 import zarr
 
@@ -32,7 +30,7 @@ from tilefuse.io.outputs import (
     is_finished,
     remove_image,
 )
-from tilefuse.model.mosaic import Mosaic
+from tilefuse.model.mosaic import BlockPixels, Mosaic
 from tilefuse.ome_zarr import NGFF_VERSIONS
 from tilefuse.ome_zarr._metadata import (
     channel_specs,
@@ -64,6 +62,9 @@ __all__ = ["MANIFEST", "is_finished_image", "max_levels",
            "pyramid_shapes", "read_ome_zarr_level", "write_ome_zarr", "written_blocks"]
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 Compute = Callable[..., tuple]
 """Runs dask collections like ``dask.compute(*collections)``; may take ``label=`` (``"fuse"``,
@@ -158,7 +159,9 @@ def write_image(
     compute : callable, optional
         Runs the dask collections of one level, like ``dask.compute(*collections)``; lets a
         caller choose the scheduler and drive progress bars: when it takes the keywords, it is
-        passed ``label=`` and ``batch=`` (see :data:`Compute`). Default ``dask.compute``.
+        passed ``label=`` and ``batch=`` (see :data:`Compute`). With a ``run_tasks`` method
+        (:class:`tilefuse.runner.LocalCompute`), block pixels (what :func:`tilefuse.fuse`
+        makes) are stored on local threads without dask. Default: :func:`default_compute`.
     manifest : dict, optional
         What this run was asked to do (layout hash, parameters, version), saved as
         the group attribute ``tilefuse`` before any pixel is written (with the tilefuse version
@@ -180,29 +183,32 @@ def write_image(
     if not isinstance(mosaic, Mosaic):
         raise InputError(f"write_ome_zarr takes a Mosaic (what tilefuse.fuse returns), got "
                          f"{type(mosaic).__name__}; wrap an array as Mosaic(data, axes=...)")
-    array, axes = mosaic.data, mosaic.axes
+    axes, shape, dtype = mosaic.axes, mosaic.shape, mosaic.dtype
     if resume and overwrite:
         raise InputError("resume and overwrite exclude each other")
-    _check_dtype(array.dtype)
+    _check_dtype(dtype)
     if ngff_version not in NGFF_VERSIONS:
         raise InputError(f"ngff_version must be one of {NGFF_VERSIONS}, got {ngff_version!r}")
-    if array.size == 0:
-        raise InputError(f"cannot write an empty image of shape {array.shape}")
+    if math.prod(shape) == 0:
+        raise InputError(f"cannot write an empty image of shape {shape}")
     sizes = spatial_sizes(axes, mosaic.pixel_size)
     offsets = spatial_origin(axes, mosaic.origin)
-    channels = channel_specs(axes, array.shape, mosaic.channel_names, mosaic.channel_colors)
-    array = regular_chunks(array)
-    chunks = tuple(c[0] for c in array.chunks)
+    channels = channel_specs(axes, shape, mosaic.channel_names, mosaic.channel_colors)
+    # block pixels (what fuse makes) are stored without dask when the compute runs tasks
+    level0: da.Array | BlockPixels = (mosaic.pixels if mosaic.pixels is not None
+                                      else regular_chunks(mosaic.data))
+    chunks = (tuple(level0.chunk_shape) if isinstance(level0, BlockPixels)
+              else tuple(c[0] for c in level0.chunks))
     iy, ix = axes.index("y"), axes.index("x")
-    check_levels(levels, (array.shape[iy], array.shape[ix]))
-    shapes = pyramid_shapes(array.shape, (chunks[iy], chunks[ix]), axes, levels)
+    check_levels(levels, (shape[iy], shape[ix]))
+    shapes = pyramid_shapes(shape, (chunks[iy], chunks[ix]), axes, levels)
     zarr_format: Literal[2, 3] = 3 if ngff_version == "0.5" else 2
     if shard is not None and zarr_format == 2:
         raise InputError("sharding needs zarr v3 (NGFF 0.5); NGFF 0.4 (zarr v2) has no shards")
     shards = (shard_shapes(shard, chunks, axes, shapes) if shard is not None
               else [None] * len(shapes))
     if compute is None:
-        compute = dask.compute
+        compute = default_compute()
     manifest = json.loads(json.dumps({"tilefuse": __version__, **(manifest or {})}))
     out = check_image_output(path, overwrite=overwrite, resume=resume)
     if resume:
@@ -224,18 +230,16 @@ def write_image(
         last = k == len(shapes) - 1
         log.info("level %d: shape %s, chunks %s, shards %s", k, shape, chunks, unit)
         if k == 0:
-            target = level_zero(group, shape, chunks, array.dtype, axes, zarr_format, resume,
+            target = level_zero(group, shape, chunks, dtype, axes, zarr_format, resume,
                                 shards=unit)
-            source = array if unit is None else array.rechunk(unit)  # a task per shard
+            source = _source(level0, unit)
             lo, hi = store_missing_blocks(source, target, out / "0", axes, last,
                                            tally.level(0), resume, tally)
             continue
         previous = group[str(k - 1)]
         assert isinstance(previous, zarr.Array)
-        source = downsample_level(previous, axes)
-        if unit is not None:
-            source = source.rechunk(unit)  # one task per shard stores it
-        target = create_level(group, str(k), shape, chunks, array.dtype, axes, zarr_format,
+        source = _source(downsample_level(previous, axes), unit)
+        target = create_level(group, str(k), shape, chunks, dtype, axes, zarr_format,
                               shards=unit)
         lo, hi = store_level(source, target, axes, stats=last, compute=tally.level(k))
 
@@ -244,6 +248,43 @@ def write_image(
     group.attrs.update(attrs)
     log.info("wrote %s (%d levels, NGFF %s)", out, len(shapes), ngff_version)
     return out
+
+
+def _source(pixels: da.Array | BlockPixels, shard: tuple[int, ...] | None
+            ) -> da.Array | BlockPixels:
+    """What a level is stored from: as made, or, sharded, a dask array with one block (one
+    task) per shard."""
+    if shard is None:
+        return pixels
+    array = pixels.to_dask() if isinstance(pixels, BlockPixels) else pixels
+    return array.rechunk(shard)
+
+
+def default_compute() -> Compute:
+    """What a write runs on when the caller names nothing: a running ``distributed`` client or
+    a scheduler set in dask's configuration, as ``dask.compute`` would choose; else this
+    machine's threads, without dask (:class:`tilefuse.runner.LocalCompute`)."""
+    import sys
+
+    from tilefuse.runner import LocalCompute
+
+    if "distributed" in sys.modules:  # a client can exist only if distributed was imported
+        from distributed import get_client
+
+        try:
+            get_client()
+        except ValueError:  # no client
+            pass
+        else:
+            import dask
+
+            return dask.compute
+    if "dask" in sys.modules:
+        import dask
+
+        if dask.config.get("scheduler", None) is not None:
+            return dask.compute
+    return LocalCompute("threads", None, None)
 
 
 def _chunk_count(shape: tuple[int, ...], chunks: tuple[int, ...]) -> int:
@@ -282,6 +323,8 @@ def read_ome_zarr_level(path: str | os.PathLike, level: int = 0) -> da.Array:
     datasets = multiscales[0]["datasets"]
     if not -len(datasets) <= level < len(datasets):
         raise InputError(f"{path}: level {level} does not exist ({len(datasets)} levels)")
+    import dask.array as da
+
     return da.from_zarr(group[str(datasets[level]["path"])])
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "EPS",
     "ChunkPlan",
     "Overlaps",
+    "close_pairs",
     "neighbour_overlaps",
     "output_box",
     "plan_chunks",
@@ -250,6 +251,47 @@ class Overlaps:
         ]
 
 
+_BRUTE_FORCE_POINTS = 2048
+"""Up to this many points, :func:`close_pairs` compares every pair in numpy (a few ms);
+beyond, a k-d tree (scipy, ~0.2 s to import) finds them."""
+
+
+def close_pairs(points: np.ndarray, radius: float) -> np.ndarray:
+    """Every pair of points at most `radius` apart (Euclidean).
+
+    Parameters
+    ----------
+    points : numpy.ndarray, shape (n, ndim)
+    radius : float
+
+    Returns
+    -------
+    numpy.ndarray, shape (n_pairs, 2), int64
+        ``(i, j)`` with ``i < j``, sorted: what ``scipy.spatial.cKDTree(points)
+        .query_pairs(radius)`` gives, sorted.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    n = len(points)
+    if n > _BRUTE_FORCE_POINTS:
+        from scipy.spatial import cKDTree
+
+        found = cKDTree(points).query_pairs(radius, output_type="ndarray")
+        return found[np.lexsort((found[:, 1], found[:, 0]))].astype(np.int64)
+    pairs = []
+    step = max(1, 2**20 // max(n, 1))  # rows per block: ~8 MB of distances
+    for first in range(0, n, step):
+        rows = points[first : first + step]
+        d2 = ((rows[:, None, :] - points[None, :, :]) ** 2).sum(axis=-1)
+        i, j = np.nonzero(d2 <= radius * radius)
+        i += first
+        keep = i < j
+        pairs.append(np.stack([i[keep], j[keep]], axis=1))
+    if not pairs:
+        return np.zeros((0, 2), np.int64)
+    out = np.concatenate(pairs).astype(np.int64)
+    return out[np.lexsort((out[:, 1], out[:, 0]))]
+
+
 def neighbour_overlaps(layout: Layout, min_extent: float = 1.0) -> Overlaps:
     """Find the pairs of tiles whose footprints overlap (bounding boxes, after affines).
 
@@ -258,8 +300,6 @@ def neighbour_overlaps(layout: Layout, min_extent: float = 1.0) -> Overlaps:
     min_extent : float
         Minimum overlap in pixels on every axis for a pair to count.
     """
-    from scipy.spatial import cKDTree
-
     shapes = np.array([t.shape for t in layout.tiles], dtype=np.float64)
     lo, hi = tile_bounds(layout.affines, shapes)
     ndim = layout.ndim
@@ -267,7 +307,7 @@ def neighbour_overlaps(layout: Layout, min_extent: float = 1.0) -> Overlaps:
         return Overlaps(np.zeros((0, 2), int), np.zeros((0, ndim)), np.zeros(0, int))
     centres = (lo + hi) / 2
     reach = float(np.max(hi - lo))
-    pairs = np.array(sorted(cKDTree(centres).query_pairs(reach * 1.01)), dtype=np.int64)
+    pairs = close_pairs(centres, reach * 1.01)
     if len(pairs) == 0:
         return Overlaps(np.zeros((0, 2), int), np.zeros((0, ndim)), np.zeros(0, int))
     i, j = pairs[:, 0], pairs[:, 1]

@@ -216,6 +216,25 @@ def _slurm_mib(environ: Mapping[str, str], name: str) -> int | None:
     return int(m.group(1)) * _SLURM_UNITS[m.group(2).lower()] or None
 
 
+_SIZE = re.compile(r"(\d+\.?\d*(?:e[+-]?\d+)?|\.\d+(?:e[+-]?\d+)?)\s*([a-z]*)", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1,
+          **{p: 1000 ** (i + 1) for i, p in enumerate("kmgtp")},
+          **{p + "b": 1000 ** (i + 1) for i, p in enumerate("kmgtp")},
+          **{p + "i": 1024 ** (i + 1) for i, p in enumerate("kmgtp")},
+          **{p + "ib": 1024 ** (i + 1) for i, p in enumerate("kmgtp")}}
+"""Size suffixes, lower case: decimal (kB, MB, GB, TB, PB) and binary (KiB ... PiB), the
+final B optional."""
+
+
+def _size_in_bytes(text: str) -> int | None:
+    """``"4GB"`` -> 4_000_000_000, ``"512 MiB"`` -> 536_870_912, ``"100"`` -> 100; None when
+    `text` is not a number with a known size suffix."""
+    m = _SIZE.fullmatch(text)
+    if m is None or m[2].lower() not in _UNITS:
+        return None
+    return int(float(m[1]) * _UNITS[m[2].lower()])
+
+
 def parse_bytes(text: str, *, total: int | None = None) -> int:
     """``"4GB"``, ``"512MiB"``, ``"2e9"`` or a fraction of the memory limit like ``"0.5"``.
 
@@ -238,8 +257,6 @@ def parse_bytes(text: str, *, total: int | None = None) -> int:
     InputError
         ``text`` is not a positive size.
     """
-    from dask.utils import parse_bytes as dask_parse_bytes
-
     text = str(text).strip()
     problem = f"memory limit {text!r}: expected e.g. 4GB, 512MiB or a fraction of memory 0.5"
     if not re.search(r"\d", text):
@@ -250,10 +267,7 @@ def parse_bytes(text: str, *, total: int | None = None) -> int:
         value = None
     if value is not None and 0 < value <= 1:
         return int(value * (total_memory() if total is None else total))
-    try:
-        size = int(dask_parse_bytes(text))
-    except (ValueError, TypeError):
-        raise InputError(problem) from None
-    if size <= 0:
+    size = _size_in_bytes(text)
+    if size is None or size <= 0:
         raise InputError(problem)
     return size

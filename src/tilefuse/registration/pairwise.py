@@ -17,10 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from tilefuse.model.layout import Layout
-from tilefuse.plan.geometry import tile_bounds
+from tilefuse.plan.geometry import close_pairs, tile_bounds
 from tilefuse.registration import search
 from tilefuse.registration.search import (
     gradient_energy,
@@ -151,7 +150,7 @@ def find_pairs(layout: Layout, min_overlap_px: int, reach: float = 0.0) -> list[
     if len(layout.tiles) < 2:
         return []
     radius = 2 * float(np.linalg.norm(half, axis=1).max()) + 1 + 2 * float(reach)
-    candidates = np.array(sorted(cKDTree(centre).query_pairs(radius)), dtype=np.int64)
+    candidates = close_pairs(centre, radius)
     if candidates.size == 0:
         return []
     a, b = candidates[:, 0], candidates[:, 1]

@@ -1,0 +1,145 @@
+"""The OME-Zarr writer on local threads without dask (tilefuse.ome_zarr._blocks,
+tilefuse.runner.LocalCompute): the same files as the dask path, resume, errors, progress; and
+the pieces that keep dask and scipy out of a local fuse (Mosaic block pixels, close_pairs,
+default_compute)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+import tilefuse
+from tilefuse.fusion.pixels import FusedPixels
+from tilefuse.io.readers import layout_from_arrays
+from tilefuse.model.mosaic import BlockPixels, Mosaic
+from tilefuse.ome_zarr.writer import default_compute, write_image
+from tilefuse.plan.geometry import close_pairs
+from tilefuse.runner import LocalCompute
+from tilefuse.testing import grid_tileset
+
+
+@pytest.fixture(scope="module")
+def mosaic() -> Mosaic:
+    """A 2-channel 3x3 mosaic with fractional positions, 32² chunks (7 x 7 chunks, the last
+    ones partial)."""
+    ts = grid_tileset(grid=(3, 3), tile_shape=(80, 96), overlap=0.2, fractional=True, seed=3)
+    tiles = [np.stack([p, 60000 - p]) for p in (t.source.read()[0] for t in ts.layout.tiles)]
+    layout = layout_from_arrays(tiles, affines=ts.layout.affines, channels=["a", "b"])
+    fused = tilefuse.fuse(layout, chunk=32)
+    assert fused.shape[0] == 2 and fused.shape[1] % 32 and fused.shape[2] % 32
+    return fused
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _no_dask(monkeypatch) -> None:
+    """Fail if the writer turns the block pixels into dask."""
+    def refuse(self):
+        raise AssertionError("the thread path built a dask array")
+
+    monkeypatch.setattr(FusedPixels, "to_dask", refuse)
+
+
+def test_threads_write_the_files_dask_writes(tmp_path, mosaic, monkeypatch):
+    """Every file (chunks of every level, metadata) is byte for byte what the dask path writes,
+    and the thread path never builds a dask array."""
+    assert isinstance(mosaic.pixels, BlockPixels)
+    reference = tmp_path / "dask" / "m.ome.zarr"
+    write_image(mosaic, reference, levels=3, compute=dask.compute)  # no run_tasks: dask
+    with monkeypatch.context() as m:
+        _no_dask(m)
+        threads = tmp_path / "threads" / "m.ome.zarr"
+        write_image(mosaic, threads, levels=3, compute=LocalCompute("threads", 2, None))
+    ours, theirs = _files(threads), _files(reference)
+    assert sorted(ours) == sorted(theirs) and len(ours) > 60
+    assert all(ours[k] == theirs[k] for k in ours)
+    np.testing.assert_array_equal(zarr.open_group(threads, mode="r")["0"][:],
+                                  np.asarray(mosaic.data))
+
+
+def test_resume_on_threads_completes_the_same_image(tmp_path, mosaic, monkeypatch):
+    """A write that fails at one chunk leaves an unfinished image; resuming on threads keeps
+    the chunks written, makes the rest and the per-channel display range from the stored level
+    (read back on threads), and ends byte-identical to an uninterrupted write."""
+    reference = tmp_path / "ref" / "m.ome.zarr"
+    manifest = {"run": "test"}
+    write_image(mosaic, reference, levels=1, manifest=manifest,
+                compute=LocalCompute("threads", 2, None))
+    block = FusedPixels.block
+
+    def failing(self, index):
+        if tuple(index[-2:]) == (3, 4):
+            raise OSError(28, "No space left on device")
+        return block(self, index)
+
+    out = tmp_path / "cut" / "m.ome.zarr"
+    with monkeypatch.context() as m:
+        m.setattr(FusedPixels, "block", failing)
+        with pytest.raises(OSError, match="No space"):
+            write_image(mosaic, out, levels=1, manifest=manifest,
+                        compute=LocalCompute("threads", 2, None))
+    assert not tilefuse.ome_zarr.writer.is_finished_image(out)
+    assert not (out / "0" / "c" / "0" / "3" / "4").exists()
+    with monkeypatch.context() as m:
+        _no_dask(m)
+        write_image(mosaic, out, levels=1, manifest=manifest, resume=True,
+                    compute=LocalCompute("threads", 2, None))
+    assert _files(out) == _files(reference)
+
+
+def test_progress_counts_every_chunk_of_every_level(tmp_path, mosaic):
+    reports: list[tuple[int, int, str]] = []
+    write_image(mosaic, tmp_path / "p.ome.zarr", levels=3,
+                compute=LocalCompute("threads", 2, lambda *r: reports.append(r)))
+    last = {label: (done, total) for done, total, label in reports}
+    assert mosaic.shape[1:] == (208, 250)  # chunks: 7 x 8, then 4 x 4, then 2 x 2
+    assert last == {"fusing": (56, 76), "pyramid level 1": (72, 76),
+                    "pyramid level 2": (76, 76)}
+    done = [r[0] for r in reports]
+    assert done == sorted(done)
+
+
+def test_default_compute_is_threads_unless_dask_is_told_otherwise():
+    assert isinstance(default_compute(), LocalCompute)
+    with dask.config.set(scheduler="sync"):
+        assert default_compute() is dask.compute
+
+
+def test_mosaic_of_block_pixels_reads_as_dask(mosaic):
+    """``mosaic.data`` is a dask array of the same pixels, made once; metadata comes from the
+    block pixels without it; dataclasses.replace keeps working."""
+    fresh = Mosaic(mosaic.pixels, mosaic.axes)
+    assert fresh.shape == mosaic.pixels.shape and fresh.dtype == mosaic.pixels.dtype
+    assert fresh.nbytes == np.prod(fresh.shape) * fresh.dtype.itemsize
+    data = fresh.data
+    assert isinstance(data, da.Array) and fresh.data is data
+    assert data.chunksize == fresh.pixels.chunk_shape
+    np.testing.assert_array_equal(fresh.pixels.block((0, 1, 2)), data.blocks[0, 1, 2].compute())
+    renamed = dataclasses.replace(fresh, channel_names=("nuclei", "actin"))
+    assert renamed.channel_names == ("nuclei", "actin") and renamed.pixels is None
+
+
+@pytest.mark.parametrize("n, ndim", [(0, 2), (1, 2), (40, 2), (300, 3), (2100, 2)])
+def test_close_pairs_are_the_kd_tree_pairs(n, ndim):
+    from scipy.spatial import cKDTree
+
+    points = np.random.default_rng(n).uniform(0, 100, (n, ndim))
+    points[:4] = np.round(points[:4])  # some exact distances
+    for radius in (5.0, 10.0):
+        expected = np.array(sorted(cKDTree(points).query_pairs(radius)), dtype=np.int64)
+        np.testing.assert_array_equal(close_pairs(points, radius), expected.reshape(-1, 2))
+
+
+def test_close_pairs_on_a_grid_keeps_pairs_at_exactly_the_radius():
+    grid = np.array([(y, x) for y in range(0, 50, 10) for x in range(0, 50, 10)], float)
+    pairs = close_pairs(grid, 10.0)
+    assert len(pairs) == 2 * 5 * 4  # the 4-neighbours, each at distance exactly 10
