@@ -15,7 +15,7 @@ import pytest
 import zarr
 
 import tilefuse
-from tilefuse.fusion.pixels import FusedPixels
+from tilefuse.fusion.jobs import FusedPixels
 from tilefuse.io.readers import layout_from_arrays
 from tilefuse.model.mosaic import BlockPixels, Mosaic
 from tilefuse.ome_zarr.writer import default_compute, write_image

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from tilefuse.fusion.graph import FusionPlan, chunk_job
+from tilefuse.fusion.jobs import FusionPlan, chunk_job
 
 __all__ = ["fuse_in_memory"]
 

@@ -17,16 +17,14 @@ import numpy as np
 
 from tilefuse.errors import InputError
 from tilefuse.fusion.blend import BLENDS
+from tilefuse.fusion.jobs import ChunkJob, FusedPixels, FusionPlan, chunk_job
 from tilefuse.fusion.kernel import (
-    ChunkTile,
     accumulator_dtype,
     check_fill,
-    fuse_chunk,
     resolve_backend,
 )
-from tilefuse.fusion.pixels import FusedPixels
 from tilefuse.fusion.resample import classify
-from tilefuse.io.tiles import DEFAULT_CACHE_BYTES, read_tile
+from tilefuse.io.tiles import DEFAULT_CACHE_BYTES
 from tilefuse.model.layout import Layout
 from tilefuse.model.mosaic import Mosaic
 from tilefuse.model.timeseries import TimeSeries
@@ -43,8 +41,10 @@ if TYPE_CHECKING:  # dask is imported when mosaic.data is read or a series is fu
     import dask.array as da
 
 __all__ = [
+    "ChunkJob",
     "FusionPlan",
     "SeriesPlan",
+    "chunk_job",
     "fuse",
     "fused_axes",
     "plan_fusion",
@@ -53,47 +53,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _FLOAT32 = np.dtype(np.float32)
-
-
-@dataclass(frozen=True)
-class FusionPlan:
-    """Everything decided once per run, before any pixel is read.
-
-    Attributes
-    ----------
-    layout : Layout
-    chunks : ChunkPlan
-    blend : str
-    widths : tuple of float
-        Feathering width per spatial axis.
-    dtype : numpy.dtype
-        Output dtype.
-    fill : float
-    paths : tuple of str
-        Resampling path per tile ("slice", "shift" or "affine").
-    cache_bytes : int
-        Tile cache budget per worker process.
-    backend : {"numpy", "numba"}
-        Chunk kernel (see :func:`tilefuse.fusion.kernel.resolve_backend`).
-    accumulator : numpy.dtype
-        float32, or float64 when the tiles or the output are wider than 16 bits
-        (:func:`tilefuse.fusion.kernel.accumulator_dtype`).
-    """
-
-    layout: Layout
-    chunks: ChunkPlan
-    blend: str
-    widths: tuple[float, ...]
-    dtype: np.dtype
-    fill: float
-    paths: tuple[str, ...]
-    cache_bytes: int
-    backend: str = "numpy"
-    accumulator: np.dtype = _FLOAT32
-
-    @property
-    def n_channels(self) -> int:
-        return len(self.layout.channels)
 
 
 @dataclass(frozen=True)
@@ -327,56 +286,6 @@ def _plan_layout(
     )
     return FusionPlan(layout, chunks, blend, widths, out_dtype, fill, paths, int(cache_bytes),
                       backend, accumulator)
-
-
-@dataclass(frozen=True)
-class ChunkJob:
-    """One output chunk's work: small, picklable, self-contained."""
-
-    origin: np.ndarray
-    shape: tuple[int, ...]
-    tiles: tuple[tuple, ...]  # (affine, shape, path, source) per tile, layout order
-    n_channels: int
-    dtype: np.dtype
-    blend: str
-    widths: tuple[float, ...]
-    fill: float
-    cache_bytes: int
-    squeeze_channel: bool
-    backend: str = "numpy"
-    accumulator: np.dtype = _FLOAT32
-
-    def run(self) -> np.ndarray:
-        """Fuse this chunk; shape ``(c, *shape)``, or ``shape`` for single-channel output."""
-        tiles = [
-            ChunkTile(aff, shp, path, _reader(src, self.cache_bytes))
-            for aff, shp, path, src in self.tiles
-        ]
-        out = fuse_chunk(
-            self.origin, self.shape, tiles, n_channels=self.n_channels, dtype=self.dtype,
-            blend=self.blend, widths=self.widths, fill=self.fill, backend=self.backend,
-            accumulator=self.accumulator,
-        )
-        return out[0] if self.squeeze_channel else out
-
-
-def _reader(source, cache_bytes: int):
-    return lambda: read_tile(source, cache_bytes)
-
-
-def chunk_job(plan: FusionPlan, block: Sequence[int]) -> ChunkJob:
-    """The job for output chunk ``block`` (a chunk index per spatial axis)."""
-    origin, shape = plan.chunks.chunk_box(block)
-    tiles = tuple(
-        (t.affine, t.shape, plan.paths[i], t.source)
-        for i in plan.chunks.tiles_of(block)
-        for t in (plan.layout.tiles[i],)
-    )
-    return ChunkJob(
-        origin, tuple(int(s) for s in shape), tiles, plan.n_channels, plan.dtype, plan.blend,
-        plan.widths, plan.fill, plan.cache_bytes, squeeze_channel=plan.n_channels == 1,
-        backend=plan.backend, accumulator=plan.accumulator,
-    )
 
 
 _DEFAULTS: dict[str, object] = {

@@ -25,8 +25,9 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 from dask.typing import Graph
 
+from tilefuse.ome_zarr._blocks import BATCH_CHUNKS
 from tilefuse.ome_zarr._pyramid import mean_2x_yx
-from tilefuse.ome_zarr._store import BATCH_CHUNKS, Tally
+from tilefuse.ome_zarr._store import Tally
 
 __all__ = ["RawLevel", "fuse_to_raw", "level_tiles", "remove_quietly"]
 
@@ -96,7 +97,7 @@ def fuse_to_raw(data: da.Array, path: Path, compute: Compute) -> RawLevel:
     compute : callable
         ``compute(*collections)``, told ``label="fuse"`` and ``batch=`` when it takes them
         (as the OME-Zarr writer's level 0: :class:`~tilefuse.ome_zarr._store.Tally`); at most
-        :data:`~tilefuse.ome_zarr._store.BATCH_CHUNKS` chunks per call.
+        :data:`~tilefuse.ome_zarr._blocks.BATCH_CHUNKS` chunks per call.
     """
     level = RawLevel(path, tuple(int(n) for n in data.shape), str(data.dtype))
     with open(path, "wb") as f:

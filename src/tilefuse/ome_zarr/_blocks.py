@@ -18,9 +18,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from tilefuse.model.mosaic import BlockPixels
+from tilefuse.ome_zarr._shards import ShardFiles
 from tilefuse.ome_zarr.chunkstore import ChunkFiles
 
-__all__ = ["RunTasks", "StoredPixels", "merge_stats", "stats_of_blocks", "store_blocks"]
+__all__ = ["BATCH_CHUNKS", "RunTasks", "StoredPixels", "block_stats", "merge_stats",
+           "stats_of_blocks", "store_blocks", "write_block"]
+
+
+BATCH_CHUNKS = 8192  # chunks per compute (or batch of tasks) when storing a level
 
 
 class RunTasks(Protocol):
@@ -59,8 +64,6 @@ def store_blocks(
     """Store `blocks` of `pixels` (one chunk file each), in batches of at most
     :data:`~tilefuse.ome_zarr._store.BATCH_CHUNKS` tasks; their per-channel finite min/max
     when `reduce_axes` is given (else ``(None, None)``)."""
-    from tilefuse.ome_zarr._store import BATCH_CHUNKS, write_block
-
     def task(block: tuple[int, ...]) -> Callable[[], Any]:
         return lambda: write_block(writer, block, pixels.block(block), reduce_axes)
 
@@ -76,8 +79,6 @@ def store_blocks(
 def stats_of_blocks(pixels: StoredPixels, reduce_axes: tuple[int, ...], run_tasks: RunTasks,
                     channel_axis: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel finite min/max of every block of a stored level, read on threads."""
-    from tilefuse.ome_zarr._store import block_stats
-
     grid = [-(-n // c) for n, c in zip(pixels.shape, pixels.chunk_shape, strict=True)]
     blocks = [tuple(int(i) for i in b) for b in np.ndindex(*grid)]
     def task(block: tuple[int, ...]) -> Callable[[], Any]:
@@ -107,3 +108,21 @@ def merge_stats(results: Sequence[tuple[np.ndarray, np.ndarray]],
         lo[sl] = np.minimum(lo[sl], block_lo)
         hi[sl] = np.maximum(hi[sl], block_hi)
     return lo, hi
+
+
+def write_block(writer: ChunkFiles | ShardFiles, block, data: np.ndarray, reduce_axes):
+    """Store one chunk; its per-channel finite (min, max) when `reduce_axes` is given."""
+    writer.write(block, data)
+    if reduce_axes is None:
+        return None
+    return block_stats(data, reduce_axes)
+
+
+def block_stats(data: np.ndarray, reduce_axes: tuple[int, ...]) -> tuple[Any, Any]:
+    """Per-channel finite (min, max) of one block over `reduce_axes` (NaN and inf ignored)."""
+    if data.dtype.kind in "biu":
+        return data.min(axis=reduce_axes), data.max(axis=reduce_axes)
+    values = data.astype(np.float64)
+    finite = np.isfinite(values)
+    return (np.where(finite, values, np.inf).min(axis=reduce_axes),
+            np.where(finite, values, -np.inf).max(axis=reduce_axes))

@@ -20,7 +20,14 @@ import zarr
 from tilefuse.errors import InputError
 from tilefuse.io.outputs import is_finished, read_manifest
 from tilefuse.model.mosaic import BlockPixels
-from tilefuse.ome_zarr._blocks import StoredPixels, merge_stats, stats_of_blocks, store_blocks
+from tilefuse.ome_zarr._blocks import (
+    BATCH_CHUNKS,
+    StoredPixels,
+    merge_stats,
+    stats_of_blocks,
+    store_blocks,
+    write_block,
+)
 from tilefuse.ome_zarr._shards import ShardFiles
 from tilefuse.ome_zarr.chunkstore import ChunkFiles
 
@@ -30,7 +37,6 @@ if TYPE_CHECKING:  # dask is imported by the dask path only: block pixels store 
 log = logging.getLogger(__name__)
 
 
-BATCH_CHUNKS = 8192  # chunks per dask compute when storing a level
 
 
 def create_level(
@@ -324,24 +330,6 @@ class _StoreBlock:
 
     def __call__(self, data: np.ndarray):
         return write_block(self.writer, self.block, data, self.reduce_axes)
-
-
-def write_block(writer: ChunkFiles | ShardFiles, block, data: np.ndarray, reduce_axes):
-    """Store one chunk; its per-channel finite (min, max) when `reduce_axes` is given."""
-    writer.write(block, data)
-    if reduce_axes is None:
-        return None
-    return block_stats(data, reduce_axes)
-
-
-def block_stats(data: np.ndarray, reduce_axes: tuple[int, ...]) -> tuple[Any, Any]:
-    """Per-channel finite (min, max) of one block over `reduce_axes` (NaN and inf ignored)."""
-    if data.dtype.kind in "biu":
-        return data.min(axis=reduce_axes), data.max(axis=reduce_axes)
-    values = data.astype(np.float64)
-    finite = np.isfinite(values)
-    return (np.where(finite, values, np.inf).min(axis=reduce_axes),
-            np.where(finite, values, -np.inf).max(axis=reduce_axes))
 
 
 def finished_match(out: Path, manifest: dict) -> bool:
