@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tilefuse.errors import InputError
-from tilefuse.fusion.resample import Placement
+from tilefuse.fusion.resample import Placement, row_buffers
 
 __all__ = ["BLENDS", "Reducer", "cosine_ramp", "make_reducer"]
 
@@ -81,7 +81,13 @@ class Reducer:
 
 
 class _Weighted(Reducer):
-    """Weighted sum / weight sum: ``linear`` (feathering weights) and ``mean`` (weight 1)."""
+    """Weighted sum / weight sum: ``linear`` (feathering weights) and ``mean`` (weight 1).
+
+    A translated tile's weight is an outer product of 1D ramps that are exactly 1 on a middle
+    range of each axis: there (the interior, most of a tile) ``acc += v`` and ``wsum += 1`` give
+    the bits ``acc += v * 1`` and ``wsum += 1`` would, without a weight array; only the frame
+    around it is weighted (see :meth:`_add_separable`).
+    """
 
     def __init__(self, n_channels, chunk_shape, widths: Sequence[float] | None,
                  accumulator=np.float32) -> None:
@@ -90,39 +96,109 @@ class _Weighted(Reducer):
         self.acc = np.zeros(self.shape, dtype=self.dtype)
         self.wsum = np.zeros(chunk_shape, dtype=self.dtype)
 
-    def _weight(self, p: Placement, tile_shape) -> np.ndarray:
-        if self.widths is None:
-            w = np.ones(p.values.shape[1:], dtype=np.float32)
-        elif p.mask is None:  # separable: 1D ramps, outer product
-            w = np.ones((1,) * len(tile_shape), dtype=np.float32)
-            for ax, (t, n, width) in enumerate(zip(p.coords, tile_shape, self.widths, strict=True)):
-                shape = [1] * len(tile_shape)
-                shape[ax] = -1
-                w = w * cosine_ramp(t, n, width).reshape(shape)
-        else:
-            w = np.ones(p.mask.shape, dtype=np.float32)
+    def _weight(self, p: Placement, mask: np.ndarray, tile_shape) -> np.ndarray:
+        """The weights of an affine placement, shape (*box_shape), float32; 0 off ``mask``."""
+        w = np.ones(mask.shape, dtype=np.float32)
+        if self.widths is not None:
             for t, n, width in zip(p.coords, tile_shape, self.widths, strict=True):
                 w *= cosine_ramp(t, n, width)
-        if p.mask is not None:
-            w = np.where(p.mask, w, np.float32(0))
-        return np.broadcast_to(w, p.values.shape[1:])
+        return np.where(mask, w, np.float32(0))
 
     def add(self, p: Placement, tile_shape) -> None:
-        w = self._weight(p, tile_shape)
-        acc = self.acc[(slice(None), *p.box)]
-        if self.widths is None and p.mask is None:
-            acc += p.values  # converted to the accumulator dtype by the ufunc, exactly
-        elif p.values.dtype == self.dtype and p.values.flags.writeable:
-            np.multiply(p.values, w, out=p.values)  # a temporary made for this chunk: reuse it
-            acc += p.values
-        else:  # a tile's own pixels (slice path): converted first, then weighted
-            acc += np.multiply(p.values, w, dtype=self.dtype)
-        self.wsum[p.box] += w
+        if p.mask is None:
+            with row_buffers():
+                self._add_separable(p, tile_shape)
+        else:
+            w = self._weight(p, p.mask, tile_shape)
+            acc = self.acc[(slice(None), *p.box)]
+            acc += self._weighted(p.values, w)
+            wsum = self.wsum[p.box]
+            wsum += w
         self._mark(p)
+
+    def _add_separable(self, p: Placement, tile_shape) -> None:
+        """Add a translated tile, whose weight is an outer product of 1D ramps.
+
+        The box splits into frame slabs, where a ramp of an axis before the last is below 1
+        (weighted by the full products), and a core, where those ramps are exactly 1: there the
+        weight is the last axis's ramp alone (``(1 * 1) * r`` is ``r``, bit for bit), and where
+        that is 1 too, values and weights are added as they are. The last axis is never split,
+        so every operation runs on whole rows.
+        """
+        box_shape = p.values.shape[1:]
+        if self.widths is None:
+            ramps = [np.ones(m, dtype=np.float32) for m in box_shape]
+        else:
+            ramps = [cosine_ramp(t, n, width)
+                     for t, n, width in zip(p.coords, tile_shape, self.widths, strict=True)]
+        ones = (*(_ones_range(r) for r in ramps[:-1]), (0, box_shape[-1]))
+        for region in _frame(ones, box_shape):
+            w = np.ones((1,) * len(box_shape), dtype=np.float32)
+            for ax, (r, part) in enumerate(zip(ramps, region, strict=True)):
+                shape = [1] * len(box_shape)
+                shape[ax] = -1
+                w = w * r[part].reshape(shape)  # (r0 * r1) * r2: the full box's products
+            self._accumulate(p, region, w)
+        if all(b > a for a, b in ones):
+            core = tuple(slice(a, b) for a, b in ones)
+            last = ramps[-1]
+            self._accumulate(p, core, None if bool((last == 1).all()) else last)
+
+    def _accumulate(self, p: Placement, region: tuple[slice, ...],
+                    w: np.ndarray | None) -> None:
+        """``acc += v * w`` and ``wsum += w`` on ``region`` of the placement's box.
+
+        Parameters
+        ----------
+        p : Placement
+        region : tuple of slice
+            Part of ``p.box``, relative to it.
+        w : numpy.ndarray of float32, broadcastable to the region's shape, or None
+            Weights; None: all exactly 1 (``acc += v``, ``wsum += 1``, the same bits).
+        """
+        at = tuple(slice(b.start + r.start, b.start + r.stop)
+                   for b, r in zip(p.box, region, strict=True))
+        values = p.values[(slice(None), *region)]
+        acc = self.acc[(slice(None), *at)]
+        acc += values if w is None else self._weighted(values, w)  # converted exactly by the ufunc
+        wsum = self.wsum[at]
+        wsum += 1 if w is None else w
+
+    def _weighted(self, values: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """``values * w`` in the accumulator dtype, (c, *box) times (*box) or broadcastable."""
+        if values.dtype == self.dtype and values.flags.writeable:
+            return np.multiply(values, w, out=values)  # a temporary made for this chunk: reuse it
+        return np.multiply(values, w, dtype=self.dtype)  # a tile's own pixels: converted first
 
     def values(self) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.divide(self.acc, self.wsum, out=self.acc)
+
+
+def _ones_range(ramp: np.ndarray) -> tuple[int, int]:
+    """The range ``[a, b)`` where ``ramp`` (1D) is exactly 1, when contiguous; else empty."""
+    ones = np.flatnonzero(ramp == 1)
+    if ones.size == 0 or ones[-1] + 1 - ones[0] != ones.size:
+        return (0, 0)
+    return int(ones[0]), int(ones[-1]) + 1
+
+
+def _frame(interior: tuple[tuple[int, int], ...], box_shape: tuple[int, ...]
+           ) -> list[tuple[slice, ...]]:
+    """Disjoint regions that, with the ``interior`` box, tile a box of ``box_shape``.
+
+    Along axis ``k``: the slabs before and after ``interior[k]``, spanning ``interior[j]`` on
+    the axes ``j < k`` and the whole box on the axes after. Empty slabs are left out.
+    """
+    regions = []
+    for k, ((a, b), m) in enumerate(zip(interior, box_shape, strict=True)):
+        inner = tuple(slice(lo, hi) for lo, hi in interior[:k])
+        outer = tuple(slice(0, n) for n in box_shape[k + 1:])
+        parts = [(0, m)] if a >= b else [(0, a), (b, m)]
+        regions += [(*inner, slice(lo, hi), *outer) for lo, hi in parts if hi > lo]
+        if a >= b:
+            break  # the slab took the whole remaining box: the interior is empty
+    return regions
 
 
 class _Extreme(Reducer):

@@ -18,13 +18,40 @@ chunk boundaries fall, so fusing with any chunk size gives the same mosaic bit f
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from tilefuse.plan.geometry import EPS
 
-__all__ = ["Placement", "affine_footprint", "classify", "place_tile", "snap", "translation_span"]
+__all__ = ["Placement", "affine_footprint", "classify", "place_tile", "row_buffers", "snap",
+           "translation_span"]
+
+ROW_BUFSIZE = 1024
+"""Ufunc buffer size (elements) for elementwise work on boxes inside larger arrays.
+
+With numpy's default (8192 elements), an elementwise operation on a strided box (a tile's box
+in a chunk, a tile's pixels shifted by one) runs 3-5x slower than on a contiguous array:
+numpy 2.4, ``a += 1`` on 925 x 922 of a 1024² float32 array took 0.23 ms, 0.05 ms contiguous,
+0.08 ms with 1024-element buffers. Elementwise results do not depend on the buffer size.
+"""
+
+
+@contextlib.contextmanager
+def row_buffers() -> Iterator[None]:
+    """Run the block with ufunc buffers of :data:`ROW_BUFSIZE` elements (then restore them).
+
+    ``numpy.setbufsize`` is per thread (numpy 1) or per context (numpy 2): other threads are
+    unaffected.
+    """
+    old = np.setbufsize(ROW_BUFSIZE)
+    try:
+        yield
+    finally:
+        np.setbufsize(old)
 
 
 
@@ -107,30 +134,125 @@ def _shift_linear(data: np.ndarray, pos: np.ndarray, spans: list,
     Along an axis with position ``p = i + f`` (``0 < f < 1``), output index ``o`` samples tile
     coordinate ``t = o - p`` between pixels ``k - 1`` and ``k`` with ``k = o - i``, so its value
     is ``f * data[k - 1] + (1 - f) * data[k]``, computed in ``accumulator`` (float32 or
-    float64), axis after axis.
+    float64), axis after axis. The pixels are converted to ``accumulator`` once, and the box
+    is computed in bands of about :data:`BAND_PIXELS` through two reused scratch buffers; every
+    pixel takes the same operations, in the same order, whatever the bands.
+
+    Returns
+    -------
+    numpy.ndarray, shape (c, *box_shape), ``accumulator``
+        Contiguous and writeable: the caller may reuse it.
     """
     kind = accumulator.type
-    ip = np.floor(pos).astype(np.int64)  # pos is snapped: frac is 0 or in [EPS, 1 - EPS]
-    frac = pos - ip
-    src, integer_axes = [slice(None)], []
-    for ax, ((lo, hi), i, f) in enumerate(zip(spans, ip, frac, strict=True)):
-        if f == 0:
-            src.append(slice(lo - i, hi - i))
-            integer_axes.append(ax)
-        else:
-            src.append(slice(lo - i - 1, hi - i))
-    out = data[tuple(src)]
-    for ax, f in enumerate(frac):
-        if ax in integer_axes:
-            continue
-        a = [slice(None)] * out.ndim
-        b = [slice(None)] * out.ndim
-        a[ax + 1], b[ax + 1] = slice(None, -1), slice(1, None)
-        upper = np.multiply(out[tuple(b)], kind(1 - f), dtype=accumulator)
-        lower = np.multiply(out[tuple(a)], kind(f), dtype=accumulator)
-        lower += upper
-        out = lower
-    return out if out.dtype == accumulator else out.astype(accumulator)
+    whole = np.floor(pos).astype(np.int64)  # pos is snapped: frac is 0 or in [EPS, 1 - EPS]
+    frac, ip = (pos - whole).tolist(), whole.tolist()
+    taps = [int(f != 0) for f in frac]  # the extra source pixel along a fractional axis
+    starts = [lo - i - t for (lo, _), i, t in zip(spans, ip, taps, strict=True)]
+    weights = [(ax, kind(f), kind(1 - f)) for ax, f in enumerate(frac, start=1) if f != 0]
+    out = np.empty((data.shape[0], *(hi - lo for lo, hi in spans)), dtype=accumulator)
+    bands = _bands(out.shape[1:], max(1, BAND_PIXELS // data.shape[0]))
+    largest = max(math.prod(b - a + t for (a, b), t in zip(band, taps, strict=True))
+                  for band in bands)  # source pixels of a band
+    scratch = tuple(np.empty(data.shape[0] * largest, dtype=accumulator) for _ in range(2))
+    with row_buffers():
+        for band in bands:
+            src = data[(slice(None), *(slice(s + a, s + b + t) for (a, b), s, t
+                                       in zip(band, starts, taps, strict=True)))]
+            dest = out[(slice(None), *(slice(a, b) for a, b in band))]
+            _lerp_axes(src, weights, dest, scratch)
+    return out
+
+
+BAND_PIXELS = 2**18
+"""Output pixels (times channels) interpolated at a time by :func:`_shift_linear`.
+
+Its temporaries are two buffers of a band (1 MiB each in float32), reused band after band,
+rather than two of the whole box per tile: less memory to page in and to hold."""
+
+
+def _bands(shape: tuple[int, ...], pixels: int) -> list[tuple[tuple[int, int], ...]]:
+    """Sub-boxes ``((start, stop), ...)`` that tile ``shape`` in C order, about ``pixels`` each.
+
+    A band is a run of indices along the first axis whose trailing axes hold at most ``pixels``,
+    with those trailing axes whole and one index of each axis before it: its pixels are
+    contiguous in the box.
+    """
+    if math.prod(shape) <= pixels:
+        return [tuple((0, n) for n in shape)]
+    trailing = [math.prod(shape[k + 1:]) for k in range(len(shape))]
+    k = next(k for k, n in enumerate(trailing) if n <= pixels)
+    rows = max(1, pixels // trailing[k])
+    after = tuple((0, n) for n in shape[k + 1:])
+    return [(*((i, i + 1) for i in outer), (a, min(a + rows, shape[k])), *after)
+            for outer in np.ndindex(*shape[:k]) for a in range(0, shape[k], rows)]
+
+
+def _lerp_axes(src: np.ndarray, weights: list, dest: np.ndarray,
+               scratch: tuple[np.ndarray, ...]) -> None:
+    """Interpolate ``src`` along each fractional axis in turn, the last one into ``dest``.
+
+    Parameters
+    ----------
+    src : numpy.ndarray, shape (c, *m)
+        Source pixels, one more than ``dest`` along each fractional axis; not modified.
+    weights : list of (int, numpy.floating, numpy.floating)
+        Per fractional axis, in order: the array axis, ``f`` and ``1 - f`` in the accumulator
+        type.
+    dest : numpy.ndarray, shape (c, *band)
+        Where the values go.
+    scratch : tuple of two flat numpy.ndarray
+        Buffers of the accumulator dtype for the intermediate axes, each at least ``src.size``.
+    """
+    free = list(scratch)
+    values, held = src, None  # held: the scratch buffer values lie in (then overwritten freely)
+    if src.dtype != dest.dtype:  # converted once (exactly), not in each product
+        held = free.pop()
+        values = _view(held, list(src.shape))
+        np.copyto(values, src)
+    for step, (ax, f, g) in enumerate(weights):
+        shape = list(values.shape)
+        shape[ax] -= 1
+        last = step == len(weights) - 1
+        target = None if last else free.pop()
+        lower = dest if target is None else _view(target, shape)
+        _lerp_axis(values, ax, f, g, lower, None if held is not None else _view(free[-1], shape))
+        if held is not None:
+            free.append(held)
+        values, held = lower, target
+
+
+def _view(flat: np.ndarray, shape: list[int]) -> np.ndarray:
+    """The front of a flat buffer as an array of ``shape``."""
+    return flat[:math.prod(shape)].reshape(shape)
+
+
+def _lerp_axis(values: np.ndarray, axis: int, f: np.floating, g: np.floating,
+               out: np.ndarray, upper: np.ndarray | None) -> None:
+    """``out = f * values[k - 1] + (1 - f) * values[k]`` along ``axis``, in the dtype of ``out``.
+
+    Parameters
+    ----------
+    values : numpy.ndarray, shape (c, *m)
+        Pixels; their upper taps are overwritten when ``upper`` is None.
+    axis : int
+        Array axis to interpolate along.
+    f, g : numpy.floating
+        ``f`` and ``1 - f``, in the accumulator type.
+    out : numpy.ndarray, shape (c, *m) with one less along ``axis``
+        Receives the result; shares no memory with ``values``.
+    upper : numpy.ndarray or None
+        A buffer shaped like ``out`` for ``(1 - f) * values[k]``; None: computed in place.
+    """
+    lower_taps = [slice(None)] * values.ndim
+    upper_taps = [slice(None)] * values.ndim
+    lower_taps[axis], upper_taps[axis] = slice(None, -1), slice(1, None)
+    np.multiply(values[tuple(lower_taps)], f, out=out, dtype=out.dtype)
+    if upper is None:  # the lower taps are read: overwrite the upper taps in place
+        upper = values[tuple(upper_taps)]
+        np.multiply(upper, g, out=upper)
+    else:
+        np.multiply(values[tuple(upper_taps)], g, out=upper, dtype=out.dtype)
+    np.add(out, upper, out=out)
 
 
 def affine_footprint(affine, shape, chunk_origin, chunk_shape) -> tuple | None:
