@@ -264,3 +264,34 @@ def test_peak_memory_does_not_grow_with_the_mosaic(tmp_path):
           f"for a mosaic of {small['mosaic_bytes'] / 2**20:.0f} -> "
           f"{big['mosaic_bytes'] / 2**20:.0f} MiB")
     assert extra < 8 * 2**20  # measured 1-5 MiB for 45 MiB more mosaic: bands, not the image
+
+
+def test_a_killed_runs_work_folder_is_removed_by_the_next_run(tmp_path):
+    """SIGKILL leaves no chance to clean up: the spool folder (``OUT.*.partial``, as large as
+    the image) stays. The next write of that output removes it, and only it: a folder a live
+    process owns and one without tilefuse's owner file are left alone."""
+    import signal
+
+    out = tmp_path / "m.ome.tif"
+    code = ("import sys, time\nfrom pathlib import Path\n"
+            "from tilefuse.ome_tiff.writer import _work_folder\n"
+            f"w = _work_folder(Path({str(out)!r}))\n(w / 'level0.raw').write_bytes(bytes(4096))\n"
+            "print(w, flush=True)\ntime.sleep(60)\n")
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          text=True) as child:
+        assert child.stdout is not None
+        killed = Path(child.stdout.readline().strip())
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert (killed / "level0.raw").is_file()
+    live = tmp_path / "m.ome.tif.live.partial"
+    live.mkdir()
+    (live / "tilefuse-owner.json").write_text(json.dumps(
+        {"host": __import__("socket").gethostname(), "pid": __import__("os").getpid()}))
+    foreign = tmp_path / "m.ome.tif.theirs.partial"
+    foreign.mkdir()
+    ts = grid_tileset(grid=(2, 2), tile_shape=(32, 32), overlap=0.25, seed=0)
+    write_ome_tiff(Mosaic(da.from_array(ts.truth, chunks=32), ("y", "x")), out, tile=16)
+    assert not killed.exists() and live.is_dir() and foreign.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.ome.tif", "m.ome.tif.live.partial", "m.ome.tif.theirs.partial"]

@@ -15,11 +15,13 @@ removed on any failure or Ctrl-C: a file named like the output is always a finis
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -175,13 +177,55 @@ def _check(mosaic: Mosaic, levels: int | None, tile: int,
     return pyramid_shapes(mosaic.shape, (tile, tile), mosaic.axes, levels)
 
 
+_OWNER = "tilefuse-owner.json"
+"""In a work folder: the host and process that made it, so that a later run can tell a folder
+left by a killed run (removed) from one a live run is writing (left alone)."""
+
+
 def _work_folder(out: Path) -> Path:
     """A new folder beside `out` for the partial file and the spools (same file system, so
-    the finished file is renamed into place). Making it is the writability check."""
+    the finished file is renamed into place), marked with its owner. Making it is the
+    writability check. Folders that killed runs left for `out` are removed first."""
+    remove_stale_work(out)
     try:
-        return Path(tempfile.mkdtemp(prefix=f"{out.name}.", suffix=".partial", dir=out.parent))
+        work = Path(tempfile.mkdtemp(prefix=f"{out.name}.", suffix=".partial", dir=out.parent))
+        (work / _OWNER).write_text(json.dumps({"host": socket.gethostname(),
+                                               "pid": os.getpid()}))
     except OSError as exc:
         raise InputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    return work
+
+
+def remove_stale_work(out: Path) -> int:
+    """Delete the work folders (``OUT.*.partial``, with spools that can be as large as the
+    image) that runs writing `out` left when they were killed: only folders whose owner file
+    names this host and a process that no longer exists. Returns how many were removed."""
+    removed = 0
+    for folder in out.parent.glob(f"{glob.escape(out.name)}.*.partial"):
+        try:
+            owner = json.loads((folder / _OWNER).read_text())
+        except (OSError, ValueError):
+            continue  # not provably tilefuse's: left alone
+        if (folder.is_symlink() or not isinstance(owner, dict)
+                or owner.get("host") != socket.gethostname() or _alive(owner.get("pid"))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        log.warning("removed %s, left by an interrupted run", folder)
+        removed += 1
+    return removed
+
+
+def _alive(pid: object) -> bool:
+    """Whether process `pid` exists (True when that cannot be told: keep its folder)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
 
 
 def _write_levels(target: Path, level0: RawLevel, shapes: list[tuple[int, ...]], xml: str,
