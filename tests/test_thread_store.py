@@ -143,3 +143,34 @@ def test_close_pairs_on_a_grid_keeps_pairs_at_exactly_the_radius():
     grid = np.array([(y, x) for y in range(0, 50, 10) for x in range(0, 50, 10)], float)
     pairs = close_pairs(grid, 10.0)
     assert len(pairs) == 2 * 5 * 4  # the 4-neighbours, each at distance exactly 10
+
+
+def test_run_tasks_keeps_order_and_stops_at_the_first_error():
+    import threading
+    import time
+
+    from tilefuse.errors import InputError
+
+    compute = LocalCompute("threads", 2, None)
+    assert compute.run_tasks is not None
+    assert compute.run_tasks([lambda i=i: (time.sleep(0.002 * (5 - i)), i)[1]
+                              for i in range(5)]) == [0, 1, 2, 3, 4]
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def task(i: int):
+        def run() -> int:
+            with lock:
+                started.append(i)
+            if i == 1:
+                raise OSError(28, "No space left on device")
+            time.sleep(0.01)
+            return i
+        return run
+
+    with pytest.raises(OSError, match="No space"):
+        compute.run_tasks([task(i) for i in range(200)])
+    assert len(started) < 200  # the tasks not yet started when it failed never ran
+    assert LocalCompute("processes", 2, None).run_tasks is None  # closures do not pickle
+    with pytest.raises(InputError, match="unknown local scheduler"):
+        LocalCompute("thread", 2, None)

@@ -129,7 +129,9 @@ class LocalCompute:
 
     def __init__(self, scheduler: str, workers: int | None, report: ProgressFn | None, *,
                  whole: bool = True, first_label: str | None = None) -> None:
-        local_scheduler(scheduler) if scheduler != "threads" else None  # refuses a wrong name
+        if scheduler not in LOCAL_SCHEDULERS:
+            raise InputError(f"unknown local scheduler {scheduler!r}; expected one of "
+                             f"{', '.join(LOCAL_SCHEDULERS)}")
         self.scheduler = scheduler
         self.workers = workers
         self.report = report
@@ -157,7 +159,7 @@ class LocalCompute:
             if self.report and (done == len(tasks) or done % every == 0):
                 self.report(*share(batch, done, len(tasks), label, self.whole))
 
-        tell(0) if self.report else None
+        tell(0)
         threads = min(len(tasks), self.workers or os.cpu_count() or 1)
         if self.scheduler == "sync" or threads <= 1:
             results = []
