@@ -174,3 +174,31 @@ def test_run_tasks_keeps_order_and_stops_at_the_first_error():
     assert LocalCompute("processes", 2, None).run_tasks is None  # closures do not pickle
     with pytest.raises(InputError, match="unknown local scheduler"):
         LocalCompute("thread", 2, None)
+
+
+def test_compute_of_fused_pixels_needs_no_dask(mosaic, tmp_path):
+    """``fuse(...).compute()`` (and ``np.asarray``) make the blocks on threads: the pixels of
+    the dask path, in a process that never imports dask; with keywords it goes through dask."""
+    import subprocess
+    import sys
+
+    expected = mosaic.data.compute(scheduler="sync")
+    assert mosaic.compute().dtype == expected.dtype
+    np.testing.assert_array_equal(mosaic.compute(), expected)
+    np.testing.assert_array_equal(np.asarray(mosaic), expected)
+    np.testing.assert_array_equal(mosaic.compute(scheduler="sync"), expected)
+    np.save(tmp_path / "expected.npy", expected)
+    code = ("import sys, numpy as np, tilefuse\n"
+            "from tilefuse.io.readers import layout_from_arrays\n"
+            "from tilefuse.testing import grid_tileset\n"
+            "ts = grid_tileset(grid=(3, 3), tile_shape=(80, 96), overlap=0.2, fractional=True,"
+            " seed=3)\n"
+            "tiles = [np.stack([p, 60000 - p]) for p in (t.source.read()[0] for t in "
+            "ts.layout.tiles)]\n"
+            "layout = layout_from_arrays(tiles, affines=ts.layout.affines, channels=['a', 'b'])\n"
+            "got = tilefuse.fuse(layout, chunk=32).compute()\n"
+            f"ok = np.array_equal(got, np.load({str(tmp_path / 'expected.npy')!r}))\n"
+            "print(ok, 'dask' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["True", "False"], out.stderr

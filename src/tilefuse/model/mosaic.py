@@ -20,7 +20,7 @@ from tilefuse.model.units import check_unit
 if TYPE_CHECKING:
     import dask.array as da
 
-__all__ = ["AXIS_ORDER", "SPATIAL_AXES", "BlockPixels", "Mosaic", "check_axes"]
+__all__ = ["AXIS_ORDER", "SPATIAL_AXES", "BlockPixels", "Mosaic", "check_axes", "read_all"]
 
 AXIS_ORDER = "tczyx"
 """The axes a mosaic may have, in the order they come: absent axes are dropped."""
@@ -227,7 +227,14 @@ class Mosaic:
         return tuple(a for a in self.axes if a in SPATIAL_AXES)
 
     def compute(self, **kwargs: Any) -> np.ndarray:
-        """All pixels as a numpy array of :attr:`shape` (``kwargs`` go to dask's compute)."""
+        """All pixels as a numpy array of :attr:`shape`.
+
+        Block pixels (what :func:`tilefuse.fuse` makes) are made on this machine's threads,
+        without dask, unless `kwargs` are given: they go to dask's compute (e.g.
+        ``scheduler=...``), as they do for a mosaic of a dask array.
+        """
+        if self._pixels is not None and not kwargs:
+            return read_all(self._pixels)
         return np.asarray(self.data.compute(**kwargs))
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
@@ -239,6 +246,32 @@ class Mosaic:
         return (f"Mosaic(shape={self.shape}, axes={''.join(self.axes)!r}, dtype={self.dtype}, "
                 f"pixel_size={scale} {self.unit}, channels={list(self.channel_names)}, "
                 f"origin={self.origin})")
+
+
+def read_all(pixels: BlockPixels, workers: int | None = None) -> np.ndarray:
+    """Every block of `pixels`, made in threads (one per core by default) into one array.
+
+    Returns
+    -------
+    numpy.ndarray, shape ``pixels.shape``, ``pixels.dtype``
+    """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    shape, unit = pixels.shape, pixels.chunk_shape
+    out = np.empty(shape, dtype=pixels.dtype)
+    blocks = list(np.ndindex(*(-(-n // c) for n, c in zip(shape, unit, strict=True))))
+
+    def run(block: tuple[int, ...]) -> None:
+        data = pixels.block(block)
+        out[tuple(slice(b * c, b * c + n)
+                  for b, c, n in zip(block, unit, data.shape, strict=True))] = data
+
+    threads = max(1, min(len(blocks), workers or os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in pool.map(run, blocks):  # re-raises a failed block's error here
+            pass
+    return out
 
 
 def _is_dask_array(value: object) -> bool:
