@@ -202,3 +202,18 @@ def test_compute_of_fused_pixels_needs_no_dask(mosaic, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == ["True", "False"], out.stderr
+
+
+def test_compute_follows_a_scheduler_the_user_chose(mosaic, monkeypatch):
+    """A dask scheduler set in dask's configuration is the user's choice: compute() then
+    goes through dask (as for any dask array), not tilefuse's threads."""
+    from tilefuse.model import mosaic as mosaic_module
+
+    calls = []
+    real = mosaic_module.read_all
+    monkeypatch.setattr(mosaic_module, "read_all", lambda p: calls.append(p) or real(p))
+    expected = mosaic.compute()
+    assert len(calls) == 1
+    with dask.config.set(scheduler="sync"):
+        np.testing.assert_array_equal(mosaic.compute(), expected)
+    assert len(calls) == 1

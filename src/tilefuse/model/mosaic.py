@@ -20,7 +20,8 @@ from tilefuse.model.units import check_unit
 if TYPE_CHECKING:
     import dask.array as da
 
-__all__ = ["AXIS_ORDER", "SPATIAL_AXES", "BlockPixels", "Mosaic", "check_axes", "read_all"]
+__all__ = ["AXIS_ORDER", "SPATIAL_AXES", "BlockPixels", "Mosaic", "check_axes", "dask_is_chosen",
+           "read_all"]
 
 AXIS_ORDER = "tczyx"
 """The axes a mosaic may have, in the order they come: absent axes are dropped."""
@@ -230,10 +231,11 @@ class Mosaic:
         """All pixels as a numpy array of :attr:`shape`.
 
         Block pixels (what :func:`tilefuse.fuse` makes) are made on this machine's threads,
-        without dask, unless `kwargs` are given: they go to dask's compute (e.g.
-        ``scheduler=...``), as they do for a mosaic of a dask array.
+        without dask, unless `kwargs` are given (they go to dask's compute, e.g.
+        ``scheduler=...``, as for a mosaic of a dask array) or the user chose a dask scheduler
+        (:func:`dask_is_chosen`).
         """
-        if self._pixels is not None and not kwargs:
+        if self._pixels is not None and not kwargs and not dask_is_chosen():
             return read_all(self._pixels)
         return np.asarray(self.data.compute(**kwargs))
 
@@ -246,6 +248,28 @@ class Mosaic:
         return (f"Mosaic(shape={self.shape}, axes={''.join(self.axes)!r}, dtype={self.dtype}, "
                 f"pixel_size={scale} {self.unit}, channels={list(self.channel_names)}, "
                 f"origin={self.origin})")
+
+
+def dask_is_chosen() -> bool:
+    """Whether the user chose where dask runs: a running ``distributed`` client, or a
+    scheduler set in dask's configuration. Then computations go through dask as
+    ``dask.compute`` would run them; otherwise tilefuse runs its own tasks on threads."""
+    import sys
+
+    if "distributed" in sys.modules:  # a client can exist only if distributed was imported
+        from distributed import get_client
+
+        try:
+            get_client()
+        except ValueError:  # no client
+            pass
+        else:
+            return True
+    if "dask" in sys.modules:
+        import dask
+
+        return dask.config.get("scheduler", None) is not None
+    return False
 
 
 def read_all(pixels: BlockPixels, workers: int | None = None) -> np.ndarray:

@@ -187,11 +187,14 @@ def _work_folder(out: Path) -> Path:
     the finished file is renamed into place), marked with its owner. Making it is the
     writability check. Folders that killed runs left for `out` are removed first."""
     remove_stale_work(out)
+    work = None
     try:
         work = Path(tempfile.mkdtemp(prefix=f"{out.name}.", suffix=".partial", dir=out.parent))
         (work / _OWNER).write_text(json.dumps({"host": socket.gethostname(),
                                                "pid": os.getpid()}))
     except OSError as exc:
+        if work is not None:  # made here, a moment ago: nothing else inside
+            shutil.rmtree(work, ignore_errors=True)
         raise InputError(f"cannot write {out}: {exc.strerror or exc}") from exc
     return work
 

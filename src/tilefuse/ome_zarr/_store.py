@@ -73,8 +73,8 @@ def store_level(
     compute: Callable[..., tuple],
     blocks: Sequence[tuple[int, ...]] | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Store `source` (or only its `blocks`) into `target` in one dask compute, with
-    per-channel min/max of what was stored if `stats`.
+    """Store `source` (or only its `blocks`) into `target`, in batches of at most
+    :data:`BATCH_CHUNKS` chunks, with per-channel min/max of what was stored if `stats`.
 
     `compute` is a level's compute of a :class:`Tally` (:class:`LevelCompute`:
     ``compute(*collections, chunks=n)``, and ``compute.run_tasks`` for local threads).

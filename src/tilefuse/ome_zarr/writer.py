@@ -30,7 +30,7 @@ from tilefuse.io.outputs import (
     is_finished,
     remove_image,
 )
-from tilefuse.model.mosaic import BlockPixels, Mosaic
+from tilefuse.model.mosaic import BlockPixels, Mosaic, dask_is_chosen
 from tilefuse.ome_zarr import NGFF_VERSIONS
 from tilefuse.ome_zarr._metadata import (
     channel_specs,
@@ -261,29 +261,15 @@ def _source(pixels: da.Array | BlockPixels, shard: tuple[int, ...] | None
 
 
 def default_compute() -> Compute:
-    """What a write runs on when the caller names nothing: a running ``distributed`` client or
-    a scheduler set in dask's configuration, as ``dask.compute`` would choose; else this
-    machine's threads, without dask (:class:`tilefuse.runner.LocalCompute`)."""
-    import sys
-
+    """What a write runs on when the caller names nothing: ``dask.compute`` when the user chose
+    where dask runs (:func:`tilefuse.model.mosaic.dask_is_chosen`); else this machine's
+    threads, without dask (:class:`tilefuse.runner.LocalCompute`)."""
     from tilefuse.runner import LocalCompute
 
-    if "distributed" in sys.modules:  # a client can exist only if distributed was imported
-        from distributed import get_client
-
-        try:
-            get_client()
-        except ValueError:  # no client
-            pass
-        else:
-            import dask
-
-            return dask.compute
-    if "dask" in sys.modules:
+    if dask_is_chosen():
         import dask
 
-        if dask.config.get("scheduler", None) is not None:
-            return dask.compute
+        return dask.compute
     return LocalCompute("threads", None, None)
 
 
