@@ -283,19 +283,19 @@ def test_memory_limit_too_small_is_refused_with_the_need_and_the_need_is_enough(
 def test_fuse_and_info_see_the_slurm_allocation(small_set, tmp_path, monkeypatch):
     for name in SLURM_VARS:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("SLURM_MEM_PER_NODE", "160")  # MiB; the default budget is half of it
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", "80")  # MiB; the default budget is half of it
     info = run_main("info", small_set)
-    assert "160.0 MiB available to this process (SLURM_MEM_PER_NODE)" in info.stdout
+    assert "80.0 MiB available to this process (SLURM_MEM_PER_NODE)" in info.stdout
     result = run_main("fuse", small_set, "-o", tmp_path / "m.ome.zarr", "--backend", "numpy")
-    assert result.returncode == 2 and "memory limit 80.0 MiB" in result.stderr
+    assert result.returncode == 2 and "memory limit 40.0 MiB" in result.stderr
 
 
 def test_chunk_above_the_budget_warns_with_the_parts(small_set, tmp_path):
     result = run_main("fuse", small_set, "-o", tmp_path / "m.ome.zarr", "--chunk", "4096",
-                      "--memory-limit", "120MB", "--backend", "numpy", "--cache-mb", "8", "-q")
+                      "--memory-limit", "90MB", "--backend", "numpy", "--cache-mb", "8", "-q")
     assert result.returncode == 0, result.stderr
     assert "--chunk 4096 needs ~" in result.stderr and "libraries" in result.stderr
-    assert "above the 114 MiB memory limit" in result.stderr
+    assert "above the 86 MiB memory limit" in result.stderr
 
 
 def test_job_queue_budget_is_the_worker_jobs_not_this_machines(monkeypatch):
@@ -318,9 +318,12 @@ def test_job_queue_budget_is_the_worker_jobs_not_this_machines(monkeypatch):
                                      **options)
         absolute = _run.budget_chunk(layout, memory_limit="400MiB", workers=8,
                                      scheduler="slurm", **options)
-    # the same as asking for a quarter GiB, 2 threads, on this machine
-    assert on_slurm == _run.budget_chunk(layout, memory_limit=str(2**28), workers=2, **options)
+    # the same as asking for a quarter GiB, 2 threads, on this machine in a process with dask
+    assert on_slurm == _run.budget_chunk(layout, memory_limit=str(2**28), workers=2, dask=True,
+                                         **options)
     assert (on_slurm, local) == (512, 1024)
     # a size is per worker process too, for its 2 threads, not the 8 jobs
-    assert absolute == _run.budget_chunk(layout, memory_limit="400MiB", workers=2, **options)
-    assert absolute > _run.budget_chunk(layout, memory_limit="400MiB", workers=8, **options)
+    assert absolute == _run.budget_chunk(layout, memory_limit="400MiB", workers=2, dask=True,
+                                         **options)
+    assert absolute > _run.budget_chunk(layout, memory_limit="400MiB", workers=8, dask=True,
+                                        **options)

@@ -98,15 +98,16 @@ def test_import_and_help_stay_cheap():
 def test_a_small_local_fuse_loads_only_what_it_uses(tmp_path):
     """A small translation-only ``tilefuse fuse`` on local threads imports neither dask (0.3-0.5
     s: the chunks are fused and stored on threads, every pyramid level too), distributed (dask's
-    scheduler lookup, 0.3 s), scipy's k-d tree (0.2 s), the intensity package (0.2 s) nor numba
-    (0.5 s with its cache): start-up is most of a small run. A rotated one does load the
-    compiled kernel."""
+    scheduler lookup, 0.3 s), zarr-python (0.15 s: tilefuse writes the zarr metadata itself),
+    scipy's k-d tree (0.2 s), the intensity package (0.2 s) nor numba (0.5 s with its cache):
+    start-up is most of a small run. A rotated one does load the compiled kernel."""
     from tilefuse.testing import write_tileset
 
     ts = grid_tileset(grid=(2, 2), tile_shape=(48, 64), overlap=0.2, seed=1)
     layout = write_tileset(ts, tmp_path / "tiles", stage=False)
-    heavy = "('dask', 'distributed', 'scipy.spatial', 'tilefuse.intensity', 'numba')"
-    for extra, loaded in (((), "[]"), (("--rotate", "1"), "['numba']")):
+    heavy = "('dask', 'distributed', 'zarr', 'scipy.spatial', 'tilefuse.intensity', 'numba')"
+    for extra, loaded in (((), "[]"), (("--chunk", "32", "--ngff", "0.4"), "[]"),
+                          (("--rotate", "1"), "['numba']")):
         code = ("import sys\nfrom tilefuse.cli.main import main\n"
                 f"status = main(['fuse', {str(layout)!r}, '-o', {str(tmp_path / 'o.ome.zarr')!r}, "
                 f"'-q', '--overwrite', *{list(extra)!r}])\n"

@@ -163,7 +163,7 @@ def resume_chunk(output: Path, chunk: Chunk, *, resume: bool) -> Chunk:
 
 def budget_chunk(layout: Layout | TimeSeries, chunk: Chunk, *, memory_limit: str | int,
                  workers: int | None, cache_bytes: int, backend: str,
-                 scheduler: str = "threads") -> int | tuple[int, ...]:
+                 scheduler: str = "threads", dask: bool = False) -> int | tuple[int, ...]:
     """`chunk`, checked against `memory_limit`; or the largest chunk the budget allows.
 
     The budget is a size, or a fraction of the memory this job may use (the smallest of RAM,
@@ -172,6 +172,7 @@ def budget_chunk(layout: Layout | TimeSeries, chunk: Chunk, *, memory_limit: str
     (``scheduler`` ``slurm``, ``pbs``...) the chunks are fused in the worker jobs, so the
     budget is per worker process: a fraction is of its share of the configured job memory,
     and its threads are the job's cores per process, wherever ``tilefuse`` itself runs.
+    Any scheduler but local threads, or `dask` (an OME-TIFF write), counts dask's memory.
     """
     from tilefuse.cluster import JOBQUEUES, worker_resources
     from tilefuse.plan.info import choose_chunk, chunk_peak, layout_memory, parse_bytes
@@ -185,6 +186,7 @@ def budget_chunk(layout: Layout | TimeSeries, chunk: Chunk, *, memory_limit: str
         threads = workers or os.cpu_count() or 1
     n_ch, itemsize = len(layout.channels), layout.dtype.itemsize
     options = layout_memory(layout)
+    options["dask"] = dask or scheduler not in ("threads", "sync")
     if isinstance(chunk, tuple) and len(chunk) == 1:
         chunk = chunk[0]
     if chunk is None:

@@ -339,7 +339,8 @@ def run_fusion(
         fused_layout,
         chunk=_run.budget_chunk(fused_layout, chunk, memory_limit=request.memory_limit,
                                 workers=request.workers, cache_bytes=request.cache_bytes,
-                                backend=request.backend, scheduler=request.scheduler),
+                                backend=request.backend, scheduler=request.scheduler,
+                                dask=tiff),
         blend=request.blend, blend_width=request.blend_width, dtype=request.dtype,
         fill=request.fill, cache_bytes=request.cache_bytes, backend=request.backend)
     mosaic = fuse(plan) if cycles is None else cycles.fuse(

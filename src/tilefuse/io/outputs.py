@@ -60,9 +60,11 @@ TIFF_MANIFEST_NAMESPACE = "tilefuse/run-manifest"
 """Namespace of the OME-XML ``CommentAnnotation`` holding the run manifest (JSON) of an OME-TIFF
 tilefuse wrote: with ``Creator="tilefuse VERSION"``, what marks the file as tilefuse's."""
 
-# What tilefuse writes into an image folder: zarr metadata, level folders, the manifest.
+# What tilefuse writes into an image folder: zarr metadata (and the temporaries of its
+# documents), level folders, the manifest.
 _OWN_ENTRIES = re.compile(r"^(zarr\.json|\.zattrs|\.zgroup|\.zmetadata|\d+|"
-                          + re.escape(MANIFEST) + r"|\.tilefuse-write-test)$")
+                          + re.escape(MANIFEST) + r"|\.tilefuse-write-test"
+                          r"|\.tilefuse-.+\.[0-9a-f]{32}\.partial)$")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-import zarr
 
 from tilefuse.errors import InputError
 from tilefuse.ome_zarr._metadata import check_axes
@@ -18,6 +17,8 @@ from tilefuse.ome_zarr.chunkstore import ChunkFiles
 
 if TYPE_CHECKING:
     import dask.array as da
+
+    from tilefuse.ome_zarr.zarr_nodes import Level
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +107,12 @@ def regular_chunks(array: da.Array) -> da.Array:
     return array.rechunk(target)
 
 
-def downsample_level(previous: zarr.Array, axes: Sequence[str]) -> da.Array | DownsampledPixels:
+def downsample_level(previous: Level, axes: Sequence[str]) -> da.Array | DownsampledPixels:
     """2x mean in y and x of a stored level, one output chunk per task.
 
     Parameters
     ----------
-    previous : zarr.Array, shape (..., y, x)
+    previous : Level, shape (..., y, x)
         The stored level, chunk shape C.
 
     Returns
@@ -123,7 +124,7 @@ def downsample_level(previous: zarr.Array, axes: Sequence[str]) -> da.Array | Do
         through zarr.
     """
     iy, ix = axes.index("y"), axes.index("x")
-    files = ChunkFiles.for_array(previous, skip_empty=False)
+    files = ChunkFiles.for_level(previous, skip_empty=False)
     if files is not None:
         return DownsampledPixels(files, iy, ix)
     import dask.array as da
@@ -134,8 +135,8 @@ def downsample_level(previous: zarr.Array, axes: Sequence[str]) -> da.Array | Do
     out_chunks = tuple(
         tuple(-(-c // 2) for c in cs) if i in (iy, ix) else cs for i, cs in enumerate(read_chunks)
     )
-    meta = np.empty((0,) * previous.ndim, dtype=previous.dtype)
-    src = da.from_zarr(previous, chunks=read_chunks)
+    meta = np.empty((0,) * len(previous.shape), dtype=previous.dtype)
+    src = da.from_zarr(previous.zarr_array(), chunks=read_chunks)
     return da.map_blocks(mean_2x_yx, src, chunks=out_chunks, dtype=src.dtype, meta=meta,
                          iy=iy, ix=ix)
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import zarr
 
 from tilefuse.errors import InputError
 from tilefuse.model.mosaic import SPATIAL_AXES  # the axes a shard size applies to
+
+if TYPE_CHECKING:
+    import zarr
 
 
 def shard_shapes(

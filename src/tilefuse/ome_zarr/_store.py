@@ -1,11 +1,15 @@
 """Storing levels: chunk files written by the task that makes them (:class:`ChunkFiles`) or
 through zarr, at most :data:`BATCH_CHUNKS` chunks per compute; level 0 resumable; a
-:class:`Tally` tells each compute where it stands in the whole write."""
+:class:`Tally` tells each compute where it stands in the whole write.
+
+Levels are :class:`~tilefuse.ome_zarr.zarr_nodes.Level` folders whose metadata tilefuse writes
+itself; zarr-python is imported only where chunk files cannot do the work (shards, the dask
+path's fallback, decoding a sharded level's files on a resume)."""
 
 from __future__ import annotations
 
-import functools
 import inspect
+import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numcodecs
 import numpy as np
-import zarr
 
 from tilefuse.errors import InputError
 from tilefuse.io.outputs import is_finished, read_manifest
@@ -30,43 +32,29 @@ from tilefuse.ome_zarr._blocks import (
 )
 from tilefuse.ome_zarr._shards import ShardFiles
 from tilefuse.ome_zarr.chunkstore import ChunkFiles
+from tilefuse.ome_zarr.zarr_nodes import ArraySpec, Level, chunk_key, read_group_attributes
 
 if TYPE_CHECKING:  # dask is imported by the dask path only: block pixels store without it
     import dask.array as da
+    import zarr
 
 log = logging.getLogger(__name__)
 
 
 
-
-def create_level(
-    group: zarr.Group,
-    key: str,
-    shape: Sequence[int],
-    chunks: Sequence[int],
-    dtype: np.dtype,
-    axes: Sequence[str],
-    zarr_format: int,
-    write_empty_chunks: bool = False,
-    shards: Sequence[int] | None = None,
-) -> zarr.Array:
-    """Create one empty level (replacing any left by an interrupted run): zstd (v3 default) or
-    Blosc/zstd with "/" chunk keys (v2); v3 may be sharded (`shards`: the shard shape)."""
-    create = functools.partial(group.create_array, key, shape=shape, chunks=tuple(chunks),
-                               dtype=dtype, overwrite=True,
-                               config={"write_empty_chunks": write_empty_chunks})
-    if zarr_format == 3:
-        return create(dimension_names=list(axes),
-                      shards=tuple(shards) if shards is not None else None)
-    return create(
-        compressors=numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
-        chunk_key_encoding={"name": "v2", "separator": "/"},
-    )
+def create_level(folder: Path, spec: ArraySpec, write_empty_chunks: bool = False,
+                 replace: bool = True) -> Level:
+    """Create one empty level at `folder` (over one an interrupted run left, if `replace`):
+    zstd (v3) or Blosc/zstd with "/" chunk keys (v2); v3 may be sharded (``spec.shards``)."""
+    try:
+        return Level(folder, spec, write_empty_chunks).create(replace=replace)
+    except OSError as exc:
+        raise InputError(f"cannot write {folder}: {exc.strerror or exc}") from exc
 
 
 def store_level(
     source: da.Array | BlockPixels,
-    target: zarr.Array | None,
+    target: Level | None,
     axes: Sequence[str],
     *,
     stats: bool,
@@ -103,7 +91,7 @@ def store_level(
                                 run_tasks, channel_axis)
         source = source.to_dask()
     count = (0 if target is None else len(blocks) if blocks is not None  # chunks stored
-             else int(np.prod([-(-n // c) for n, c in zip(target.shape, storage_unit(target),
+             else int(np.prod([-(-n // c) for n, c in zip(target.shape, target.storage_unit,
                                                            strict=True)])))
     writer = _direct_writer(source, target)
     if writer is not None:
@@ -113,14 +101,15 @@ def store_level(
                              channel_axis)
     import dask.array as da
     # dask types store's targets as ArrayLike; it needs only __setitem__, which zarr.Array has.
+    array = target.zarr_array() if target is not None else None
     if blocks is not None:
-        assert target is not None  # only the stats-only pass (no blocks) has no target
-        sources, targets, regions = _block_regions(source, target, blocks)
+        assert array is not None  # only the stats-only pass (no blocks) has no target
+        sources, targets, regions = _block_regions(source, array, blocks)
         stored = da.store(sources, targets,  # type: ignore[arg-type]  # see above
                           regions=regions, lock=False, compute=False)
     else:
-        stored = (da.store(source, target, lock=False, compute=False)  # type: ignore[arg-type]
-                  if target is not None else None)
+        stored = (da.store(source, array, lock=False, compute=False)  # type: ignore[arg-type]
+                  if array is not None else None)
     if not stats:
         compute(stored, chunks=count)
         return None, None
@@ -152,38 +141,34 @@ def tile_order(blocks: Iterable[Sequence[int]], axes: Sequence[str]) -> list[tup
 def _block_regions(
     source: da.Array, target: zarr.Array, blocks: Sequence[tuple[int, ...]]
 ) -> tuple[list[da.Array], list[zarr.Array], list[tuple[slice, ...]]]:
+    """Each block of `source` with `target` and the region of `target` it is stored in."""
     starts = [np.cumsum((0, *c)) for c in source.chunks]
     regions = [tuple(slice(int(s[i]), int(s[i + 1])) for s, i in zip(starts, b, strict=True))
                for b in blocks]
     return [source.blocks[b] for b in blocks], [target] * len(blocks), regions
 
 
-def storage_unit(target: zarr.Array) -> tuple[int, ...]:
-    """What one file of `target` holds: its shard shape, or its chunk shape if unsharded."""
-    return tuple(target.shards or target.chunks)
-
-
-def _chunk_files(source: BlockPixels, target: zarr.Array | None) -> ChunkFiles | None:
+def _chunk_files(source: BlockPixels, target: Level | None) -> ChunkFiles | None:
     """Chunk files of `target` when each block of `source` is exactly one of its chunks
-    (unsharded, a local store: :meth:`ChunkFiles.for_array`)."""
+    (unsharded: :meth:`ChunkFiles.for_level`)."""
     if target is None or target.shards is not None:
         return None
     if tuple(source.chunk_shape) != tuple(target.chunks):
         return None
-    return ChunkFiles.for_array(target, skip_empty=not target.config.write_empty_chunks)
+    return ChunkFiles.for_level(target, skip_empty=not target.write_empty_chunks)
 
 
-def _direct_writer(source: da.Array, target: zarr.Array | None) -> ChunkFiles | ShardFiles | None:
+def _direct_writer(source: da.Array, target: Level | None) -> ChunkFiles | ShardFiles | None:
     """A writer for `target` when each dask block of `source` is exactly one of its files
     (one chunk, or one shard when sharded)."""
     if target is None:
         return None
-    for cs, c in zip(source.chunks, storage_unit(target), strict=True):
+    for cs, c in zip(source.chunks, target.storage_unit, strict=True):
         if any(n != c for n in cs[:-1]) or cs[-1] > c:
             return None
     if target.shards is not None:
-        return ShardFiles(target, str(target.store_path))
-    return ChunkFiles.for_array(target, skip_empty=not target.config.write_empty_chunks)
+        return ShardFiles(target.zarr_array(), str(target.folder))
+    return ChunkFiles.for_level(target, skip_empty=not target.write_empty_chunks)
 
 
 @dataclass(frozen=True)
@@ -350,54 +335,61 @@ def _differences(saved: dict | None, manifest: dict) -> str:
                             if saved.get(k) != manifest.get(k)))
 
 
-def open_unfinished(out: Path, zarr_format: Literal[2, 3], manifest: dict | None) -> zarr.Group:
-    """Open an interrupted write for resuming, refusing anything that is not exactly that."""
-    if read_manifest(out) is None:
+def open_unfinished(out: Path, zarr_format: Literal[2, 3], manifest: dict | None) -> None:
+    """Check that `out` is an interrupted write of this very run (a zarr group of
+    `zarr_format` with the same manifest), refusing anything else."""
+    saved = read_manifest(out)
+    if saved is None:
         raise InputError(f"{out}: nothing to resume (no tilefuse run manifest); run without "
                          "--resume")
     try:
-        group = zarr.open_group(out, mode="r+", zarr_format=zarr_format)
-    except Exception as exc:
-        raise InputError(f"{out}: cannot open the interrupted output to resume ({exc})") from exc
-    saved = read_manifest(out)
+        read_group_attributes(out, zarr_format)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{out}: cannot open the interrupted output to resume: not a zarr "
+                         f"v{zarr_format} group ({exc})") from exc
     if manifest is not None and saved != manifest:
         raise InputError(
             f"{out}: was started with other inputs or parameters "
             f"({_differences(saved, manifest)} differ); resume only with the same command, or "
             "start again with --overwrite"
         )
-    return group
 
 
-def level_zero(group, shape, chunks, dtype, axes, zarr_format, resume: bool,
-               shards: Sequence[int] | None = None) -> zarr.Array:
+def level_zero(out: Path, spec: ArraySpec, resume: bool) -> Level:
     """Level 0, every chunk (or shard) stored as a file (even all-fill ones) so written ones
-    can be told from missing ones on a resume."""
-    if resume and "0" in group:
-        target = group["0"].with_config({"write_empty_chunks": True})
-        if (tuple(target.shape) != tuple(shape) or tuple(target.chunks) != tuple(chunks)
-                or target.shards != (tuple(shards) if shards is not None else None)):
+    can be told from missing ones on a resume; a resume keeps the level there when its
+    metadata is exactly what this run writes."""
+    level = Level(out / "0", spec, write_empty_chunks=True)
+    documents = spec.documents()
+    if not (resume and (level.folder / next(iter(documents))).is_file()):
+        return create_level(level.folder, spec, write_empty_chunks=True, replace=resume)
+    for name, document in documents.items():
+        try:
+            stored = json.loads((level.folder / name).read_text())
+        except (OSError, ValueError):
+            stored = None
+        if stored != document:
             raise InputError(
-                f"level 0 of the interrupted output is {target.shape} in chunks {target.chunks}"
-                f" (shards {target.shards}), this run makes {tuple(shape)} in {tuple(chunks)} "
-                f"(shards {shards}); start again with --overwrite"
-            )
-        return target
-    return create_level(group, "0", shape, chunks, dtype, axes, zarr_format,
-                         write_empty_chunks=True, shards=shards)
+                f"level 0 of the interrupted output ({level.folder / name}) is not what this "
+                f"run makes ({spec.shape} in chunks {spec.chunks}, shards {spec.shards}, "
+                f"{spec.dtype}); start again with --overwrite")
+    return level
 
 
-def written_blocks(target: zarr.Array, folder: Path) -> set[tuple[int, ...]]:
+def written_blocks(target: Level) -> set[tuple[int, ...]]:
     """Chunks (shards, when sharded) of `target` that exist as files and decode; broken files
     are removed."""
-    grid = tuple(-(-n // c) for n, c in zip(target.shape, storage_unit(target), strict=True))
+    grid = tuple(-(-n // c) for n, c in zip(target.shape, target.storage_unit, strict=True))
+    files = ChunkFiles.for_level(target, skip_empty=False)
+    read = files.read if files is not None else target.zarr_array().get_block_selection
+    folder = target.folder
 
     def check(block: tuple[int, ...]) -> tuple[int, ...] | None:
-        path = folder / target.metadata.encode_chunk_key(block)
+        path = folder / chunk_key(block, target.spec.zarr_format)
         if not path.is_file():
             return None
         try:
-            target.get_block_selection(block)
+            read(block)
         except Exception:  # a chunk cut short by a crash: write it again
             log.warning("chunk %s of %s does not decode; it will be written again", block, folder)
             path.unlink(missing_ok=True)
@@ -410,12 +402,12 @@ def written_blocks(target: zarr.Array, folder: Path) -> set[tuple[int, ...]]:
 
 
 def store_missing_blocks(
-    source: da.Array | BlockPixels, target: zarr.Array, folder: Path, axes, stats: bool,
-    compute, resume: bool, tally: Tally | None = None,
+    source: da.Array | BlockPixels, target: Level, axes, stats: bool, compute, resume: bool,
+    tally: Tally | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Store the blocks of `source` that `target` lacks (all of them on a fresh write); the
     chunks kept count as stored in `tally`."""
-    done = written_blocks(target, folder) if resume else set()
+    done = written_blocks(target) if resume else set()
     if not done:
         return store_level(source, target, axes, stats=stats, compute=compute)
     unit = source.chunk_shape if isinstance(source, BlockPixels) else source.chunksize
@@ -431,10 +423,9 @@ def store_missing_blocks(
     return _stored_stats(target, axes, compute)
 
 
-def _stored_stats(target: zarr.Array, axes, compute) -> tuple[np.ndarray | None,
-                                                              np.ndarray | None]:
+def _stored_stats(target: Level, axes, compute) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Per-channel finite min/max of a stored level, read back (after a resume)."""
-    files = ChunkFiles.for_array(target, skip_empty=False) if target.shards is None else None
+    files = ChunkFiles.for_level(target, skip_empty=False)
     run_tasks = getattr(compute, "run_tasks", None)
     if files is not None and run_tasks is not None:
         channel_axis = axes.index("c") if "c" in axes else None
@@ -443,4 +434,5 @@ def _stored_stats(target: zarr.Array, axes, compute) -> tuple[np.ndarray | None,
                                channel_axis)
     import dask.array as da
 
-    return store_level(da.from_zarr(target), None, axes, stats=True, compute=compute)
+    return store_level(da.from_zarr(target.zarr_array()), None, axes, stats=True,
+                       compute=compute)

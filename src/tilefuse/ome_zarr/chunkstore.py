@@ -25,15 +25,17 @@ import os
 import re
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numcodecs
 import numpy as np
-import zarr
-from zarr.codecs import BytesCodec, ZstdCodec
-from zarr.storage import LocalStore
+
+from tilefuse.ome_zarr.zarr_nodes import BLOSC, ZSTD_LEVEL, Level, chunk_key
+
+if TYPE_CHECKING:
+    import zarr
 
 __all__ = ["ChunkFiles", "remove_partial_files"]
 
@@ -59,8 +61,8 @@ class ChunkFiles:
     dtype : numpy.dtype
     fill_value : scalar or None
         Pads edge chunks; None (zarr v2) means the dtype's default, 0, as zarr reads it.
-    metadata : zarr array metadata (v2 or v3)
-        Names chunk files (``encode_chunk_key(block) -> str``), as zarr does.
+    key : callable
+        Names chunk files (``key(block) -> str``, relative to `folder`), as zarr does.
     compressor : numcodecs codec or None
     encode_array : bool
         Hand the compressor the array (v2: Blosc takes the typesize from it) or its bytes (v3).
@@ -73,14 +75,39 @@ class ChunkFiles:
     chunks: tuple[int, ...]
     dtype: np.dtype
     fill_value: Any
-    metadata: Any
+    key: Callable[[tuple[int, ...]], str]
     compressor: Any
     encode_array: bool
     skip_empty: bool
 
     @classmethod
+    def for_level(cls, level: Level, *, skip_empty: bool) -> ChunkFiles | None:
+        """Chunk files of a level tilefuse creates (:class:`~tilefuse.ome_zarr.zarr_nodes.Level`,
+        without zarr-python), or None when it is sharded or cannot be written here."""
+        dtype = np.dtype(level.dtype)
+        if level.shards is not None or sys.byteorder != "little" or dtype.kind not in "biuf":
+            return None
+        import numcodecs.blosc
+        import numcodecs.zstd
+
+        fmt = level.spec.zarr_format
+        make = functools.partial(
+            cls, folder=str(level.folder), shape=tuple(level.shape), chunks=tuple(level.chunks),
+            dtype=dtype, fill_value=dtype.type(0), skip_empty=skip_empty,
+            key=functools.partial(chunk_key, zarr_format=fmt))
+        if fmt == 2:
+            blosc = {k: v for k, v in BLOSC.items() if k != "id"}
+            return make(compressor=numcodecs.blosc.Blosc(**blosc), encode_array=True)
+        return make(compressor=numcodecs.zstd.Zstd(level=ZSTD_LEVEL, checksum=False),
+                    encode_array=False)
+
+    @classmethod
     def for_array(cls, array: zarr.Array, *, skip_empty: bool) -> ChunkFiles | None:
         """Chunk files of ``array``, or None when its storage is not one this class reproduces."""
+        import numcodecs
+        from zarr.codecs import BytesCodec, ZstdCodec
+        from zarr.storage import LocalStore
+
         meta = array.metadata
         dtype = np.dtype(array.dtype)
         store = array.store_path.store
@@ -91,7 +118,7 @@ class ChunkFiles:
         folder = str(Path(store.root) / array.path)
         make = functools.partial(
             cls, folder=folder, shape=tuple(array.shape), chunks=tuple(array.chunks), dtype=dtype,
-            fill_value=meta.fill_value, metadata=meta, skip_empty=skip_empty)
+            fill_value=meta.fill_value, key=meta.encode_chunk_key, skip_empty=skip_empty)
         if meta.zarr_format == 2:
             if meta.filters or meta.order != "C":
                 return None
@@ -110,7 +137,7 @@ class ChunkFiles:
 
     def path(self, block: tuple[int, ...]) -> Path:
         """The file that holds chunk ``block``."""
-        return Path(self.folder) / self.metadata.encode_chunk_key(tuple(block))
+        return Path(self.folder) / self.key(tuple(block))
 
     def write(self, block: tuple[int, ...], data: np.ndarray) -> None:
         """Encode and store one chunk.

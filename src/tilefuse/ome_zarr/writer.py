@@ -15,10 +15,9 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import zarr
 
 from tilefuse import __version__
 from tilefuse.errors import InputError
@@ -54,12 +53,18 @@ from tilefuse.ome_zarr._store import (
     open_unfinished,
     store_level,
     store_missing_blocks,
-    written_blocks,
 )
 from tilefuse.ome_zarr.chunkstore import remove_partial_files
+from tilefuse.ome_zarr.zarr_nodes import (
+    ArraySpec,
+    Level,
+    ZarrFormat,
+    create_group,
+    update_group_attributes,
+)
 
 __all__ = ["MANIFEST", "is_finished_image", "max_levels",
-           "pyramid_shapes", "read_ome_zarr_level", "write_ome_zarr", "written_blocks"]
+           "pyramid_shapes", "read_ome_zarr_level", "write_ome_zarr"]
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +207,7 @@ def write_image(
     iy, ix = axes.index("y"), axes.index("x")
     check_levels(levels, (shape[iy], shape[ix]))
     shapes = pyramid_shapes(shape, (chunks[iy], chunks[ix]), axes, levels)
-    zarr_format: Literal[2, 3] = 3 if ngff_version == "0.5" else 2
+    zarr_format: ZarrFormat = 3 if ngff_version == "0.5" else 2
     if shard is not None and zarr_format == 2:
         raise InputError("sharding needs zarr v3 (NGFF 0.5); NGFF 0.4 (zarr v2) has no shards")
     shards = (shard_shapes(shard, chunks, axes, shapes) if shard is not None
@@ -215,37 +220,37 @@ def write_image(
         if finished_match(out, manifest):
             log.info("%s is already complete; nothing to resume", out)
             return out
-        group = open_unfinished(out, zarr_format, manifest)
+        open_unfinished(out, zarr_format, manifest)
         removed = remove_partial_files(out)
         if removed:
             log.info("removed %d partly written chunk file(s) left by the interrupted run", removed)
     else:
-        group = _new_image(out, zarr_format, manifest)
+        _new_image(out, zarr_format, manifest)
 
     lo = hi = None
+    previous: Level | None = None
     # the progress unit: chunks, or shards when sharded (each is one file and one task)
     tally = Tally(compute, [_chunk_count(s, u or chunks)
                             for s, u in zip(shapes, shards, strict=True)])
     for k, (shape, unit) in enumerate(zip(shapes, shards, strict=True)):
         last = k == len(shapes) - 1
         log.info("level %d: shape %s, chunks %s, shards %s", k, shape, chunks, unit)
-        if k == 0:
-            target = level_zero(group, shape, chunks, dtype, axes, zarr_format, resume,
-                                shards=unit)
+        spec = ArraySpec(tuple(shape), tuple(chunks), np.dtype(dtype), tuple(axes), zarr_format,
+                         unit)
+        if previous is None:
+            target = level_zero(out, spec, resume)
             source = _source(level0, unit)
-            lo, hi = store_missing_blocks(source, target, out / "0", axes, last,
-                                           tally.level(0), resume, tally)
-            continue
-        previous = group[str(k - 1)]
-        assert isinstance(previous, zarr.Array)
-        source = _source(downsample_level(previous, axes), unit)
-        target = create_level(group, str(k), shape, chunks, dtype, axes, zarr_format,
-                              shards=unit)
-        lo, hi = store_level(source, target, axes, stats=last, compute=tally.level(k))
+            lo, hi = store_missing_blocks(source, target, axes, last, tally.level(0), resume,
+                                          tally)
+        else:
+            source = _source(downsample_level(previous, axes), unit)
+            target = create_level(out / str(k), spec)
+            lo, hi = store_level(source, target, axes, stats=last, compute=tally.level(k))
+        previous = target
 
     attrs = image_attrs(axes, sizes, offsets, mosaic.unit, len(shapes), ngff_version, channels,
                         lo, hi, name or image_stem(out))
-    group.attrs.update(attrs)
+    update_group_attributes(out, zarr_format, attrs)
     log.info("wrote %s (%d levels, NGFF %s)", out, len(shapes), ngff_version)
     return out
 
@@ -298,6 +303,8 @@ def read_ome_zarr_level(path: str | os.PathLike, level: int = 0) -> da.Array:
     InputError
         `path` is not a finished OME-Zarr image or `level` does not exist.
     """
+    import zarr
+
     try:
         group = zarr.open_group(Path(path), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
@@ -325,9 +332,9 @@ def _check_dtype(dtype: np.dtype) -> None:
         raise InputError(f"cannot write dtype {dtype}; expected an integer or real float type")
 
 
-def _new_image(out: Path, zarr_format: Literal[2, 3], manifest: dict) -> zarr.Group:
-    """Empty `out` (a tilefuse image or empty folder, checked before), mark it as tilefuse's
-    with the manifest, and create the zarr group.
+def _new_image(out: Path, zarr_format: ZarrFormat, manifest: dict) -> None:
+    """Empty `out` (a tilefuse image or empty folder, checked before), and create the zarr group
+    there, marked as tilefuse's with the manifest.
 
     Creating the folder is the writability check; it happens before anything is computed.
     """
@@ -335,12 +342,9 @@ def _new_image(out: Path, zarr_format: Literal[2, 3], manifest: dict) -> zarr.Gr
         if out.exists():
             remove_image(out)
         out.mkdir(parents=True, exist_ok=True)
-        # "w-" creates the group and deletes nothing: emptying was remove_image's job, checked
-        group = zarr.open_group(out, mode="w-", zarr_format=zarr_format)
-        group.attrs[MANIFEST_KEY] = manifest
+        create_group(out, zarr_format, {MANIFEST_KEY: manifest})
     except OSError as exc:
         raise InputError(f"cannot write {out}: {exc.strerror or exc}") from exc
-    return group
 
 
 def is_finished_image(folder: str | os.PathLike) -> bool:

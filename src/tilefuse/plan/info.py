@@ -22,11 +22,14 @@ __all__ = ["PeakEstimate", "choose_chunk", "chunk_peak", "describe", "describe_s
            "estimate_peak", "estimate_peak_bytes", "layout_memory", "memory_limits", "parse_bytes",
            "task_geometry", "tile_sizes", "total_memory"]
 
-# Measured (peak RSS, /usr/bin/time -v) by `tilefuse fuse` of one 64 x 64 tile, Python 3.11,
-# numpy 2, dask + distributed 2026.8, zarr 3: 111 MiB with the numpy kernel, 216 MiB with numba.
-# benchmarks/bench_memory.py checks the whole estimate against measured peaks.
-_BASELINE_BYTES = 112 * 2**20  # interpreter, numpy, dask (and distributed), zarr, codecs
-_COMPILED_KERNEL_BYTES = 105 * 2**20  # numba and LLVM, loaded once per process
+# Measured (peak RSS, /usr/bin/time -v) by `tilefuse fuse` of one 64 x 64 tile to OME-Zarr on
+# threads, Python 3.11, numpy 2.4, numba 0.68: 46 MiB with the numpy kernel, 172 MiB with numba
+# (a local OME-Zarr write imports neither dask nor zarr-python; the dask paths, OME-TIFF and
+# distributed, add ~65 MiB). benchmarks/bench_memory.py checks the whole estimate against
+# measured peaks.
+_BASELINE_BYTES = 48 * 2**20  # interpreter, numpy, tilefuse, tifffile, codecs
+_COMPILED_KERNEL_BYTES = 126 * 2**20  # numba and LLVM, loaded once per process
+_DASK_BYTES = 65 * 2**20  # dask and distributed: job queues, clusters, processes, OME-TIFF
 # Decoded tiles and chunk buffers of several MB interleave in one glibc arena whose freed blocks
 # are kept for reuse (tilefuse.cli.allocator): measured peaks ran up to 17% above the sum of the
 # parts on benchmarks/bench_memory.py's sets, so the estimate adds a fifth of cache + tasks.
@@ -66,7 +69,7 @@ class PeakEstimate:
         return self.baseline + self.cache + self.threads * self.per_thread + self.slack
 
     def parts(self) -> str:
-        """``"libraries 112.0 MiB + tile cache 14.5 MiB + 2 x 32.0 MiB per chunk task + heap
+        """``"libraries 48.0 MiB + tile cache 14.5 MiB + 2 x 32.0 MiB per chunk task + heap
         slack 15.7 MiB"``."""
         return (f"libraries {_fmt_bytes(self.baseline)} + tile cache {_fmt_bytes(self.cache)}"
                 f" + {self.threads} x {_fmt_bytes(self.per_thread)} per chunk task"
@@ -76,7 +79,7 @@ class PeakEstimate:
 def estimate_peak(
     chunk_pixels: int, n_channels: int, itemsize: int, threads: int, cache_bytes: int,
     backend: str = "auto", *, tile_bytes: int | None = None, max_tile_bytes: int = 0,
-    pyramid_pixels: int | None = None, affine: bool = False,
+    pyramid_pixels: int | None = None, affine: bool = False, dask: bool = False,
 ) -> PeakEstimate:
     """The peak memory of a fusion process, by part.
 
@@ -101,13 +104,17 @@ def estimate_peak(
         Output pixels of one pyramid task (default ``chunk_pixels``; 0: no pyramid level).
     affine : bool
         Some tiles take the general affine path (the numpy kernel then builds coordinate grids).
+    dask : bool
+        The process runs dask (a job queue's or cluster's worker, local processes, an OME-TIFF
+        write); a local OME-Zarr write on threads does not.
 
     Returns
     -------
     PeakEstimate
     """
     compiled = resolve_backend(backend) == "numba"
-    baseline = _BASELINE_BYTES + (_COMPILED_KERNEL_BYTES if compiled else 0)
+    baseline = (_BASELINE_BYTES + (_COMPILED_KERNEL_BYTES if compiled else 0)
+                + (_DASK_BYTES if dask else 0))
     held = cache_bytes if tile_bytes is None else min(cache_bytes, tile_bytes)
     c = n_channels
     # accumulators (and pyramid means) are float32 up to 16-bit samples, float64 above
@@ -212,6 +219,7 @@ def chunk_peak(
     chunk_shape: Sequence[int], n_channels: int, itemsize: int, threads: int, cache_bytes: int,
     backend: str = "auto", *, mosaic_shape: Sequence[int] | None = None,
     tile_bytes: int | None = None, max_tile_bytes: int = 0, affine: bool = False,
+    dask: bool = False,
 ) -> PeakEstimate:
     """:func:`estimate_peak` for output chunks of ``chunk_shape`` on a mosaic of ``mosaic_shape``.
 
@@ -226,6 +234,8 @@ def chunk_peak(
         the pyramid sized (:func:`task_geometry`); default: a mosaic of many chunks.
     tile_bytes, max_tile_bytes, affine
         As in :func:`estimate_peak`; :func:`layout_memory` gives them and ``mosaic_shape``.
+    dask : bool
+        As in :func:`estimate_peak`.
 
     Returns
     -------
@@ -234,7 +244,7 @@ def chunk_peak(
     pixels, pyramid, used = task_geometry(mosaic_shape, chunk_shape, threads)
     return estimate_peak(pixels, n_channels, itemsize, used, cache_bytes, backend,
                          tile_bytes=tile_bytes, max_tile_bytes=max_tile_bytes,
-                         pyramid_pixels=pyramid, affine=affine)
+                         pyramid_pixels=pyramid, affine=affine, dask=dask)
 
 
 def choose_chunk(
