@@ -230,28 +230,44 @@ VARIANTS = {
 
 
 def _import_everything(variant: str) -> None:
-    """Import the libraries a variant uses, so the timing covers the work, not the imports."""
-    import dask.array  # noqa: F401
-    import scipy.ndimage
-    import scipy.spatial  # noqa: F401
+    """Import the libraries a variant uses, so the timing covers the work, not the imports
+    (only those: a library imported for nothing would count in the variant's peak RSS)."""
     import tifffile  # noqa: F401
-    import zarr  # noqa: F401
 
+    if variant in ("floor-zarr", "naive", "naive-linear") or variant.startswith("mvs"):
+        import dask.array  # noqa: F401
+        import scipy.ndimage  # noqa: F401
+        import zarr  # noqa: F401
 
-    with contextlib.suppress(ImportError):  # dask imports it at the first compute if installed
-        import distributed  # noqa: F401
-
+        with contextlib.suppress(ImportError):  # dask imports it at the first compute
+            import distributed  # noqa: F401
     if variant == "floor-ts":
         import tensorstore  # noqa: F401
     elif variant.startswith("mvs"):
         import multiview_stitcher.fusion  # noqa: F401
-    elif variant in ("linear", "rotate1", "max"):
-        from tilefuse.fusion.kernel import resolve_backend
+    elif variant in ("linear", "rotate1", "max", "linear-numpy", "rotate1-numpy"):
+        # what a local OME-Zarr write loads: the CLI's runner, the writer and its codecs
+        import numcodecs.zstd  # noqa: F401
 
-        if resolve_backend() == "numba":  # numba's lazy imports and disk cache: a start-up cost
-            from tilefuse.fusion._numba.kernel import warm_up
+        import tilefuse.ome_zarr.writer
+        import tilefuse.runner  # noqa: F401
 
-            warm_up()
+
+def _warm_kernel(variant: str, layout_path: Path) -> None:
+    """Load the compiled kernel (numba's imports and disk cache: a start-up cost) when the
+    variant's run will use it: what ``backend="auto"`` picks for this mosaic."""
+    if variant not in ("linear", "rotate1", "max"):
+        return
+    from tilefuse.fusion.kernel import resolve_backend
+    from tilefuse.io.readers import read_layout
+    from tilefuse.plan.geometry import output_box
+
+    layout = read_layout(layout_path)
+    pixels = int(np.prod(output_box(layout)[1])) * len(layout.channels)
+    if resolve_backend(pixels=pixels, affine=variant == "rotate1") == "numba":
+        from tilefuse.fusion._numba.kernel import warm_up
+
+        warm_up()
 
 
 def child(variant: str, layout_path: Path, out: Path) -> None:
@@ -263,6 +279,7 @@ def child(variant: str, layout_path: Path, out: Path) -> None:
 
     retain_freed_memory()
     _import_everything(variant)
+    _warm_kernel(variant, layout_path)
     started = time.perf_counter()
     shape = VARIANTS[variant](layout_path, out)
     seconds = time.perf_counter() - started

@@ -105,9 +105,10 @@ def test_a_small_local_fuse_loads_only_what_it_uses(tmp_path):
 
     ts = grid_tileset(grid=(2, 2), tile_shape=(48, 64), overlap=0.2, seed=1)
     layout = write_tileset(ts, tmp_path / "tiles", stage=False)
-    heavy = "('dask', 'distributed', 'zarr', 'scipy.spatial', 'tilefuse.intensity', 'numba')"
+    heavy = ("('dask', 'distributed', 'zarr', 'scipy.spatial', 'tilefuse.intensity', 'numba', "
+             "'numpy.ma', 'tilefuse.io.readers.czi', 'tilefuse.io.readers.bigstitcher')")
     for extra, loaded in (((), "[]"), (("--chunk", "32", "--ngff", "0.4"), "[]"),
-                          (("--rotate", "1"), "['numba']")):
+                          (("--rotate", "1"), "['numba', 'numpy.ma']")):  # numba loads scipy
         code = ("import sys\nfrom tilefuse.cli.main import main\n"
                 f"status = main(['fuse', {str(layout)!r}, '-o', {str(tmp_path / 'o.ome.zarr')!r}, "
                 f"'-q', '--overwrite', *{list(extra)!r}])\n"
@@ -115,6 +116,22 @@ def test_a_small_local_fuse_loads_only_what_it_uses(tmp_path):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              check=True)
         assert out.stdout.strip().splitlines()[-1] == f"0 {loaded}", out.stderr
+
+
+def test_the_console_script_leaves_its_objects_to_the_exit(tmp_path):
+    """``tilefuse`` (``run``) freezes the collector once the command is done, so the
+    interpreter's last collection skips what the command made; ``main`` alone does not."""
+    from tilefuse.testing import write_tileset
+
+    ts = grid_tileset(grid=(1, 2), tile_shape=(32, 32), overlap=0.2, seed=1)
+    layout = str(write_tileset(ts, tmp_path / "tiles", stage=False))
+    for entry, frozen in (("run", "True"), ("main", "False")):
+        code = (f"import gc, sys\nfrom tilefuse.cli.main import {entry}\n"
+                f"sys.argv = ['tilefuse', 'info', {layout!r}]\nstatus = {entry}()\n"
+                "print(status, gc.get_freeze_count() > 0)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.strip().splitlines()[-1] == f"0 {frozen}", out.stderr
 
 
 def test_info_and_preview_load_no_dask_or_zarr(tmp_path):

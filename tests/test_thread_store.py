@@ -217,3 +217,15 @@ def test_compute_follows_a_scheduler_the_user_chose(mosaic, monkeypatch):
     with dask.config.set(scheduler="sync"):
         np.testing.assert_array_equal(mosaic.compute(), expected)
     assert len(calls) == 1
+
+
+def test_median_of_the_blend_widths_is_numpys_bit_for_bit():
+    """The overlap widths' median (without ``np.median``'s ``numpy.ma`` import) is the same
+    float as ``np.median``, for odd and even counts."""
+    from tilefuse.plan.geometry import _median
+
+    rng = np.random.default_rng(0)
+    for n in range(1, 120):
+        values = rng.normal(100, 5, n) * rng.random()
+        assert _median(values) == float(np.median(values))
+        assert _median(np.round(values)) == float(np.median(np.round(values)))

@@ -146,5 +146,5 @@ def test_resume_keeps_level_zero_only_when_its_metadata_is_this_runs(tmp_path):
     write_image(fuse(layout, chunk=16), out, manifest={"run": 1}, levels=2, resume=True)
     np.testing.assert_array_equal(zarr.open_array(out / "0", mode="r")[...], whole)
     out = interrupted(32)
-    with pytest.raises(InputError, match="level 0 of the interrupted output .* is not what"):
+    with pytest.raises(InputError, match=r"level 0 of the interrupted output .* is not what"):
         write_image(fuse(layout, chunk=16), out, manifest={"run": 1}, levels=2, resume=True)

@@ -2,6 +2,6 @@
 
 import sys
 
-from tilefuse.cli.main import main
+from tilefuse.cli.main import run
 
-sys.exit(main())
+sys.exit(run())

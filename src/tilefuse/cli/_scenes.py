@@ -13,7 +13,6 @@ from pathlib import Path
 from tilefuse import _run
 from tilefuse.errors import InputError
 from tilefuse.io.outputs import image_stem, refuse_url
-from tilefuse.io.readers.czi import czi_scenes
 from tilefuse.pipeline import FuseRequest
 
 __all__ = ["scene_output", "scene_requests"]
@@ -42,6 +41,8 @@ def scene_requests(request: FuseRequest) -> list[FuseRequest]:
         raise InputError(f"--scene all: {request.layout} is not a CZI file; scenes are a CZI's")
     refuse_url(request.output, "-o")
     runs = []
+    from tilefuse.io.readers.czi import czi_scenes  # only for a CZI
+
     for index, name in czi_scenes(request.layout).items():
         out = scene_output(Path(request.output), name)
         if (out.exists() or out.is_symlink()) and not (request.overwrite or request.resume):

@@ -87,19 +87,19 @@ class ChunkFiles:
         dtype = np.dtype(level.dtype)
         if level.shards is not None or sys.byteorder != "little" or dtype.kind not in "biuf":
             return None
-        import numcodecs.blosc
-        import numcodecs.zstd
-
         fmt = level.spec.zarr_format
         make = functools.partial(
             cls, folder=str(level.folder), shape=tuple(level.shape), chunks=tuple(level.chunks),
             dtype=dtype, fill_value=dtype.type(0), skip_empty=skip_empty,
             key=functools.partial(chunk_key, zarr_format=fmt))
         if fmt == 2:
+            from numcodecs.blosc import Blosc
+
             blosc = {k: v for k, v in BLOSC.items() if k != "id"}
-            return make(compressor=numcodecs.blosc.Blosc(**blosc), encode_array=True)
-        return make(compressor=numcodecs.zstd.Zstd(level=ZSTD_LEVEL, checksum=False),
-                    encode_array=False)
+            return make(compressor=Blosc(**blosc), encode_array=True)
+        from numcodecs.zstd import Zstd
+
+        return make(compressor=Zstd(level=ZSTD_LEVEL, checksum=False), encode_array=False)
 
     @classmethod
     def for_array(cls, array: zarr.Array, *, skip_empty: bool) -> ChunkFiles | None:

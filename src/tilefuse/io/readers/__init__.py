@@ -1,27 +1,46 @@
 """Readers: each turns a path into a :class:`~tilefuse.model.layout.Layout`, or a
 :class:`~tilefuse.model.timeseries.TimeSeries` when the input names time points (``{t}`` in a
 pattern, a ``t`` column in a CSV); :func:`read_layout` picks the reader.
+
+The readers of the text layouts tilefuse also writes (CSV, TileConfiguration) and of OME-Zarr
+tiles are imported with this package; the others (CZI, OME-TIFF, BigStitcher, patterns, arrays
+in memory) when first used, so that a command reading a TileConfiguration does not pay for
+them (~30 ms).
 """
 
 from __future__ import annotations
 
 import csv as csvlib  # the name csv is this package's module
+import importlib
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tilefuse.errors import InputError
-from tilefuse.io.readers.bigstitcher import read_bigstitcher
 from tilefuse.io.readers.csv import read_csv_layout, write_csv_layout
-from tilefuse.io.readers.czi import read_czi
-from tilefuse.io.readers.memory import layout_from_arrays
-from tilefuse.io.readers.ometiff import read_ome_tiff
 from tilefuse.io.readers.omezarr import is_ngff_image, read_omezarr_tiles
-from tilefuse.io.readers.pattern import read_pattern
 from tilefuse.io.readers.tileconfig import read_tileconfig, write_tileconfig
 from tilefuse.io.tiles import TIFF_SUFFIXES
 from tilefuse.model.layout import Layout
 from tilefuse.model.timeseries import TimeSeries
+
+if TYPE_CHECKING:
+    from tilefuse.io.readers.bigstitcher import read_bigstitcher
+    from tilefuse.io.readers.czi import read_czi
+    from tilefuse.io.readers.memory import layout_from_arrays
+    from tilefuse.io.readers.ometiff import read_ome_tiff
+    from tilefuse.io.readers.pattern import read_pattern
+
+_LAZY = {"read_bigstitcher": "bigstitcher", "read_czi": "czi",
+         "layout_from_arrays": "memory", "read_ome_tiff": "ometiff", "read_pattern": "pattern"}
+"""Readers imported when first used: name -> module of this package."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "layout_from_arrays",
@@ -164,6 +183,8 @@ def read_layout(path: str | os.PathLike, **options: object) -> Layout | TimeSeri
                 f"{path}: is a folder; pass a file name pattern (--pattern 'tile_{{index}}.tif' "
                 "--grid 5x4 --overlap 0.1), or give a TileConfiguration.txt or a CSV layout file"
             )
+        from tilefuse.io.readers.pattern import read_pattern
+
         return read_pattern(path, given.pop("pattern"), **given)
     if not path.exists():
         raise FileNotFoundError(f"layout file not found: {path}")
@@ -172,12 +193,18 @@ def read_layout(path: str | os.PathLike, **options: object) -> Layout | TimeSeri
     kind = _kind(path)
     given = _check_options(path, kind, options)
     if kind == "czi":
+        from tilefuse.io.readers.czi import read_czi
+
         return read_czi(path, **given)
     if kind == "ome-tiff":
+        from tilefuse.io.readers.ometiff import read_ome_tiff
+
         return read_ome_tiff(path, **given)
     if kind == "csv":
         return read_csv_layout(path)
     if kind == "bigstitcher":
+        from tilefuse.io.readers.bigstitcher import read_bigstitcher
+
         return read_bigstitcher(path)
     if kind == "omezarr":
         return read_omezarr_tiles(path)
