@@ -237,3 +237,73 @@ def test_leftover_partial_files_are_removed(tmp_path, fmt, options):
     np.testing.assert_array_equal(zarr.open_array(folder)[...], data)
     assert chunkstore.remove_partial_files(folder) == 0
     assert chunkstore.remove_partial_files(tmp_path / "missing") == 0
+
+
+# ------------------------------------------------------------------- files written in the back
+
+
+def test_file_writer_has_stored_every_file_when_it_returns(tmp_path):
+    """Files queued to the background writer are all in place (renamed, no temporaries) once
+    ``wait`` returns; a None payload removes the file an earlier run left."""
+    stale = tmp_path / "c" / "9"
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    with chunkstore.FileWriter(threads=2, pending=2) as files:
+        for i in range(20):
+            files.submit(tmp_path / "c" / str(i), memoryview(bytes([i]) * (1000 + i)))
+        files.submit(stale, None)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted(
+        str(i) for i in range(20) if i != 9)
+    assert all((tmp_path / "c" / str(i)).read_bytes() == bytes([i]) * (1000 + i)
+               for i in range(20) if i != 9)
+
+
+def test_file_writer_holds_at_most_pending_files(tmp_path, monkeypatch):
+    """``submit`` waits while `pending` files are queued: the encoded bytes held are bounded."""
+    import threading
+    import time
+
+    queued, most, lock = [0], [0], threading.Lock()
+
+    def slow_store(path, payload):
+        with lock:
+            most[0] = max(most[0], queued[0])
+        time.sleep(0.01)
+        with lock:
+            queued[0] -= 1
+
+    monkeypatch.setattr(chunkstore, "store_file", slow_store)
+    with chunkstore.FileWriter(threads=1, pending=3) as files:
+        for i in range(12):
+            with lock:
+                queued[0] += 1
+            files.submit(tmp_path / str(i), memoryview(b"x"))
+    assert most[0] <= 3
+
+
+def test_a_failed_background_write_fails_the_write(tmp_path, monkeypatch):
+    """A chunk file that cannot be written (a full disk, say) fails the level: the error
+    reaches the caller, and the image is not marked finished."""
+    from tilefuse import fuse, layout_from_arrays
+    from tilefuse.ome_zarr.writer import is_finished_image, write_ome_zarr
+
+    real = chunkstore.store_file
+
+    def failing(path, payload):
+        if path.name == "1" and path.parent.name == "1":
+            raise OSError(28, "No space left on device", str(path))
+        real(path, payload)
+
+    monkeypatch.setattr(chunkstore, "store_file", failing)
+    rng = np.random.default_rng(1)
+    tiles = [rng.integers(0, 60000, (40, 50), dtype=np.uint16) for _ in range(4)]
+    layout = layout_from_arrays(tiles, positions=[[0, 0], [0, 45.5], [35.25, 0], [35, 45]])
+    with pytest.raises(OSError, match="No space left"):
+        write_ome_zarr(fuse(layout, chunk=16), tmp_path / "m.ome.zarr")
+    assert not is_finished_image(tmp_path / "m.ome.zarr")
+    files = chunkstore.FileWriter()
+    files.submit(tmp_path / "x" / "1" / "1", memoryview(b"a"))
+    with pytest.raises(OSError, match="No space left"):
+        files.wait()
+    with pytest.raises(OSError, match="No space left"):  # and it refuses more files
+        files.submit(tmp_path / "x" / "2", memoryview(b"b"))

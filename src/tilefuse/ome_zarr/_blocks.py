@@ -3,10 +3,12 @@
 A level whose source is a :class:`~tilefuse.model.mosaic.BlockPixels` (level 0 of
 :func:`tilefuse.fuse`, or the 2x mean of the level below read from its chunk files,
 :class:`~tilefuse.ome_zarr._pyramid.DownsampledPixels`) is stored by one task per chunk:
-make the block, encode it, write its file (:class:`~tilefuse.ome_zarr.chunkstore.ChunkFiles`).
-The tasks run on the caller's ``run_tasks`` (:class:`tilefuse.runner.LocalCompute`, which
-reports progress): the same work the dask graph of :mod:`tilefuse.ome_zarr._store` does and
-the same files, without importing dask (~0.3 s of every command) or building a graph.
+make the block, encode it (:class:`~tilefuse.ome_zarr.chunkstore.ChunkFiles`) and hand its file
+to a :class:`~tilefuse.ome_zarr.chunkstore.FileWriter`, which writes and syncs it on a thread of
+its own while the task's thread goes on to the next chunk. The tasks run on the caller's
+``run_tasks`` (:class:`tilefuse.runner.LocalCompute`, which reports progress): the same work the
+dask graph of :mod:`tilefuse.ome_zarr._store` does and the same files, without importing dask
+(~0.3 s of every command) or building a graph. A level is stored once its every file is.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 from tilefuse.model.mosaic import BlockPixels
 from tilefuse.ome_zarr._shards import ShardFiles
-from tilefuse.ome_zarr.chunkstore import ChunkFiles
+from tilefuse.ome_zarr.chunkstore import ChunkFiles, FileWriter
 
 __all__ = ["BATCH_CHUNKS", "RunTasks", "StoredPixels", "block_stats", "merge_stats",
            "stats_of_blocks", "store_blocks", "write_block"]
@@ -63,14 +65,20 @@ def store_blocks(
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Store `blocks` of `pixels` (one chunk file each), in batches of at most
     :data:`~tilefuse.ome_zarr._store.BATCH_CHUNKS` tasks; their per-channel finite min/max
-    when `reduce_axes` is given (else ``(None, None)``)."""
-    def task(block: tuple[int, ...]) -> Callable[[], Any]:
-        return lambda: write_block(writer, block, pixels.block(block), reduce_axes)
-
+    when `reduce_axes` is given (else ``(None, None)``). Returns once every file is stored."""
     results: list[Any] = []
-    for first in range(0, len(blocks), BATCH_CHUNKS):
-        batch = blocks[first : first + BATCH_CHUNKS]
-        results += run_tasks([task(b) for b in batch], chunks=len(batch))
+    with FileWriter() as files:
+        def task(block: tuple[int, ...]) -> Callable[[], Any]:
+            def run() -> Any:
+                data = pixels.block(block)
+                files.submit(*writer.encode(block, data))
+                return None if reduce_axes is None else block_stats(data, reduce_axes)
+
+            return run
+
+        for first in range(0, len(blocks), BATCH_CHUNKS):
+            batch = blocks[first : first + BATCH_CHUNKS]
+            results += run_tasks([task(b) for b in batch], chunks=len(batch))
     if reduce_axes is None or not results:
         return None, None
     return merge_stats(results, blocks, pixels.shape, pixels.chunk_shape, channel_axis)

@@ -24,8 +24,10 @@ import functools
 import os
 import re
 import sys
+import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -149,6 +151,18 @@ class ChunkFiles:
         data : numpy.ndarray
             The chunk's values; smaller than ``chunks`` at the array's far edges.
         """
+        path, payload = self.encode(block, data)
+        store_file(path, payload)
+
+    def encode(self, block: tuple[int, ...], data: np.ndarray) -> tuple[Path, memoryview | None]:
+        """One chunk's file and its bytes (:meth:`write` without the writing); None for a chunk
+        that is not stored (all fill value, when empty chunks are skipped).
+
+        Parameters
+        ----------
+        block, data
+            As in :meth:`write`.
+        """
         chunk = np.ascontiguousarray(data, dtype=self.dtype)
         if chunk.shape != self.chunks:
             padded = np.full(self.chunks, self._fill, dtype=self.dtype)
@@ -156,11 +170,10 @@ class ChunkFiles:
             chunk = padded
         path = self.path(block)
         if self.skip_empty and _all_fill(chunk, self._fill):
-            path.unlink(missing_ok=True)
-            return
+            return path, None
         payload = chunk if self.encode_array else chunk.reshape(-1).view(np.uint8)
         encoded = self.compressor.encode(payload) if self.compressor is not None else payload.data
-        _write_atomic(path, memoryview(encoded).cast("B"))
+        return path, memoryview(encoded).cast("B")
 
     @property
     def _fill(self) -> Any:
@@ -187,6 +200,74 @@ class ChunkFiles:
             raw = self.compressor.decode(raw)
         chunk = np.frombuffer(raw, dtype=self.dtype).reshape(self.chunks)
         return chunk[tuple(slice(0, n) for n in size)]
+
+
+def store_file(path: Path, payload: memoryview | None) -> None:
+    """Store one encoded chunk (:meth:`ChunkFiles.encode`): write `payload` to `path` (synced,
+    renamed into place), or, for None, remove the file a previous run may have left."""
+    if payload is None:
+        path.unlink(missing_ok=True)
+    else:
+        _write_atomic(path, payload)
+
+
+class FileWriter:
+    """Stores encoded chunks on background threads, so that the threads fusing and encoding
+    chunks do not wait for the disk (each file is synced before its rename: ~3 ms a chunk).
+
+    ``submit(path, payload)`` queues one file (:func:`store_file`) and returns at once, unless
+    `pending` files are queued already (then it waits for one: the encoded bytes held are
+    bounded); it raises the error of a file that failed before. :meth:`wait` (or leaving a
+    ``with`` block) returns once every queued file is stored, raising the first error.
+
+    Parameters
+    ----------
+    threads : int
+        Files written at once.
+    pending : int
+        Files queued at most.
+    """
+
+    def __init__(self, threads: int = 2, pending: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tilefuse-io")
+        self._room = threading.BoundedSemaphore(pending)
+        self._futures: list[Future[None]] = []
+        self._error: BaseException | None = None
+
+    def submit(self, path: Path, payload: memoryview | None) -> None:
+        """Queue one file (see the class)."""
+        if self._error is not None:
+            raise self._error
+        self._room.acquire()
+        try:
+            future = self._pool.submit(store_file, path, payload)
+        except BaseException:
+            self._room.release()
+            raise
+        future.add_done_callback(self._done)
+        self._futures.append(future)
+
+    def _done(self, future: Future[None]) -> None:
+        self._room.release()
+        if future.exception() is not None and self._error is None:
+            self._error = future.exception()
+
+    def wait(self) -> None:
+        """Return once every queued file is stored; raise the first failure."""
+        self._pool.shutdown(wait=True)
+        if self._error is not None:
+            raise self._error
+        for future in self._futures:
+            future.result()
+
+    def __enter__(self) -> FileWriter:
+        return self
+
+    def __exit__(self, kind: object, value: object, traceback: object) -> None:
+        if kind is None:
+            self.wait()
+        else:  # already failing: let the queued files finish, keep the first error
+            self._pool.shutdown(wait=True)
 
 
 def _all_fill(chunk: np.ndarray, fill: Any) -> bool:
