@@ -120,11 +120,12 @@ def estimate_peak(
     # accumulators (and pyramid means) are float32 up to 16-bit samples, float64 above
     work = 4 if itemsize <= 2 else 8
     # per output pixel: the sums per channel, the weight sum and coverage, the rounded chunk
-    # and its encoded copy; the numpy kernel also keeps float copies of tile ∩ chunk
+    # and its encoded copy, and one more encoded chunk queued for the background file writer
+    # (chunkstore.FileWriter holds 2); the numpy kernel also keeps float copies of tile ∩ chunk
     if compiled:
-        kernel = c * (work + 2 * itemsize) + work + 1
+        kernel = c * (work + 3 * itemsize) + work + 1
     else:
-        kernel = c * (2 * work + 2 * itemsize) + 2 * work + 1
+        kernel = c * (2 * work + 3 * itemsize) + 2 * work + 1
         if affine:
             kernel += 8 * 3 + 1 + work * c  # float64 coordinates, a mask, the sampled values
     # per output pixel of a pyramid chunk: 2 x 2 source chunks, their np.block, and the
