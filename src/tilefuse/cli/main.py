@@ -333,8 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run() -> int:
     """The ``tilefuse`` console script (and ``python -m tilefuse``): :func:`main`, then the
     objects it made are left to the process's end (``gc.freeze``). The interpreter's last
-    garbage collection would otherwise walk them all (~25 ms of every command) only for the
-    process to exit; a caller of :func:`main` in its own process keeps its collector as is."""
+    garbage collection would otherwise walk them all only for the process to exit: ~25 ms of
+    every command, and 0.3-0.45 s once numba has loaded the compiled kernel (its type system
+    makes that many objects). A caller of :func:`main` in its own process keeps its collector
+    as is."""
     status = main()
     gc.freeze()
     return status
