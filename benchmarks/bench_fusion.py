@@ -246,11 +246,21 @@ def _import_everything(variant: str) -> None:
     elif variant.startswith("mvs"):
         import multiview_stitcher.fusion  # noqa: F401
     elif variant in ("linear", "rotate1", "max", "linear-numpy", "rotate1-numpy"):
-        # what a local OME-Zarr write loads: the CLI's runner, the writer and its codecs
+        # what tilefuse's run loads: the API (its lazy names), the reader, the planner and
+        # kernels, the CLI's runner, the writer and its codecs
         import numcodecs.zstd  # noqa: F401
 
+        import tilefuse
+        import tilefuse.fusion.blend
+        import tilefuse.fusion.chunk
+        import tilefuse.fusion.jobs
+        import tilefuse.fusion.kernel
+        import tilefuse.fusion.resample
+        import tilefuse.io.readers.tileconfig
         import tilefuse.ome_zarr.writer
-        import tilefuse.runner  # noqa: F401
+        import tilefuse.runner
+
+        tilefuse.fuse, tilefuse.read_layout  # noqa: B018  # the lazy API's imports
 
 
 def _warm_kernel(variant: str, layout_path: Path) -> None:
