@@ -172,7 +172,9 @@ class ChunkFiles:
         if self.skip_empty and _all_fill(chunk, self._fill):
             return path, None
         payload = chunk if self.encode_array else chunk.reshape(-1).view(np.uint8)
-        encoded = self.compressor.encode(payload) if self.compressor is not None else payload.data
+        # bytes of their own: they may be written after the caller has reused `data`
+        encoded = (self.compressor.encode(payload) if self.compressor is not None
+                   else payload.tobytes())
         return path, memoryview(encoded).cast("B")
 
     @property
