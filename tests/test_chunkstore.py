@@ -259,26 +259,29 @@ def test_file_writer_has_stored_every_file_when_it_returns(tmp_path):
 
 
 def test_file_writer_holds_at_most_pending_files(tmp_path, monkeypatch):
-    """``submit`` waits while `pending` files are queued: the encoded bytes held are bounded."""
+    """``submit`` waits while `pending` files are queued: the encoded bytes held are bounded.
+    When a submit returns, at most `pending` files are submitted and not yet stored (a file
+    counts as stored before its slot is given back, so this count never overstates the
+    queue); without the bound it would reach 12, the disk being slower than the submits."""
     import threading
     import time
 
-    queued, most, lock = [0], [0], threading.Lock()
+    submitted, stored, most, lock = [0], [0], [0], threading.Lock()
 
     def slow_store(path, payload):
-        with lock:
-            most[0] = max(most[0], queued[0])
         time.sleep(0.01)
         with lock:
-            queued[0] -= 1
+            stored[0] += 1
 
     monkeypatch.setattr(chunkstore, "store_file", slow_store)
     with chunkstore.FileWriter(threads=1, pending=3) as files:
         for i in range(12):
-            with lock:
-                queued[0] += 1
             files.submit(tmp_path / str(i), memoryview(b"x"))
-    assert most[0] <= 3
+            with lock:
+                submitted[0] += 1
+                most[0] = max(most[0], submitted[0] - stored[0])
+    assert stored[0] == 12
+    assert most[0] == 3  # the queue fills up to its bound, and never beyond
 
 
 def test_a_failed_background_write_fails_the_write(tmp_path, monkeypatch):

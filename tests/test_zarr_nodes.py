@@ -3,6 +3,7 @@ writes, read back by zarr-python, and chunk files named and encoded as zarr name
 
 from __future__ import annotations
 
+import dask.array as da
 import numcodecs
 import numpy as np
 import pytest
@@ -148,3 +149,27 @@ def test_resume_keeps_level_zero_only_when_its_metadata_is_this_runs(tmp_path):
     out = interrupted(32)
     with pytest.raises(InputError, match=r"level 0 of the interrupted output .* is not what"):
         write_image(fuse(layout, chunk=16), out, manifest={"run": 1}, levels=2, resume=True)
+
+
+def test_a_metadata_temporary_a_crash_left_is_tilefuses_own(tmp_path):
+    """A run killed while it renamed a metadata document leaves
+    ``.tilefuse-zarr.json.<hex>.partial``: ``--overwrite`` takes the folder as tilefuse's, and
+    the next start or resume removes the temporary; a user's file beside it stays and makes
+    the folder not tilefuse's to replace."""
+    from tilefuse import Mosaic
+    from tilefuse.errors import InputError
+    from tilefuse.ome_zarr.chunkstore import remove_partial_files
+    from tilefuse.ome_zarr.writer import write_ome_zarr
+
+    image = Mosaic(da.zeros((8, 8), dtype=np.uint8), ("y", "x"))
+    out = write_ome_zarr(image, tmp_path / "a.ome.zarr")
+    left = out / f".tilefuse-zarr.json.{'0' * 32}.partial"
+    left.write_text("{")
+    assert remove_partial_files(out) == 1 and not left.exists()
+    left.write_text("{")
+    write_ome_zarr(image, out, overwrite=True)  # accepted as tilefuse's, and emptied
+    assert not left.exists()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"notes\.txt"):
+        write_ome_zarr(image, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"

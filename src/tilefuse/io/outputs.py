@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tilefuse.errors import InputError
+from tilefuse.ome_zarr.zarr_nodes import read_group_attributes
 
 __all__ = [
     "MANIFEST",
@@ -114,15 +115,13 @@ def read_manifest(folder: Path) -> dict | None:
 
 
 def _group_attrs(folder: Path) -> dict | None:
-    """The attributes of the zarr group in `folder` (v3 ``zarr.json`` or v2 ``.zattrs``)."""
-    for name in ("zarr.json", ".zattrs"):
+    """The attributes of the zarr group in `folder` (v3 ``zarr.json`` or v2 ``.zattrs``), or
+    None where neither can be read."""
+    for zarr_format in (3, 2):
         try:
-            doc = json.loads((folder / name).read_text())
+            return read_group_attributes(folder, zarr_format)
         except (OSError, ValueError):
             continue
-        if isinstance(doc, dict):
-            attrs = doc.get("attributes", {}) if name == "zarr.json" else doc
-            return attrs if isinstance(attrs, dict) else {}
     return None
 
 

@@ -233,8 +233,7 @@ class FileWriter:
     def __init__(self, threads: int = 2, pending: int = 2) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tilefuse-io")
         self._room = threading.BoundedSemaphore(pending)
-        self._futures: list[Future[None]] = []
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # the first failure, set as files finish
 
     def submit(self, path: Path, payload: memoryview | None) -> None:
         """Queue one file (see the class)."""
@@ -247,7 +246,6 @@ class FileWriter:
             self._room.release()
             raise
         future.add_done_callback(self._done)
-        self._futures.append(future)
 
     def _done(self, future: Future[None]) -> None:
         self._room.release()
@@ -256,11 +254,9 @@ class FileWriter:
 
     def wait(self) -> None:
         """Return once every queued file is stored; raise the first failure."""
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)  # every file's _done has run when this returns
         if self._error is not None:
             raise self._error
-        for future in self._futures:
-            future.result()
 
     def __enter__(self) -> FileWriter:
         return self

@@ -204,10 +204,22 @@ def create_group(folder: Path, zarr_format: ZarrFormat, attributes: dict[str, An
 
 
 def read_group_attributes(folder: Path, zarr_format: ZarrFormat) -> dict[str, Any]:
-    """The attributes of the group at `folder`."""
-    if zarr_format == 2:
-        return dict(json.loads((folder / ".zattrs").read_text()))
-    return dict(json.loads((folder / "zarr.json").read_text()).get("attributes", {}))
+    """The attributes of the group at `folder` (v3 ``zarr.json``, v2 ``.zattrs``).
+
+    Raises
+    ------
+    OSError
+        The document cannot be read.
+    ValueError
+        It is not JSON, or its attributes are not a JSON object.
+    """
+    name = "zarr.json" if zarr_format == 3 else ".zattrs"
+    attributes = json.loads((folder / name).read_text())
+    if zarr_format == 3 and isinstance(attributes, dict):  # the node's document holds them
+        attributes = attributes.get("attributes", {})
+    if not isinstance(attributes, dict):
+        raise ValueError(f"{folder / name}: the group's attributes are not a JSON object")
+    return attributes
 
 
 def update_group_attributes(folder: Path, zarr_format: ZarrFormat,
