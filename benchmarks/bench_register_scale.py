@@ -41,7 +41,7 @@ def _bar(done: int, total: int, label: str) -> None:
 
 def child(n_tiles: int, tile: int, workers: int, error: float, cache_mb: int,
           progress: bool) -> None:
-    from tilefuse.io.tiles import set_cache_limit
+    from tilefuse.io.tile_cache import set_cache_limit
     from tilefuse.registration import register
     from tilefuse.testing import texture_layout
 

@@ -18,7 +18,7 @@ from scipy import ndimage
 from conftest import DATA, read_positions
 from tilefuse.errors import InputError
 from tilefuse.io.readers.memory import layout_from_arrays
-from tilefuse.io.tiles import read_tile
+from tilefuse.io.tile_cache import read_tile
 from tilefuse.model.layout import Layout
 from tilefuse.registration.cycles import align_cycle, reference_alignment
 from tilefuse.testing import CycleSet, cycle_alignment_error, cycle_tilesets, cycles_from_image

@@ -22,7 +22,8 @@ from scipy import ndimage
 from conftest import run_main, unfinish
 from tilefuse import read_layout
 from tilefuse.io.readers import write_csv_layout
-from tilefuse.io.tiles import FileSource, read_tile
+from tilefuse.io.tile_cache import read_tile
+from tilefuse.io.tiles import FileSource
 from tilefuse.model.layout import Layout, Tile
 from tilefuse.plan.geometry import output_box
 from tilefuse.testing import CycleSet, cycle_alignment_error, cycle_tilesets

@@ -194,7 +194,7 @@ def test_output_does_not_depend_on_chunk_size(layout_spec, blend, cy, cx, backen
 
 def test_each_tile_is_decoded_once(tmp_path):
     from tilefuse.io.readers import read_layout
-    from tilefuse.io.tiles import cache_stats, clear_cache
+    from tilefuse.io.tile_cache import cache_stats, clear_cache
     from tilefuse.testing import write_tileset
 
     ts = grid_tileset(grid=(3, 3), tile_shape=(64, 64), overlap=0.2, seed=7)

@@ -233,7 +233,7 @@ def test_shift_linear_bit_identical(monkeypatch, band_pixels, acc, tile_dtype):
                             for f in fractional])
             spans = [translation_span(float(p), n, -10, n + 20)
                      for p, n in zip(pos, shape[1:], strict=True)]
-            ours = resample._shift_linear(data, pos, spans, acc)
+            ours = resample._shift_linear(data, pos, spans, acc, [0] * len(spans))
             expected = reference_values(data, pos, spans, acc)
             assert ours.dtype == acc and ours.flags.c_contiguous
             assert np.array_equal(_bits(ours), _bits(expected)), (shape, pos)

@@ -297,7 +297,7 @@ def test_opening_a_layout_decodes_no_tile(tileset_file):
     """Layers are lazy: the reader reads headers only; a tile is decoded when it is looked at."""
     import dask.array as da
 
-    from tilefuse.io.tiles import cache_stats, clear_cache
+    from tilefuse.io.tile_cache import cache_stats, clear_cache
 
     ts, path = tileset_file
     clear_cache()
@@ -310,7 +310,8 @@ def test_opening_a_layout_decodes_no_tile(tileset_file):
 
 def test_tiles_that_cannot_be_decoded_still_open(tileset_file, monkeypatch):
     """A source whose read() fails: opening succeeds (0 reads), only drawing a tile fails."""
-    from tilefuse.io.tiles import FileSource, clear_cache
+    from tilefuse.io.tile_cache import clear_cache
+    from tilefuse.io.tiles import FileSource
 
     _, path = tileset_file
     reads = []

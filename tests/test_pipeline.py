@@ -116,7 +116,7 @@ def test_run_fusion_is_the_command_line_run(tmp_path):
 
 
 def test_run_fusion_refuses_before_reading_a_pixel(tmp_path):
-    from tilefuse.io.tiles import cache_stats, clear_cache
+    from tilefuse.io.tile_cache import cache_stats, clear_cache
 
     ts = grid_tileset(grid=(1, 2), tile_shape=(32, 32), overlap=0.25, seed=1)
     path = write_tileset(ts, tmp_path / "tiles", stage=False)

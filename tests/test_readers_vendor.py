@@ -14,7 +14,7 @@ import tifffile
 from conftest import DATA, read_positions
 from tilefuse import InputError, fuse, read_layout
 from tilefuse.io.readers import read_czi, read_ome_tiff, read_pattern
-from tilefuse.io.tiles import read_tile
+from tilefuse.io.tile_cache import read_tile
 
 MIST = DATA / "mist_phase_5x5"
 LEICA = DATA / "leica_confocal_2tiles/experiment--test/slide--S00/chamber--U00--V00"

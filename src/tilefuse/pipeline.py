@@ -51,7 +51,7 @@ from tilefuse.io.outputs import (
     read_manifest,
     refuse_url,
 )
-from tilefuse.io.tiles import DEFAULT_CACHE_BYTES
+from tilefuse.io.tile_cache import DEFAULT_CACHE_BYTES
 from tilefuse.model.layout import Layout
 from tilefuse.model.mosaic import Mosaic
 from tilefuse.model.timeseries import TimeSeries

@@ -29,7 +29,7 @@ from tilefuse.cli.argtypes import (
 from tilefuse.errors import USER_ERRORS
 from tilefuse.fusion.blend import BLENDS
 from tilefuse.fusion.kernel import BACKENDS
-from tilefuse.io.tiles import DEFAULT_CACHE_BYTES
+from tilefuse.io.tile_cache import DEFAULT_CACHE_BYTES
 from tilefuse.ome_tiff import FORMATS
 from tilefuse.ome_zarr import NGFF_VERSIONS
 from tilefuse.plan.chunking import DEFAULT_CHUNK, MAX_Z_CHUNK

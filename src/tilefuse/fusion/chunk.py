@@ -107,13 +107,17 @@ class ChunkTile:
     path : {"slice", "shift", "affine"}
         Resampling path (see :func:`tilefuse.fusion.resample.classify`).
     read : callable
-        Returns the tile's pixels, shape ``(c, *shape)``.
+        Returns the tile's pixels, shape ``(c, *shape)``, or, for a translated z-stack, only
+        planes ``first_plane`` onwards (``(c, m, y, x)``, every plane the chunk needs).
+    first_plane : int
+        The tile plane that ``read()``'s first plane is (0: the whole tile).
     """
 
     affine: np.ndarray
     shape: tuple[int, ...]
     path: str
     read: Callable[[], np.ndarray]
+    first_plane: int = 0
 
 
 def finalize(values: np.ndarray, covered: np.ndarray, dtype: np.dtype, fill: float) -> np.ndarray:

@@ -24,7 +24,7 @@ from tilefuse.fusion.kernel import (
     resolve_backend,
 )
 from tilefuse.fusion.resample import classify
-from tilefuse.io.tiles import DEFAULT_CACHE_BYTES
+from tilefuse.io.tile_cache import DEFAULT_CACHE_BYTES
 from tilefuse.model.layout import Layout
 from tilefuse.model.mosaic import Mosaic
 from tilefuse.model.timeseries import TimeSeries

@@ -19,14 +19,15 @@ import numpy as np
 
 from tilefuse.fusion.chunk import ChunkTile
 from tilefuse.fusion.kernel import fuse_chunk
-from tilefuse.io.tiles import read_tile
+from tilefuse.fusion.resample import snap, source_span
+from tilefuse.io.tile_cache import read_tile
 from tilefuse.model.layout import Layout
 from tilefuse.plan.geometry import ChunkPlan
 
 if TYPE_CHECKING:
     import dask.array as da
 
-__all__ = ["ChunkJob", "FusedPixels", "FusionPlan", "chunk_job"]
+__all__ = ["ChunkJob", "FusedPixels", "FusionPlan", "chunk_job", "tile_planes"]
 
 _FLOAT32 = np.dtype(np.float32)
 
@@ -91,10 +92,7 @@ class ChunkJob:
 
     def run(self) -> np.ndarray:
         """Fuse this chunk; shape ``(c, *shape)``, or ``shape`` for single-channel output."""
-        tiles = [
-            ChunkTile(aff, shp, path, _reader(src, self.cache_bytes))
-            for aff, shp, path, src in self.tiles
-        ]
+        tiles = [self._tile(aff, shp, path, src) for aff, shp, path, src in self.tiles]
         out = fuse_chunk(
             self.origin, self.shape, tiles, n_channels=self.n_channels, dtype=self.dtype,
             blend=self.blend, widths=self.widths, fill=self.fill, backend=self.backend,
@@ -103,8 +101,42 @@ class ChunkJob:
         return out[0] if self.squeeze_channel else out
 
 
-def _reader(source, cache_bytes: int):
-    return lambda: read_tile(source, cache_bytes)
+    def _tile(self, affine: np.ndarray, shape: tuple[int, ...], path: str,
+              source) -> ChunkTile:
+        """A tile as the kernel reads it: a translated z-stack reads only the planes this
+        chunk needs (:func:`tile_planes`), so a chunk of 64 planes does not decode 1,000."""
+        planes = tile_planes(affine, shape, path, self.origin, self.shape)
+        if planes is None:
+            return ChunkTile(affine, shape, path, _reader(source, self.cache_bytes))
+        return ChunkTile(affine, shape, path, _reader(source, self.cache_bytes, planes),
+                         first_plane=planes[0])
+
+
+def tile_planes(affine: np.ndarray, shape: tuple[int, ...], path: str, origin: np.ndarray,
+                chunk_shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The planes ``(start, stop)`` of a translated z-stack that fusing one chunk reads (the
+    taps of its interpolation included), or None for the whole tile: a 2D or affine tile, or
+    one whose every plane is needed.
+
+    Parameters
+    ----------
+    affine : numpy.ndarray, shape (ndim + 1, ndim + 1)
+    shape : tuple of int
+        Tile shape (z, y, x).
+    path : {"slice", "shift", "affine"}
+    origin : numpy.ndarray, shape (ndim,)
+        The chunk's first mosaic index.
+    chunk_shape : tuple of int
+    """
+    if len(shape) != 3 or path == "affine":
+        return None
+    z = float(snap(np.asarray(affine[:-1, -1], dtype=np.float64))[0])
+    span = source_span(z, int(shape[0]), int(origin[0]), int(chunk_shape[0]), path == "slice")
+    return None if span is None or span == (0, int(shape[0])) else span
+
+
+def _reader(source, cache_bytes: int, planes: tuple[int, int] | None = None):
+    return lambda: read_tile(source, cache_bytes, planes)
 
 
 def chunk_job(plan: FusionPlan, block: Sequence[int]) -> ChunkJob:
@@ -150,6 +182,16 @@ class FusedPixels:
         set_(self, "shape", (*lead, *(int(n) for n in plan.chunks.shape)))
         set_(self, "dtype", np.dtype(plan.dtype))
         set_(self, "chunk_shape", (*lead, *(int(c) for c in plan.chunks.chunk_shape)))
+
+    @property
+    def reads_planes(self) -> bool:
+        """Every tile is a translated z-stack whose source reads planes apart: a chunk reads
+        only its planes (:func:`tile_planes`), so chunks are best computed z-slab by z-slab
+        (one slab's planes of every tile fit the cache), not column by column."""
+        layout = self.plan.layout
+        return layout.ndim == 3 and all(
+            path != "affine" and hasattr(tile.source, "read_planes")
+            for tile, path in zip(layout.tiles, self.plan.paths, strict=True))
 
     def block(self, index: tuple[int, ...]) -> np.ndarray:
         """Fuse the output chunk at `index` (a block number per axis of :attr:`shape`).

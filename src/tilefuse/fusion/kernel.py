@@ -138,7 +138,8 @@ def fuse_chunk(
     reducer = make_reducer(blend, n_channels, tuple(chunk_shape), widths, acc)
     for tile in tiles:
         placement = place_tile(read_checked(tile, acc), tile.affine, chunk_origin, chunk_shape,
-                               path=tile.path, accumulator=acc)
+                               path=tile.path, accumulator=acc, tile_shape=tile.shape,
+                               first_plane=tile.first_plane)
         if placement is not None:
             reducer.add(placement, tile.shape)
     return finalize(reducer.values(), reducer.covered, dtype, fill)

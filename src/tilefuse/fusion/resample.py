@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +28,7 @@ import numpy as np
 from tilefuse.plan.geometry import EPS
 
 __all__ = ["Placement", "affine_footprint", "classify", "place_tile", "row_buffers", "snap",
-           "translation_span"]
+           "source_span", "translation_span"]
 
 ROW_BUFSIZE = 1024
 """Ufunc buffer size (elements) for elementwise work on boxes inside larger arrays.
@@ -107,28 +107,70 @@ def translation_span(pos: float, n: int, c0: int, cn: int) -> tuple[int, int] | 
     return (lo, hi) if hi > lo else None
 
 
+def source_span(pos: float, n: int, c0: int, cn: int, exact: bool) -> tuple[int, int] | None:
+    """Tile index range [a, b) a translated tile's pixels are read from for a chunk, along one
+    axis: the covered range (:func:`translation_span`) moved to tile indices, with the lower
+    tap of a fractional position. None when the tile misses the chunk.
+
+    Parameters
+    ----------
+    pos : float
+        Snapped position (:func:`snap`) of the tile along the axis.
+    n : int
+        Tile length.
+    c0, cn : int
+        The chunk's first index and length.
+    exact : bool
+        The tile takes the slice path (integer position).
+    """
+    span = translation_span(pos, n, c0, cn)
+    if span is None:
+        return None
+    lo, hi = span
+    i = int(np.round(pos)) if exact else int(np.floor(pos))
+    lower = 1 if not exact and pos != i else 0
+    return lo - i - lower, hi - i
+
+
 def _place_translation(data, pos, chunk_origin, chunk_shape, exact: bool,
-                       accumulator: np.dtype) -> Placement | None:
+                       accumulator: np.dtype, tile_shape: tuple[int, ...],
+                       first_plane: int) -> Placement | None:
     pos = snap(np.asarray(pos, dtype=np.float64))
     spans = []
-    for p, n, c0, cn in zip(pos, data.shape[1:], chunk_origin, chunk_shape, strict=True):
+    for p, n, c0, cn in zip(pos, tile_shape, chunk_origin, chunk_shape, strict=True):
         span = translation_span(float(p), n, int(c0), int(cn))
         if span is None:
             return None
         spans.append(span)
+    offset = [first_plane] + [0] * (len(spans) - 1)  # where data starts in the tile
+    _check_window(data, pos, tile_shape, chunk_origin, chunk_shape, exact, offset)
     box = tuple(slice(lo - c0, hi - c0) for (lo, hi), c0 in zip(spans, chunk_origin, strict=True))
     coords = tuple(np.arange(lo, hi, dtype=np.float64) - p
                    for (lo, hi), p in zip(spans, pos, strict=True))
     if exact:
         ip = np.round(pos).astype(np.int64)
-        src = tuple(slice(lo - i, hi - i) for (lo, hi), i in zip(spans, ip, strict=True))
+        src = tuple(slice(lo - i - o, hi - i - o)
+                    for (lo, hi), i, o in zip(spans, ip, offset, strict=True))
         return Placement(box, data[(slice(None), *src)], coords, None)
-    values = _shift_linear(data, pos, spans, accumulator)
+    values = _shift_linear(data, pos, spans, accumulator, offset)
     return Placement(box, values, coords, None)
 
 
+def _check_window(data, pos, tile_shape, chunk_origin, chunk_shape, exact, offset) -> None:
+    """Refuse a tile window (``data`` from plane ``offset[0]``) that lacks pixels the chunk
+    needs: slicing would quietly take fewer."""
+    if offset[0] == 0 and data.shape[1:] == tuple(tile_shape):
+        return
+    for axis, (p, n, c0, cn, o, m) in enumerate(zip(pos, tile_shape, chunk_origin, chunk_shape,
+                                                    offset, data.shape[1:], strict=True)):
+        span = source_span(float(p), n, int(c0), int(cn), exact)
+        if span is not None and (span[0] < o or span[1] > o + m):
+            raise ValueError(f"tile pixels {o}:{o + m} along axis {axis} lack {span[0]}:"
+                             f"{span[1]}, which this chunk needs")
+
+
 def _shift_linear(data: np.ndarray, pos: np.ndarray, spans: list,
-                  accumulator: np.dtype) -> np.ndarray:
+                  accumulator: np.dtype, offset: Sequence[int]) -> np.ndarray:
     """Separable linear interpolation of ``data`` (c, *n) onto integer indices ``spans``.
 
     Along an axis with position ``p = i + f`` (``0 < f < 1``), output index ``o`` samples tile
@@ -137,6 +179,9 @@ def _shift_linear(data: np.ndarray, pos: np.ndarray, spans: list,
     float64), axis after axis. The pixels are converted to ``accumulator`` once, and the box
     is computed in bands of about :data:`BAND_PIXELS` through two reused scratch buffers; every
     pixel takes the same operations, in the same order, whatever the bands.
+
+    ``offset`` is the tile index of ``data``'s first pixel along each axis (a window of the
+    tile).
 
     Returns
     -------
@@ -147,7 +192,7 @@ def _shift_linear(data: np.ndarray, pos: np.ndarray, spans: list,
     whole = np.floor(pos).astype(np.int64)  # pos is snapped: frac is 0 or in [EPS, 1 - EPS]
     frac, ip = (pos - whole).tolist(), whole.tolist()
     taps = [int(f != 0) for f in frac]  # the extra source pixel along a fractional axis
-    starts = [lo - i - t for (lo, _), i, t in zip(spans, ip, taps, strict=True)]
+    starts = [lo - i - t - o for (lo, _), i, t, o in zip(spans, ip, taps, offset, strict=True)]
     weights = [(ax, kind(f), kind(1 - f)) for ax, f in enumerate(frac, start=1) if f != 0]
     out = np.empty((data.shape[0], *(hi - lo for lo, hi in spans)), dtype=accumulator)
     bands = _bands(out.shape[1:], max(1, BAND_PIXELS // data.shape[0]))
@@ -309,6 +354,8 @@ def place_tile(
     path: str | None = None,
     order: int = 1,
     accumulator: np.dtype | type = np.float32,
+    tile_shape: tuple[int, ...] | None = None,
+    first_plane: int = 0,
 ) -> Placement | None:
     """Resample one tile onto one output chunk.
 
@@ -328,6 +375,11 @@ def place_tile(
         Interpolation order for the affine path (1 = linear).
     accumulator : {float32, float64}
         Dtype of interpolated values (:func:`tilefuse.fusion.kernel.accumulator_dtype`).
+    tile_shape : tuple of int, optional
+        The whole tile's spatial shape, when ``data`` holds only some of its planes (default:
+        ``data``'s).
+    first_plane : int
+        The tile plane ``data``'s first plane is (translations only).
 
     Returns
     -------
@@ -336,8 +388,11 @@ def place_tile(
     """
     path = path or classify(affine)
     accumulator = np.dtype(accumulator)
+    shape = tuple(data.shape[1:]) if tile_shape is None else tuple(tile_shape)
     if path == "affine":
+        if first_plane or shape != data.shape[1:]:
+            raise ValueError("an affine tile is resampled from the whole tile")
         return _place_affine(data, affine, chunk_origin, chunk_shape, order, accumulator)
     pos = affine[:-1, -1]
     return _place_translation(data, pos, chunk_origin, chunk_shape, path == "slice",
-                              accumulator)
+                              accumulator, shape, first_plane)

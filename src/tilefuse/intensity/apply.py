@@ -169,6 +169,17 @@ class CorrectedSource:
     def read(self) -> np.ndarray:
         return correct_tile(self.source.read(), self.correction)
 
+    def read_planes(self, start: int, stop: int) -> np.ndarray | None:
+        """Planes ``start:stop``, corrected; None where the inner source cannot read them
+        apart or the correction varies along z (then the tile is read whole)."""
+        inner = getattr(self.source, "read_planes", None)
+        fields = (self.correction.flat, self.correction.dark)
+        if inner is None or any(f is not None and np.ndim(f) >= 3 and np.shape(f)[-3] != 1
+                                for f in fields):  # broadcast to (c, z, y, x): z is third last
+            return None
+        data = inner(start, stop)
+        return None if data is None else correct_tile(data, self.correction)
+
 
 def _field_token(*fields: np.ndarray | None) -> str:
     digest = hashlib.sha1()

@@ -37,7 +37,7 @@ from scipy import ndimage, sparse
 from tilefuse.errors import InputError
 from tilefuse.intensity.apply import TileCorrection
 from tilefuse.intensity.matching import overlap_regions, region_pixels
-from tilefuse.io.tiles import read_tile
+from tilefuse.io.tile_cache import read_tile
 from tilefuse.model.layout import Layout
 
 __all__ = ["WORK_SIZE", "estimate_flatfield"]

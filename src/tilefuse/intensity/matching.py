@@ -23,7 +23,7 @@ from scipy.sparse.linalg import spsolve
 
 from tilefuse.errors import InputError
 from tilefuse.intensity.apply import TileCorrection
-from tilefuse.io.tiles import read_tile
+from tilefuse.io.tile_cache import read_tile
 from tilefuse.model.layout import Layout
 from tilefuse.plan.geometry import neighbour_overlaps
 

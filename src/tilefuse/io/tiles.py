@@ -1,24 +1,19 @@
-"""Reading tile pixels: picklable sources, header probing, and a bounded per-process cache.
+"""Tile sources and header probing.
 
 A source describes *how* to read one tile (a path and a series, or an in-memory array); it holds
-no open file, so it can travel to any worker. :func:`read_tile` decodes through a byte-bounded
-LRU cache shared by the threads of one process, so a tile touching four output chunks is decoded
-once, not four times.
-
-The cache keys pixels by what they are, not by where they were: an in-memory tile by a token
-drawn when its :class:`ArraySource` is made (never ``id()``, which a later array may reuse), a
-file by its path with its size and modification time at read time (a tile re-exported during a
-long session is decoded again). It hands out read-only views of its own and never changes the
-flags of a caller's array.
+no open file, so it can travel to any worker. Tiles are read through the per-process cache of
+:mod:`tilefuse.io.tile_cache` (:func:`~tilefuse.io.tile_cache.read_tile`). A z-stack source
+may read planes apart (``read_planes(start, stop)``): TIFF z-stacks of one page per plane,
+plane files and arrays do, so a chunk of a 3D mosaic decodes only the planes it needs.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
-import threading
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,25 +22,18 @@ import numpy as np
 from tilefuse.errors import InputError
 
 __all__ = [
-    "DEFAULT_CACHE_BYTES",
     "TIFF_SUFFIXES",
     "ArraySource",
     "FileSource",
     "PlaneStackSource",
-    "cache_stats",
-    "clear_cache",
     "TileHeader",
     "probe_tile",
-    "read_tile",
-    "set_cache_limit",
 ]
 
 log = logging.getLogger(__name__)
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 """File name endings read as TIFF (lower case): tiles, OME-TIFF layouts, calibration."""
-DEFAULT_CACHE_BYTES = 512 * 2**20
-"""Decoded-tile cache budget per process when none is given (``--cache-mb 512``)."""
 MAX_TILE_BYTES = 4 * 2**30  # one decoded tile; beyond this a header is lying or a tile is a mosaic
 _SPATIAL = "ZYX"
 _CHANNEL = "CS"
@@ -175,9 +163,14 @@ def _probe_other(path: str) -> TileHeader:
     return TileHeader(shape, np.dtype(props.dtype), 1, False)
 
 
-def _decode(path: str, series: int) -> np.ndarray:
-    """Decode a tile file to ``(c, *spatial)``."""
+def _decode(path: str, series: int, planes: tuple[int, int] | None = None
+            ) -> np.ndarray | None:
+    """Decode a tile file to ``(c, *spatial)``; with ``planes`` (``start, stop``), only those
+    planes of a z-stack, ``(c, stop - start, y, x)``, or None where the file cannot be read
+    in part (not a TIFF, or its planes are not one page each)."""
     if not _is_tiff(path):
+        if planes is not None:
+            return None
         import imageio.v3 as iio
 
         data = np.asarray(iio.imread(path))
@@ -187,16 +180,42 @@ def _decode(path: str, series: int) -> np.ndarray:
     with tifffile.TiffFile(path) as tif:
         s = tif.series[series]
         axes = s.axes
-        data = s.asarray()
-    spatial, channel, squeeze = _axes_to_layout(axes, data.shape, path)
+        if planes is None:
+            data = s.asarray()
+            spatial, channel, squeeze = _axes_to_layout(axes, data.shape, path)
+        else:
+            spatial, channel, squeeze = _axes_to_layout(axes, tuple(s.shape), path)
+            if len(spatial) != 3:
+                return None
+            part = _read_pages(tif, series, s, spatial[0], planes)
+            if part is None:
+                return None
+            data = part
     order = channel + spatial + squeeze
     data = np.transpose(data, order)
     data = data.reshape(data.shape[: len(channel) + len(spatial)])
     if not channel:
         data = data[None]
-    if data.ndim == 4 and data.shape[1] == 1:  # a single-plane "z-stack" is a 2D tile
+    if planes is None and data.ndim == 4 and data.shape[1] == 1:  # one plane: a 2D tile
         data = data[:, 0]
     return data
+
+
+def _read_pages(tif, series: int, s, z_axis: int, planes: tuple[int, int]) -> np.ndarray | None:
+    """Planes ``start:stop`` along axis ``z_axis`` of TIFF series ``s``, in the series' axes,
+    read page by page; None unless every index of the axes before ``Y`` is one page."""
+    shape, axes = tuple(s.shape), s.axes
+    if "Y" not in axes:
+        return None
+    first = axes.index("Y")
+    lead = shape[:first]
+    if z_axis >= first or math.prod(lead) != len(s.pages):
+        return None
+    ranges = [range(n) for n in lead]
+    ranges[z_axis] = range(*planes)
+    keys = [int(np.ravel_multi_index(index, lead)) for index in itertools.product(*ranges)]
+    data = np.asarray(tif.asarray(key=keys, series=series))
+    return data.reshape(*(len(r) for r in ranges), *shape[first:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +252,17 @@ class FileSource:
     def read(self) -> np.ndarray:
         """Decode the tile, shape ``(c, *spatial)``."""
         parts = [self._read_one(p) for p in self.paths]
+        return self._channels([p for p in parts if p is not None])
+
+    def read_planes(self, start: int, stop: int) -> np.ndarray | None:
+        """Decode planes ``start:stop`` of a z-stack, shape ``(c, stop - start, y, x)``; None
+        when its files cannot be read in part (then :meth:`read` reads it whole)."""
+        parts = [self._read_one(p, (start, stop)) for p in self.paths]
+        if any(p is None for p in parts):
+            return None
+        return self._channels([p for p in parts if p is not None])
+
+    def _channels(self, parts: list[np.ndarray]) -> np.ndarray:
         data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         if self.same_channels and not all(np.array_equal(data[0], ch) for ch in data[1:]):
             raise InputError(
@@ -243,11 +273,11 @@ class FileSource:
             data = data[list(self.channels)]
         return data
 
-    def _read_one(self, path: str) -> np.ndarray:
+    def _read_one(self, path: str, planes: tuple[int, int] | None = None) -> np.ndarray | None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tile file not found: {path}")
         try:
-            return _decode(path, self.series)
+            return _decode(path, self.series, planes)
         except (InputError, FileNotFoundError):
             raise
         except Exception as exc:
@@ -298,18 +328,22 @@ class PlaneStackSource:
         InputError
             A plane file holds a z-stack, or differs in shape or dtype from plane 0 (named).
         """
+        return self.read_planes(0, len(self.planes))
+
+    def read_planes(self, start: int, stop: int) -> np.ndarray:
+        """Decode and stack planes ``start:stop``, shape ``(c, stop - start, y, x)``; every
+        plane is checked against plane 0 (read for that when it is not among them)."""
         first = self._plane(0)
-        out = np.empty((first.shape[0], len(self.planes), *first.shape[1:]), dtype=first.dtype)
-        out[:, 0] = first
-        for k in range(1, len(self.planes)):
-            plane = self._plane(k)
+        out = np.empty((first.shape[0], stop - start, *first.shape[1:]), dtype=first.dtype)
+        for k in range(start, stop):
+            plane = first if k == 0 else self._plane(k)
             if plane.shape != first.shape or plane.dtype != first.dtype:
                 raise InputError(
                     f"{self.planes[k][0]}: plane {k} is {_describe(plane)}, but plane 0 "
                     f"({self.planes[0][0]}) is {_describe(first)}; every plane of a tile needs "
                     "the same shape and dtype"
                 )
-            out[:, k] = plane
+            out[:, k - start] = plane
         return out
 
     def _plane(self, k: int) -> np.ndarray:
@@ -369,126 +403,21 @@ class ArraySource:
         return ("array", self.token, self.ident)
 
     def read(self) -> np.ndarray:
-        data = self.array
-        if hasattr(data, "compute"):
-            data = data.compute(scheduler="sync")
-        return np.asarray(data)
+        return _materialise(self.array)
+
+    def read_planes(self, start: int, stop: int) -> np.ndarray | None:
+        """Planes ``start:stop`` of a ``(c, z, y, x)`` array (only those are computed, for a
+        lazy one); None for an array of other dimensions."""
+        if len(getattr(self.array, "shape", ())) != 4:
+            return None
+        return _materialise(self.array[:, start:stop])  # type: ignore[index]
 
 
-def _stamp(source) -> tuple:
-    """The state of the files behind ``source`` (:meth:`FileSource.stamp`); a source that wraps
-    another (``.source``, e.g. an intensity correction) has its inner source's; none for arrays."""
-    for _ in range(16):
-        stamp = getattr(source, "stamp", None)
-        if callable(stamp):
-            return stamp()
-        source = getattr(source, "source", None)
-        if source is None:
-            break
-    return ()
-
-
-class _TileCache:
-    """Byte-bounded LRU cache of decoded tiles, safe for the threads of one process.
-
-    Entries are keyed by ``(source.key, stamp)``: a file rewritten since it was cached has a new
-    stamp, so it is decoded again and its stale pixels are dropped.
-    """
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit = limit_bytes
-        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._stamps: dict[tuple, tuple] = {}  # source.key -> the stamp of its cached entry
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self._loading: dict[tuple, threading.Lock] = {}
-        self.decodes = 0
-
-    def get(self, source) -> np.ndarray:
-        tile_key = source.key
-        key = (tile_key, _stamp(source))
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            gate = self._loading.setdefault(key, threading.Lock())
-        with gate:  # one thread decodes a tile; the others wait for it
-            with self._lock:
-                if key in self._items:
-                    return self._items[key]
-            try:
-                data = source.read().view()  # our own view: the caller's flags stay as they are
-            except BaseException:
-                with self._lock:
-                    self._loading.pop(key, None)
-                raise
-            data.flags.writeable = False
-            with self._lock:
-                self.decodes += 1
-                self._loading.pop(key, None)
-                stale = self._stamps.pop(tile_key, None)  # the same tile, as it was before
-                if stale is not None and (tile_key, stale) in self._items:
-                    self._bytes -= self._items.pop((tile_key, stale)).nbytes
-                if data.nbytes <= self.limit:
-                    self._items[key] = data
-                    self._stamps[tile_key] = key[1]
-                    self._bytes += data.nbytes
-                    self._evict()
-        return data
-
-    def _evict(self) -> None:
-        """Drop the least recently used tiles until the budget holds (lock held)."""
-        while self._bytes > self.limit and self._items:
-            (tile_key, stamp), old = self._items.popitem(last=False)
-            if self._stamps.get(tile_key) == stamp:
-                del self._stamps[tile_key]
-            self._bytes -= old.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._stamps.clear()
-            self._bytes = 0
-            self.decodes = 0
-
-
-_CACHE = _TileCache(DEFAULT_CACHE_BYTES)
-
-
-def set_cache_limit(limit_bytes: int) -> None:
-    """Set this process's tile cache budget in bytes (shrinks the cache at once)."""
-    with _CACHE._lock:
-        _CACHE.limit = int(limit_bytes)
-        _CACHE._evict()
-
-
-def cache_stats() -> dict:
-    """Decodes so far and bytes held by this process's tile cache."""
-    return {"decodes": _CACHE.decodes, "bytes": _CACHE._bytes, "limit": _CACHE.limit}
-
-
-def clear_cache() -> None:
-    """Drop every cached tile and reset the decode counter."""
-    _CACHE.clear()
-
-
-def read_tile(source, cache_limit: int | None = None) -> np.ndarray:
-    """Pixels of one tile, shape ``(c, *spatial)``, through the process's cache.
-
-    Parameters
-    ----------
-    source : FileSource, PlaneStackSource, ArraySource or a source wrapping one
-    cache_limit : int, optional
-        Budget in bytes for this process's cache; applied before reading when given.
-
-    Returns
-    -------
-    numpy.ndarray, shape (c, *spatial)
-        Read-only, shared with other readers of the same tile in this process.
-    """
-    if cache_limit is not None and cache_limit != _CACHE.limit:
-        set_cache_limit(cache_limit)
-    return _CACHE.get(source)
+def _materialise(data) -> np.ndarray:
+    """A numpy array of an array-like (a dask array computed on this thread)."""
+    if hasattr(data, "compute"):
+        data = data.compute(scheduler="sync")
+    return np.asarray(data)
 
 
 def resolve(path: str, base: str | Path | None) -> str:

@@ -38,7 +38,10 @@ class TileSource(Protocol):
     """Something that can produce a tile's pixels as a ``(c, *spatial)`` array.
 
     Implementations live in :mod:`tilefuse.io.tiles`; they must be picklable and hold no open
-    handles. ``key`` identifies the pixels for caching.
+    handles. ``key`` identifies the pixels for caching. A z-stack source may also offer
+    ``read_planes(start, stop)``: planes ``start:stop`` as ``(c, stop - start, y, x)``, or None
+    where it cannot read them apart; fusion then reads only the planes a chunk needs
+    (:func:`tilefuse.io.tile_cache.read_tile`).
     """
 
     @property

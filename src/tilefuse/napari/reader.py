@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tilefuse.io.readers import looks_like_layout, read_layout
-from tilefuse.io.tiles import read_tile
+from tilefuse.io.tile_cache import read_tile
 from tilefuse.model.layout import Layout, Tile
 from tilefuse.model.timeseries import TimeSeries
 

@@ -81,12 +81,14 @@ def store_level(
     reduce_axes = tuple(i for i, a in enumerate(axes) if a != "c")
     channel_axis = axes.index("c") if "c" in axes else None
     run_tasks = getattr(compute, "run_tasks", None)
+    z_innermost = not getattr(source, "reads_planes", False)  # see tile_order
     if isinstance(source, BlockPixels):
         files = _chunk_files(source, target) if run_tasks is not None else None
         if files is not None:
             assert run_tasks is not None
             grid = [-(-n // c) for n, c in zip(source.shape, source.chunk_shape, strict=True)]
-            order = tile_order(blocks if blocks is not None else np.ndindex(*grid), axes)
+            order = tile_order(blocks if blocks is not None else np.ndindex(*grid), axes,
+                               z_innermost=z_innermost)
             return store_blocks(source, files, order, reduce_axes if stats else None,
                                 run_tasks, channel_axis)
         source = source.to_dask()
@@ -96,7 +98,7 @@ def store_level(
     writer = _direct_writer(source, target)
     if writer is not None:
         order = tile_order(blocks if blocks is not None else np.ndindex(*source.numblocks),
-                           axes)
+                           axes, z_innermost=z_innermost)
         return _store_direct(source, writer, order, reduce_axes if stats else None, compute,
                              channel_axis)
     import dask.array as da
@@ -124,15 +126,20 @@ def store_level(
     return np.atleast_1d(lo), np.atleast_1d(hi)
 
 
-def tile_order(blocks: Iterable[Sequence[int]], axes: Sequence[str]) -> list[tuple[int, ...]]:
-    """The blocks in the order to compute them: C order, but z innermost.
+def tile_order(blocks: Iterable[Sequence[int]], axes: Sequence[str], *,
+               z_innermost: bool = True) -> list[tuple[int, ...]]:
+    """The blocks in the order to compute them: C order, but z innermost unless told not to.
 
-    The chunks of one lateral column of a z-stack (every z, the same y and x) read the same
-    tiles, so computed one after another they find them in the tile cache; in C order (z
-    outermost) each z-slab goes through every tile of the mosaic before the next slab does.
+    Where chunks read whole z-stacks, the chunks of one lateral column (every z, the same y and
+    x) read the same tiles, so computed one after another they find them in the tile cache; in
+    C order (z outermost) each z-slab goes through every tile of the mosaic before the next
+    slab does. Where chunks read only their planes (``z_innermost=False``: the source's
+    ``reads_planes``), C order is the better one: a slab's planes of every tile fit the cache
+    (measured: 9 tiles' worth of planes decoded for 8 stacks in C order, 42 column by column;
+    ``tests/test_tile_cache.py``).
     """
     ordered = [tuple(int(i) for i in b) for b in blocks]
-    if "z" in axes:
+    if "z" in axes and z_innermost:
         z = list(axes).index("z")
         ordered.sort(key=lambda b: (*b[:z], *b[z + 1:], b[z]))
     return ordered

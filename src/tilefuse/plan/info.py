@@ -11,7 +11,7 @@ from tilefuse.errors import InputError
 from tilefuse.fusion.graph import cache_advice, plan_fusion
 from tilefuse.fusion.kernel import resolve_backend
 from tilefuse.fusion.resample import classify
-from tilefuse.io.tiles import DEFAULT_CACHE_BYTES
+from tilefuse.io.tile_cache import DEFAULT_CACHE_BYTES
 from tilefuse.model.layout import Layout
 from tilefuse.model.timeseries import TimeSeries
 from tilefuse.plan.chunking import DEFAULT_CHUNK, chunk_shape

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tilefuse.io.tiles import read_tile
+from tilefuse.io.tile_cache import read_tile
 from tilefuse.model.layout import Tile
 from tilefuse.registration.pairwise import Measurement, Pair
 

@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 
-from tilefuse.io.tiles import read_tile
+from tilefuse.io.tile_cache import read_tile
 from tilefuse.model.layout import Layout
 from tilefuse.registration._jobs import null_score
 from tilefuse.registration.pairwise import Pair

@@ -88,7 +88,7 @@ def _fuse_small(layout: Layout, max_size: int) -> tuple[np.ndarray, float]:
     from tilefuse.fusion.direct import fuse_in_memory
     from tilefuse.fusion.graph import plan_fusion
     from tilefuse.io.readers.memory import layout_from_arrays
-    from tilefuse.io.tiles import read_tile
+    from tilefuse.io.tile_cache import read_tile
     from tilefuse.plan.geometry import output_box
 
     _, shape = output_box(layout)

@@ -303,9 +303,19 @@ def _add_tile(tile, acc, wsum, covered, origin3, shape3, ndim, widths3, mode) ->
                              widths3, mode, acc.dtype)
     if args is None:
         return
-    data = np.ascontiguousarray(read_checked(tile, acc.dtype)).reshape(-1)
+    data = read_checked(tile, acc.dtype)
+    window3 = (*pad, *data.shape[1:])  # the planes read: the whole tile, or a window of it
+    box0, nbox, src0, *rest = args
+    src0 = src0.copy()
+    src0[-ndim] -= tile.first_plane
+    frac = rest[2]
+    for ax in range(3):
+        if src0[ax] < 0 or src0[ax] + nbox[ax] + int(frac[ax]) > window3[ax]:
+            raise ValueError(f"tile pixels read along axis {ax} lack some this chunk needs")
+    data = np.ascontiguousarray(data).reshape(-1)
     _add_shifted(acc.reshape(-1), wsum.reshape(-1), covered.reshape(-1), data,
-                 np.array(tile_shape3, np.int64), np.array(shape3, np.int64), *args, mode)
+                 np.array(window3, np.int64), np.array(shape3, np.int64), box0, nbox, src0,
+                 *rest, mode)
 
 
 def _finalize(acc, wsum, covered, weighted, dtype, fill) -> np.ndarray:

@@ -82,6 +82,19 @@ class ZarrSource:
 
     def read(self) -> np.ndarray:
         """Decode the tile, shape ``(c, *spatial)``."""
+        return self._read(tuple(slice(None) if i is None else i for i in self.index))
+
+    def read_planes(self, start: int, stop: int) -> np.ndarray | None:
+        """Decode planes ``start:stop`` of a z-stack, shape ``(c, stop - start, y, x)`` (only
+        the zarr chunks holding them); None for a 2D tile."""
+        whole = [k for k, i in enumerate(self.index) if i is None]
+        if len(whole) != 3 + int(self.channel_axis):
+            return None
+        z = whole[int(self.channel_axis)]
+        return self._read(tuple(slice(start, stop) if k == z else slice(None) if i is None
+                                else i for k, i in enumerate(self.index)))
+
+    def _read(self, selection: tuple) -> np.ndarray:
         import zarr
 
         try:
@@ -90,7 +103,6 @@ class ZarrSource:
             raise
         except Exception as exc:  # zarr raises many kinds; the user needs the path
             raise InputError(f"{self.path}: cannot open zarr array ({exc})") from exc
-        selection = tuple(slice(None) if i is None else i for i in self.index)
         data = np.asarray(array[selection])
         return data if self.channel_axis else data[None]
 
@@ -135,7 +147,16 @@ class ZarrChannels:
         InputError
             A channel differs in shape or dtype from the first (named).
         """
-        parts = [s.read() for s in self.sources]
+        return self._stack([s.read() for s in self.sources])
+
+    def read_planes(self, start: int, stop: int) -> np.ndarray | None:
+        """Decode and stack planes ``start:stop`` of every channel; None for 2D tiles."""
+        parts = [s.read_planes(start, stop) for s in self.sources]
+        if any(p is None for p in parts):
+            return None
+        return self._stack([p for p in parts if p is not None])
+
+    def _stack(self, parts: list[np.ndarray]) -> np.ndarray:
         for source, part in zip(self.sources[1:], parts[1:], strict=True):
             if part.shape[1:] != parts[0].shape[1:] or part.dtype != parts[0].dtype:
                 raise InputError(f"{source.path}: {part.shape[1:]} {part.dtype}, but the "
