@@ -349,6 +349,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; expected some of {sorted(VARIANTS)}")
     processes = () if args.no_process else PROCESSES
+    compile_bytecode()
     work = Path(tempfile.mkdtemp(prefix="tilefuse-bench-"))
     try:
         layout_path = make_tiles(work, args.grid, args.tile, compression=args.tile_compression)
@@ -357,6 +358,22 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     report(runs, process_runs, args)
     return 0
+
+
+def compile_bytecode() -> None:
+    """Write the bytecode of tilefuse and of these scripts, as ``pip install`` does.
+
+    Without it, a machine that sets ``PYTHONDONTWRITEBYTECODE`` (ours do) compiles tilefuse's
+    ~60 modules from source in every process, ~0.05-0.07 s (measured with cProfile: 58 calls
+    of ``compile``) that no installed tilefuse pays; the floors' scripts are compiled too.
+    """
+    import compileall
+
+    import tilefuse
+
+    for folder in (*tilefuse.__path__, str(Path(__file__).resolve().parent)):
+        compileall.compile_dir(folder, quiet=1, maxlevels=0 if folder.endswith("benchmarks")
+                               else None)
 
 
 def _python_for(variant: str) -> str | None:

@@ -234,3 +234,42 @@ def test_zarr_tiles_read_planes_of_the_kept_time_point_and_channels(tmp_path):
     assert np.array_equal(both.read_planes(6, 7), both.read()[:, 6:7])
     plane = ZarrSource(str(tmp_path / "b"), (0, 3, None, None))  # a 2D tile: one plane kept
     assert plane.read_planes(0, 1) is None
+
+
+def test_the_memory_estimate_counts_a_chunks_planes_of_a_stack_read_by_planes():
+    from tilefuse.plan.info import chunk_peak, layout_memory
+
+    stacks = [np.zeros((100, 64, 64), np.uint16)] * 2  # 8 KiB a plane, 800 KiB a stack
+    layout = layout_from_arrays(stacks, positions=[[0, 0, 0], [0, 0, 60]])
+    options = layout_memory(layout)
+    assert options["max_plane_bytes"] == 8192 and options["max_tile_bytes"] == 819200
+    peak = chunk_peak((8, 64, 64), 1, 2, 2, 2**20, "numpy", **options)
+    whole = chunk_peak((8, 64, 64), 1, 2, 2, 2**20, "numpy",
+                       **{**options, "max_plane_bytes": None})
+    # the cache part: all tiles (1.6 MB, under the 1 MiB cache: the cache) + one read per
+    # thread, 9 planes instead of 100
+    assert whole.cache - peak.cache == 2 * (819200 - 9 * 8192)
+    rotated = layout_from_arrays(stacks, affines=np.stack([np.eye(4), np.eye(4)]) + np.pad(
+        [[[0, 0.1, 0], [-0.1, 0, 0], [0, 0, 0]]] * 2, ((0, 0), (0, 1), (0, 1))))
+    assert layout_memory(rotated)["max_plane_bytes"] is None
+
+
+def test_a_run_sizes_its_cache_for_four_chunk_reads_within_its_memory_budget(caplog):
+    import logging
+
+    from tilefuse._run import tile_cache_bytes
+    from tilefuse.io.tile_cache import DEFAULT_CACHE_BYTES
+
+    plane = 2048 * 2048 * 2  # 8 MiB
+    stacks = [np.lib.stride_tricks.as_strided(np.zeros(1, np.uint16), (256, 2048, 2048),
+                                              (0, 0, 0))] * 2  # no memory behind them
+    layout = layout_from_arrays(stacks, positions=[[0, 0, 0], [0, 0, 1843.5]])
+    with caplog.at_level(logging.INFO, logger="tilefuse"):
+        cache = tile_cache_bytes(layout, None, memory_limit=64 * 2**30)
+    assert cache == 4 * 65 * plane  # chunks 64 deep: 65 planes a read (2.03 GiB)
+    assert "tile cache 2080 MiB" in caplog.text
+    assert tile_cache_bytes(layout, (16, 256, 256), memory_limit=64 * 2**30) == 4 * 17 * plane
+    assert tile_cache_bytes(layout, None, memory_limit=4 * 2**30) == 2**30  # a quarter
+    assert tile_cache_bytes(layout, None, memory_limit=2**30) == DEFAULT_CACHE_BYTES
+    small = layout_from_arrays([np.zeros((64, 64), np.uint16)] * 2, positions=[[0, 0], [0, 60]])
+    assert tile_cache_bytes(small, None, memory_limit=64 * 2**30) == DEFAULT_CACHE_BYTES

@@ -197,6 +197,23 @@ def test_tiles_larger_than_the_cache_are_announced_with_what_to_try(caplog):
     assert cache_advice(plan_fusion(layout, chunk=(8, 32, 32), cache_bytes=2**20)) is None
 
 
+def test_stacks_read_by_planes_need_only_a_chunks_planes_in_the_cache(monkeypatch):
+    """Stacks of 32 planes fused in chunks 8 deep are read 9 planes at a time: a cache of 9
+    planes holds what a chunk reads; the same stacks read whole (a source without
+    ``read_planes``) do not fit it, and the plan says so."""
+    from tilefuse import layout_from_arrays, plan_fusion
+    from tilefuse.fusion.graph import cache_advice
+    from tilefuse.io.tiles import ArraySource
+
+    tiles = [np.full((32, 64, 64), k, np.uint16) for k in range(2)]  # 256 KiB, 8 KiB a plane
+    layout = layout_from_arrays(tiles, positions=[(0.5, 0, 0), (0, 0, 56)])
+    assert cache_advice(plan_fusion(layout, chunk=(8, 32, 32), cache_bytes=72 * 2**10)) is None
+    assert cache_advice(plan_fusion(layout, chunk=(8, 32, 32), cache_bytes=71 * 2**10))
+    monkeypatch.delattr(ArraySource, "read_planes")
+    advice = cache_advice(plan_fusion(layout, chunk=(8, 32, 32), cache_bytes=72 * 2**10))
+    assert advice is not None and "tiles of up to 256 KiB" in advice
+
+
 def test_z_stacks_are_fused_column_by_column_so_tiles_stay_cached(tmp_path, monkeypatch):
     """Read whole, the chunks of one lateral column (every z) are computed one after another,
     so a cache of four of eight z-stacks holds what they read; in C order (z outermost) every
@@ -211,8 +228,8 @@ def test_z_stacks_are_fused_column_by_column_so_tiles_stay_cached(tmp_path, monk
 
     assert _store.tile_order(np.ndindex(2, 2, 3), "zyx")[:3] == [(0, 0, 0), (1, 0, 0),
                                                                   (0, 0, 1)]
-    assert _store.tile_order(np.ndindex(2, 2, 3), "zyx", z_innermost=False)[:3] == [
-        (0, 0, 0), (0, 0, 1), (0, 0, 2)]
+    assert _store.tile_order(np.ndindex(2, 2, 3), "zyx", z_innermost=False)[:4] == [
+        (0, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)]  # z outermost, then the longer lateral axis
     assert _store.tile_order([(1, 0, 1, 0), (0, 1, 0, 0)], "czyx") == [(0, 1, 0, 0),
                                                                         (1, 0, 1, 0)]
     rng = np.random.default_rng(0)

@@ -51,7 +51,6 @@ from tilefuse.io.outputs import (
     read_manifest,
     refuse_url,
 )
-from tilefuse.io.tile_cache import DEFAULT_CACHE_BYTES
 from tilefuse.model.layout import Layout
 from tilefuse.model.mosaic import Mosaic
 from tilefuse.model.timeseries import TimeSeries
@@ -113,8 +112,9 @@ class FuseRequest:
         `memory_limit` allows (or, on a resume, the interrupted run's).
     blend, blend_width, dtype, fill, backend
         As in :func:`tilefuse.plan_fusion`.
-    cache_bytes : int
-        Decoded-tile cache per process.
+    cache_bytes : int, optional
+        Decoded-tile cache per process; default: :data:`DEFAULT_CACHE_BYTES`, more for large
+        tiles when the memory budget allows (:func:`tilefuse._run.tile_cache_bytes`).
     memory_limit : str or int
         Memory budget: bytes (``"8GB"``) or a fraction of this job's memory (``"0.5"``).
     ngff, levels : str, int
@@ -169,7 +169,7 @@ class FuseRequest:
     dtype: str | None = None
     fill: float = 0
     backend: str = "auto"
-    cache_bytes: int = DEFAULT_CACHE_BYTES
+    cache_bytes: int | None = None
     memory_limit: str | int = "0.5"
     ngff: str = "0.5"
     levels: int | None = None
@@ -335,14 +335,18 @@ def run_fusion(
     fused_layout = _corrected(layout, request, stage)
     clock.lap("correct")
     stage(0, 0, "planning")
+    cache = request.cache_bytes
+    if cache is None:
+        cache = _run.tile_cache_bytes(fused_layout, chunk, memory_limit=request.memory_limit,
+                                      scheduler=request.scheduler, workers=request.workers)
     plan = plan_fusion(
         fused_layout,
         chunk=_run.budget_chunk(fused_layout, chunk, memory_limit=request.memory_limit,
-                                workers=request.workers, cache_bytes=request.cache_bytes,
+                                workers=request.workers, cache_bytes=cache,
                                 backend=request.backend, scheduler=request.scheduler,
                                 dask=tiff),
         blend=request.blend, blend_width=request.blend_width, dtype=request.dtype,
-        fill=request.fill, cache_bytes=request.cache_bytes, backend=request.backend)
+        fill=request.fill, cache_bytes=cache, backend=request.backend)
     mosaic = fuse(plan) if cycles is None else cycles.fuse(
         plan, lambda one: _corrected(one, request, stage))
     clock.lap("plan")

@@ -99,6 +99,11 @@ def _one_or_cycles(args: argparse.Namespace) -> tuple[str, ...]:
     return inputs
 
 
+def _cache_bytes(args: argparse.Namespace) -> int | None:
+    """``--cache-mb`` in bytes; None when not given (the run sizes its cache)."""
+    return None if args.cache_mb is None else args.cache_mb * 2**20
+
+
 def fuse_request(args: argparse.Namespace) -> FuseRequest:
     """The run ``tilefuse fuse`` describes (several inputs: the cycles, the first as `layout`)."""
     first, *more = _one_or_cycles(args)
@@ -112,7 +117,7 @@ def fuse_request(args: argparse.Namespace) -> FuseRequest:
         flatfield=args.flatfield, darkfield=args.darkfield,
         match_intensity=args.match_intensity, chunk=_chunk_arg(args), blend=args.blend,
         blend_width=args.blend_width, dtype=args.dtype, fill=args.fill, backend=args.backend,
-        cache_bytes=args.cache_mb * 2**20, memory_limit=args.memory_limit, ngff=args.ngff,
+        cache_bytes=_cache_bytes(args), memory_limit=args.memory_limit, ngff=args.ngff,
         levels=args.levels, overwrite=args.overwrite, resume=args.resume,
         scheduler=args.scheduler, workers=args.workers, format=args.format, bdv=args.bdv,
         shard=_shard_arg(args),
@@ -333,7 +338,10 @@ def _describe(args: argparse.Namespace, layout: Layout | TimeSeries) -> None:
     chunk = _chunk_arg(args)
     _run.check_chunk(chunk, layout)
     threads = args.workers or os.cpu_count() or 1
-    options = {"chunk": chunk, "threads": threads, "cache_bytes": args.cache_mb * 2**20,
+    cache = _cache_bytes(args)
+    if cache is None:  # what fuse would take with its default memory limit
+        cache = _run.tile_cache_bytes(layout, chunk, memory_limit="0.5", workers=args.workers)
+    options = {"chunk": chunk, "threads": threads, "cache_bytes": cache,
                "backend": args.backend}
     lines = (describe_series(layout, timepoint=args.timepoint or 0, **options)
              if isinstance(layout, TimeSeries) else describe(layout, **options))

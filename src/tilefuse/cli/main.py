@@ -216,8 +216,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_scheduler_options(fuse)
     fuse.add_argument("--resume", action="store_true",
                       help="continue an interrupted run of the same command into OUTPUT")
-    fuse.add_argument("--cache-mb", type=positive_int, default=_CACHE_MB,
-                      help=f"decoded-tile cache per process in MiB (default {_CACHE_MB})")
+    fuse.add_argument("--cache-mb", type=positive_int, default=None,
+                      help=f"decoded-tile cache per process in MiB (default {_CACHE_MB}, or "
+                           "four chunk reads of the largest tiles when more, up to a quarter of "
+                           "--memory-limit)")
     fuse.add_argument("--backend", choices=BACKENDS, default="auto",
                       help="chunk kernel: numba (compiled) or numpy; auto (default) takes numba "
                            "for rotated tiles and mosaics over 64 MPix; same mosaic either way")
@@ -266,9 +268,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_chunk_option(info)
     info.add_argument("--workers", "--threads", dest="workers", type=positive_int, default=None,
                       help="threads the memory estimate is for (default: one per core)")
-    info.add_argument("--cache-mb", type=positive_int, default=_CACHE_MB,
+    info.add_argument("--cache-mb", type=positive_int, default=None,
                       help="decoded-tile cache per process in MiB the estimate is for "
-                           f"(default {_CACHE_MB})")
+                           f"(default: what fuse takes, {_CACHE_MB} or more for large tiles)")
     info.add_argument("--backend", choices=BACKENDS, default="auto",
                       help="chunk kernel the memory estimate is for (default auto)")
     for name, command in sub.choices.items():  # examples under every command's --help

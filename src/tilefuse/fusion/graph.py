@@ -17,7 +17,7 @@ import numpy as np
 
 from tilefuse.errors import InputError
 from tilefuse.fusion.blend import BLENDS
-from tilefuse.fusion.jobs import ChunkJob, FusedPixels, FusionPlan, chunk_job
+from tilefuse.fusion.jobs import ChunkJob, FusedPixels, FusionPlan, chunk_job, reads_planes
 from tilefuse.fusion.kernel import (
     accumulator_dtype,
     check_fill,
@@ -199,11 +199,11 @@ def cache_advice(plan: FusionPlan) -> str | None:
     """What to do when tiles are larger than the plan's tile cache (None when they fit).
 
     Such a tile cannot stay in the cache, so it is decoded again for every chunk it touches:
-    a light-sheet stack of 2 GiB under a 512 MiB cache, read some 30 times.
+    a light-sheet stack of 2 GiB under a 512 MiB cache, read some 30 times, when its source
+    reads it whole. A stack read by planes (:func:`tilefuse.fusion.jobs.reads_planes`) counts
+    as the planes of one chunk.
     """
-    layout = plan.layout
-    per_px = len(layout.channels) * layout.dtype.itemsize
-    sizes = np.array([math.prod(t.shape) * per_px for t in layout.tiles])
+    sizes = np.array(read_sizes(plan.layout, plan.chunks.chunk_shape, plan.paths))
     touches = np.bincount(plan.chunks.indices, minlength=len(sizes))
     over = (sizes > plan.cache_bytes) & (touches > 1)
     if not over.any():
@@ -212,6 +212,32 @@ def cache_advice(plan: FusionPlan) -> str | None:
             f"cache: each is decoded again for every chunk it touches (up to "
             f"{int(touches[over].max())} times); a cache of four tiles (--cache-mb "
             f"{math.ceil(4 * sizes.max() / 2**20)}) reads each far fewer times, if memory allows")
+
+
+def read_sizes(layout: Layout, chunk_shape: Sequence[int],
+               paths: Sequence[str] | None = None) -> list[int]:
+    """Bytes a chunk reads of each tile: a chunk's planes (and an interpolation tap) of a
+    z-stack read by planes (:func:`tilefuse.fusion.jobs.reads_planes`), else the whole tile.
+
+    Parameters
+    ----------
+    layout : Layout
+    chunk_shape : sequence of int
+        Spatial chunk shape.
+    paths : sequence of str, optional
+        Each tile's resampling path (default: :func:`tilefuse.fusion.resample.classify`).
+    """
+    per_px = len(layout.channels) * layout.dtype.itemsize
+    paths = [classify(t.affine) for t in layout.tiles] if paths is None else paths
+    depth = int(chunk_shape[0]) + 1
+    return [math.prod((min(t.shape[0], depth), *t.shape[1:]) if reads_planes(t, path)
+                      else t.shape) * per_px
+            for t, path in zip(layout.tiles, paths, strict=True)]
+
+
+def largest_read(layout: Layout, chunk_shape: Sequence[int]) -> int:
+    """The most bytes a chunk reads of one tile (:func:`read_sizes`)."""
+    return max(read_sizes(layout, chunk_shape), default=0)
 
 
 def _size(n: float) -> str:

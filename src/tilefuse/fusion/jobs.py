@@ -27,7 +27,7 @@ from tilefuse.plan.geometry import ChunkPlan
 if TYPE_CHECKING:
     import dask.array as da
 
-__all__ = ["ChunkJob", "FusedPixels", "FusionPlan", "chunk_job", "tile_planes"]
+__all__ = ["ChunkJob", "FusedPixels", "FusionPlan", "chunk_job", "reads_planes", "tile_planes"]
 
 _FLOAT32 = np.dtype(np.float32)
 
@@ -112,6 +112,13 @@ class ChunkJob:
                          first_plane=planes[0])
 
 
+def reads_planes(tile, path: str) -> bool:
+    """A chunk reads only its planes of this tile (:func:`tile_planes`): a translated z-stack
+    whose source can read planes apart (``read_planes``; a TIFF of one z-stack in one page is
+    found out on its first read, and then read whole)."""
+    return len(tile.shape) == 3 and path != "affine" and hasattr(tile.source, "read_planes")
+
+
 def tile_planes(affine: np.ndarray, shape: tuple[int, ...], path: str, origin: np.ndarray,
                 chunk_shape: tuple[int, ...]) -> tuple[int, int] | None:
     """The planes ``(start, stop)`` of a translated z-stack that fusing one chunk reads (the
@@ -188,10 +195,8 @@ class FusedPixels:
         """Every tile is a translated z-stack whose source reads planes apart: a chunk reads
         only its planes (:func:`tile_planes`), so chunks are best computed z-slab by z-slab
         (one slab's planes of every tile fit the cache), not column by column."""
-        layout = self.plan.layout
-        return layout.ndim == 3 and all(
-            path != "affine" and hasattr(tile.source, "read_planes")
-            for tile, path in zip(layout.tiles, self.plan.paths, strict=True))
+        return all(reads_planes(tile, path)
+                   for tile, path in zip(self.plan.layout.tiles, self.plan.paths, strict=True))
 
     def block(self, index: tuple[int, ...]) -> np.ndarray:
         """Fuse the output chunk at `index` (a block number per axis of :attr:`shape`).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from tilefuse.errors import InputError
 from tilefuse.fusion.graph import cache_advice, plan_fusion
+from tilefuse.fusion.jobs import reads_planes
 from tilefuse.fusion.kernel import resolve_backend
 from tilefuse.fusion.resample import classify
 from tilefuse.io.tile_cache import DEFAULT_CACHE_BYTES
@@ -206,21 +208,26 @@ def layout_memory(layout: Layout | TimeSeries) -> dict:
     -------
     dict
         ``mosaic_shape`` (spatial output shape; a series' union box), ``tile_bytes``,
-        ``max_tile_bytes`` (:func:`tile_sizes`) and ``affine`` (some tile is rotated, scaled or
-        sheared).
+        ``max_tile_bytes`` (:func:`tile_sizes`), ``affine`` (some tile is rotated, scaled or
+        sheared) and ``max_plane_bytes`` (the largest plane of a stack read by planes,
+        :func:`tilefuse.fusion.jobs.reads_planes`; None when no tile is).
     """
     layouts = layout.layouts if isinstance(layout, TimeSeries) else (layout,)
     total, largest = tile_sizes(layout)
-    affine = any(classify(t.affine) == "affine" for lay in layouts for t in lay.tiles)
+    paths = [(t, classify(t.affine)) for lay in layouts for t in lay.tiles]
+    affine = any(path == "affine" for _, path in paths)
+    per_px = len(layout.channels) * layout.dtype.itemsize
+    plane = max((math.prod(t.shape[1:]) * per_px for t, path in paths if reads_planes(t, path)),
+                default=None)
     return {"mosaic_shape": union_box(layouts)[1], "tile_bytes": total,
-            "max_tile_bytes": largest, "affine": affine}
+            "max_tile_bytes": largest, "affine": affine, "max_plane_bytes": plane}
 
 
 def chunk_peak(
     chunk_shape: Sequence[int], n_channels: int, itemsize: int, threads: int, cache_bytes: int,
     backend: str = "auto", *, mosaic_shape: Sequence[int] | None = None,
     tile_bytes: int | None = None, max_tile_bytes: int = 0, affine: bool = False,
-    dask: bool = False,
+    dask: bool = False, max_plane_bytes: int | None = None,
 ) -> PeakEstimate:
     """:func:`estimate_peak` for output chunks of ``chunk_shape`` on a mosaic of ``mosaic_shape``.
 
@@ -237,12 +244,17 @@ def chunk_peak(
         As in :func:`estimate_peak`; :func:`layout_memory` gives them and ``mosaic_shape``.
     dask : bool
         As in :func:`estimate_peak`.
+    max_plane_bytes : int, optional
+        The largest plane of a stack read by planes: a task then holds at most a chunk's
+        planes of it (and an interpolation tap), not the whole stack.
 
     Returns
     -------
     PeakEstimate
     """
     pixels, pyramid, used = task_geometry(mosaic_shape, chunk_shape, threads)
+    if max_plane_bytes is not None and len(chunk_shape) == 3:
+        max_tile_bytes = min(max_tile_bytes, max_plane_bytes * (int(chunk_shape[0]) + 1))
     return estimate_peak(pixels, n_channels, itemsize, used, cache_bytes, backend,
                          tile_bytes=tile_bytes, max_tile_bytes=max_tile_bytes,
                          pyramid_pixels=pyramid, affine=affine, dask=dask)
