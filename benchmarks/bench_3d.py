@@ -294,7 +294,7 @@ def report(runs: dict, size: dict, args) -> None:
           "interleaved round(s)\n")
     print_table(rows, [("seconds", "seconds", ".1f"), ("peak RSS MB", "peak_rss_mb", ".0f"),
                        ("tile reads", "tile_reads", "d"),
-                       ("reads per voxel", "reads_per_voxel", ".2f"),
+                       ("reads/voxel", "reads_per_voxel", ".2f"),
                        ("x floor", "x_floor", ".2f")])
     RESULTS.mkdir(exist_ok=True)
     preset = SMALL if args.small else FULL

@@ -15,6 +15,8 @@ rotate1       tilefuse, the same tiles rotated 1 degree (affine path)
 max           tilefuse, max blend
 linear-numpy, rotate1-numpy
               the same with the numpy kernel (the default install, without tilefuse[fast])
+linear-numba  linear with the compiled kernel asked for (``backend="numba"``; ``auto`` takes
+              numpy for a job this small): what a process that has loaded numba can have
 naive         the proof of concept's method: per chunk, decode each touching tile whole and
               ``affine_transform`` it (scipy's default cubic spline, as the seed did) over the
               whole chunk, maximum blend
@@ -221,6 +223,7 @@ VARIANTS = {
     "rotate1": lambda lp, o: run_tilefuse(lp, o, "linear", 1.0),
     "max": lambda lp, o: run_tilefuse(lp, o, "max"),
     "linear-numpy": lambda lp, o: run_tilefuse(lp, o, "linear", backend="numpy"),
+    "linear-numba": lambda lp, o: run_tilefuse(lp, o, "linear", backend="numba"),
     "rotate1-numpy": lambda lp, o: run_tilefuse(lp, o, "linear", 1.0, backend="numpy"),
     "naive": run_naive,
     "naive-linear": lambda lp, o: run_naive(lp, o, order=1),
@@ -245,7 +248,8 @@ def _import_everything(variant: str) -> None:
         import tensorstore  # noqa: F401
     elif variant.startswith("mvs"):
         import multiview_stitcher.fusion  # noqa: F401
-    elif variant in ("linear", "rotate1", "max", "linear-numpy", "rotate1-numpy"):
+    elif variant in ("linear", "rotate1", "max", "linear-numpy", "rotate1-numpy",
+                     "linear-numba"):
         # what tilefuse's run loads: the API (its lazy names), the reader, the planner and
         # kernels, the CLI's runner, the writer and its codecs
         import numcodecs.zstd  # noqa: F401
@@ -266,6 +270,11 @@ def _import_everything(variant: str) -> None:
 def _warm_kernel(variant: str, layout_path: Path) -> None:
     """Load the compiled kernel (numba's imports and disk cache: a start-up cost) when the
     variant's run will use it: what ``backend="auto"`` picks for this mosaic."""
+    if variant == "linear-numba":
+        from tilefuse.fusion._numba.kernel import warm_up
+
+        warm_up()
+        return
     if variant not in ("linear", "rotate1", "max"):
         return
     from tilefuse.fusion.kernel import resolve_backend
@@ -334,7 +343,8 @@ def main() -> int:
     parser.add_argument("--tile-compression", default=None,
                         help="TIFF compression of the generated tiles, e.g. zlib (default none)")
     parser.add_argument("--variants", default="floor-zarr,floor-ts,linear,rotate1,max,"
-                        "linear-numpy,rotate1-numpy,naive,naive-linear,mvs,mvs-zarr")
+                        "linear-numpy,rotate1-numpy,linear-numba,naive,naive-linear,mvs,"
+                        "mvs-zarr")
     parser.add_argument("--no-process", action="store_true",
                         help="skip the whole-process runs (floor script, tilefuse fuse, --help)")
     parser.add_argument("--child", help=argparse.SUPPRESS)

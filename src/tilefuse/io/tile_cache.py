@@ -132,8 +132,10 @@ def cache_stats() -> dict:
 
 
 def clear_cache() -> None:
-    """Drop every cached tile and reset the decode counter."""
+    """Drop every cached tile, reset the decode counters and forget which sources could not
+    read planes apart."""
     _CACHE.clear()
+    _WHOLE.clear()
 
 
 def read_tile(source, cache_limit: int | None = None,
