@@ -80,6 +80,18 @@ def test_czi_reads_z_t_c_into_the_common_axes(tzc, caplog):
             assert isinstance(source, CziSource) and source.depth == 3
             np.testing.assert_array_equal(source.read(),
                                           np.stack([sets[t][c].tiles[i] for c in range(2)]))
+            np.testing.assert_array_equal(source.read_planes(1, 3), source.read()[:, 1:3])
+
+
+@pytest.mark.parametrize("chunk", [("1", "24", "24"), ("2", "32", "32")])
+def test_czi_stacks_fused_by_planes_pixel_exact(tzc, tmp_path, chunk):
+    """Chunks shallower than the stacks read only their planes' subblocks."""
+    path, sets = tzc
+    out = tmp_path / "m.ome.zarr"
+    result = run_main("fuse", path, "-o", out, "--chunk", *chunk, "-q")
+    assert result.returncode == 0, result.stderr
+    truth = np.stack([np.stack([sets[t][c].truth for c in range(2)]) for t in range(2)])
+    np.testing.assert_array_equal(read_ome_zarr_level(out).compute(), truth)
 
 
 def test_czi_with_z_t_c_fuses_pixel_exact_with_the_right_axes(tzc, tmp_path):

@@ -3,8 +3,9 @@
 :func:`read_tile` decodes through a byte-bounded LRU cache shared by the threads of one process,
 so a tile touching four output chunks is decoded once, not four times. A chunk of a 3D mosaic
 asks for the planes of a translated z-stack it needs (``planes=(start, stop)``): sources that
-can read planes apart (:mod:`tilefuse.io.tiles`) decode only those, cached apart, so a 64-plane
-chunk of a 1,000-plane stack decodes 66 planes and the cache holds windows, not whole stacks.
+can read planes apart (TIFF and CZI z-stacks, plane files, OME-Zarr, arrays) decode only those,
+cached apart, so a 64-plane chunk of a 1,000-plane stack decodes 65 planes and the cache holds
+windows, not whole stacks.
 
 The cache keys pixels by what they are, not by where they were: an in-memory tile by a token
 drawn when its :class:`~tilefuse.io.tiles.ArraySource` is made (never ``id()``, which a later

@@ -4,7 +4,8 @@ A source describes *how* to read one tile (a path and a series, or an in-memory 
 no open file, so it can travel to any worker. Tiles are read through the per-process cache of
 :mod:`tilefuse.io.tile_cache` (:func:`~tilefuse.io.tile_cache.read_tile`). A z-stack source
 may read planes apart (``read_planes(start, stop)``): TIFF z-stacks of one page per plane,
-plane files and arrays do, so a chunk of a 3D mosaic decodes only the planes it needs.
+plane files and arrays here, CZI and OME-Zarr tiles in their readers; a chunk of a 3D mosaic
+then decodes only the planes it needs.
 """
 
 from __future__ import annotations

@@ -87,6 +87,19 @@ class CziSource:
     def read(self) -> np.ndarray:
         """Decode only this tile's subblocks, shape ``(c, y, x)`` or ``(c, z, y, x)``; opens and
         closes the file."""
+        return self._decode(self.subblocks, self.depth)
+
+    def read_planes(self, start: int, stop: int) -> np.ndarray | None:
+        """Decode only planes ``start:stop`` of a z-stack (their subblocks), shape
+        ``(c, stop - start, y, x)``; None for a 2D tile."""
+        if self.depth == 1:
+            return None
+        chosen = tuple(offset for first in range(0, len(self.subblocks), self.depth)
+                       for offset in self.subblocks[first + start:first + stop])
+        return self._decode(chosen, stop - start)
+
+    def _decode(self, subblocks: tuple[int, ...], depth: int) -> np.ndarray:
+        """The subblocks at ``subblocks`` (channel-major, ``depth`` planes a channel)."""
         import czifile
         from tifffile import FileHandle
 
@@ -95,7 +108,7 @@ class CziSource:
         parts = []
         try:
             with FileHandle(self.path) as fh:
-                for offset in self.subblocks:
+                for offset in subblocks:
                     segment = czifile.Segment(fh, offset).data()
                     if not isinstance(segment, czifile.SubBlockSegment):
                         raise InputError(f"{self.path}: no subblock at byte {offset}; "
@@ -107,8 +120,8 @@ class CziSource:
             raise InputError(f"{self.path}: cannot decode CZI subblock ({exc})") from exc
         if self.depth == 1:
             return np.concatenate(parts, axis=0)
-        stacks = [np.stack(parts[i : i + self.depth], axis=1)  # (samples, z, y, x)
-                  for i in range(0, len(parts), self.depth)]
+        stacks = [np.stack(parts[i : i + depth], axis=1)  # (samples, z, y, x)
+                  for i in range(0, len(parts), depth)]
         return np.concatenate(stacks, axis=0)
 
 
