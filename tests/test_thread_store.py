@@ -89,11 +89,19 @@ def test_resume_on_threads_completes_the_same_image(tmp_path, mosaic, monkeypatc
                         compute=LocalCompute("threads", 2, None))
     assert not tilefuse.ome_zarr.writer.is_finished_image(out)
     assert not (out / "0" / "c" / "0" / "3" / "4").exists()
+    from tilefuse.ome_zarr.chunkstore import ChunkFiles
+
+    reads: list[tuple[int, ...]] = []
+    read = ChunkFiles.read
     with monkeypatch.context() as m:
         _no_dask(m)
+        m.setattr(ChunkFiles, "read", lambda self, b: reads.append(tuple(b)) or read(self, b))
         write_image(mosaic, out, levels=1, manifest=manifest, resume=True,
                     compute=LocalCompute("threads", 2, None))
     assert _files(out) == _files(reference)
+    # each chunk decoded once: a kept one when it is checked (its min/max taken then), a new
+    # one for the display range
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == 7 * 8  # both channels a chunk
 
 
 def test_progress_counts_every_chunk_of_every_level(tmp_path, mosaic):

@@ -85,15 +85,13 @@ def store_blocks(
 
 
 def stats_of_blocks(pixels: StoredPixels, reduce_axes: tuple[int, ...], run_tasks: RunTasks,
-                    channel_axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel finite min/max of every block of a stored level, read on threads."""
-    grid = [-(-n // c) for n, c in zip(pixels.shape, pixels.chunk_shape, strict=True)]
-    blocks = [tuple(int(i) for i in b) for b in np.ndindex(*grid)]
+                    *, blocks: Sequence[tuple[int, ...]]) -> list[tuple[Any, Any]]:
+    """Per-channel finite ``(min, max)`` of `blocks` of a stored level, read on threads (one
+    result per block, for :func:`merge_stats`)."""
     def task(block: tuple[int, ...]) -> Callable[[], Any]:
         return lambda: block_stats(pixels.block(block), reduce_axes)
 
-    results = run_tasks([task(b) for b in blocks], chunks=0)
-    return merge_stats(results, blocks, pixels.shape, pixels.chunk_shape, channel_axis)
+    return run_tasks([task(b) for b in blocks], chunks=0)
 
 
 def merge_stats(results: Sequence[tuple[np.ndarray, np.ndarray]],

@@ -25,6 +25,7 @@ from tilefuse.model.mosaic import BlockPixels
 from tilefuse.ome_zarr._blocks import (
     BATCH_CHUNKS,
     StoredPixels,
+    block_stats,
     merge_stats,
     stats_of_blocks,
     store_blocks,
@@ -390,29 +391,31 @@ def level_zero(out: Path, spec: ArraySpec, resume: bool) -> Level:
     return level
 
 
-def written_blocks(target: Level) -> set[tuple[int, ...]]:
-    """Chunks (shards, when sharded) of `target` that exist as files and decode; broken files
-    are removed."""
+def written_blocks(target: Level, reduce_axes: tuple[int, ...] | None = None
+                   ) -> dict[tuple[int, ...], Any]:
+    """Chunks (shards, when sharded) of `target` that exist as files and decode, each with its
+    per-channel finite ``(min, max)`` over `reduce_axes` when given (None otherwise, so a resume
+    decodes a kept chunk once); broken files are removed."""
     grid = tuple(-(-n // c) for n, c in zip(target.shape, target.storage_unit, strict=True))
     files = ChunkFiles.for_level(target, skip_empty=False)
     read = files.read if files is not None else target.zarr_array().get_block_selection
     folder = target.folder
 
-    def check(block: tuple[int, ...]) -> tuple[int, ...] | None:
+    def check(block: tuple[int, ...]) -> tuple[tuple[int, ...], Any] | None:
         path = folder / chunk_key(block, target.spec.zarr_format)
         if not path.is_file():
             return None
         try:
-            read(block)
+            data = read(block)
         except Exception:  # a chunk cut short by a crash: write it again
             log.warning("chunk %s of %s does not decode; it will be written again", block, folder)
             path.unlink(missing_ok=True)
             return None
-        return block
+        return block, None if reduce_axes is None else block_stats(np.asarray(data), reduce_axes)
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        found = pool.map(check, np.ndindex(*grid))
-        return {b for b in found if b is not None}
+        found = pool.map(check, (tuple(int(i) for i in b) for b in np.ndindex(*grid)))
+        return dict(f for f in found if f is not None)
 
 
 def store_missing_blocks(
@@ -420,13 +423,18 @@ def store_missing_blocks(
     tally: Tally | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Store the blocks of `source` that `target` lacks (all of them on a fresh write); the
-    chunks kept count as stored in `tally`."""
-    done = written_blocks(target) if resume else set()
+    chunks kept count as stored in `tally`. With `stats`, a kept chunk's min/max come from the
+    decode that checks it, a new chunk's from reading it back."""
+    reduce_axes = tuple(i for i, a in enumerate(axes) if a != "c")
+    files = ChunkFiles.for_level(target, skip_empty=False)
+    run_tasks = getattr(compute, "run_tasks", None)
+    blockwise = stats and files is not None and run_tasks is not None
+    done = written_blocks(target, reduce_axes if blockwise else None) if resume else {}
     if not done:
         return store_level(source, target, axes, stats=stats, compute=compute)
     unit = source.chunk_shape if isinstance(source, BlockPixels) else source.chunksize
     grid = [-(-n // c) for n, c in zip(source.shape, unit, strict=True)]
-    todo = [b for b in np.ndindex(*grid) if b not in done]
+    todo = [b for b in (tuple(int(i) for i in b) for b in np.ndindex(*grid)) if b not in done]
     if isinstance(tally, Tally):
         tally.skip(len(done))
     log.info("resuming: %d of %d chunks already written", len(done), len(done) + len(todo))
@@ -434,18 +442,20 @@ def store_missing_blocks(
         store_level(source, target, axes, stats=False, compute=compute, blocks=todo)
     if not stats:
         return None, None
-    return _stored_stats(target, axes, compute)
+    if not blockwise:
+        return _stored_stats(target, axes, compute)
+    assert files is not None and run_tasks is not None
+    channel_axis = axes.index("c") if "c" in axes else None
+    pixels = StoredPixels(files)
+    kept = list(done)
+    new = stats_of_blocks(pixels, reduce_axes, run_tasks, blocks=todo) if todo else []
+    return merge_stats([done[b] for b in kept] + new, kept + todo, pixels.shape,
+                       pixels.chunk_shape, channel_axis)
 
 
 def _stored_stats(target: Level, axes, compute) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Per-channel finite min/max of a stored level, read back (after a resume)."""
-    files = ChunkFiles.for_level(target, skip_empty=False)
-    run_tasks = getattr(compute, "run_tasks", None)
-    if files is not None and run_tasks is not None:
-        channel_axis = axes.index("c") if "c" in axes else None
-        return stats_of_blocks(StoredPixels(files),
-                               tuple(i for i, a in enumerate(axes) if a != "c"), run_tasks,
-                               channel_axis)
+    """Per-channel finite min/max of a stored level, read back through dask (after a resume
+    whose chunks are not plain chunk files stored on local threads)."""
     import dask.array as da
 
     return store_level(da.from_zarr(target.zarr_array()), None, axes, stats=True,
