@@ -253,6 +253,24 @@ def test_register_on_slurm_gives_the_local_layout(jobs, tmp_path):
     assert _no_jobs_within(jobs, 5) == []
 
 
+def test_fuse_with_register_on_slurm_starts_its_jobs_once(jobs, tmp_path):
+    """Registration and fusion share the run's worker jobs: two jobs for --workers 2 (four,
+    and a second wait for the queue, when each opened its own), the mosaic of a local run."""
+    ts = grid_tileset(grid=(2, 3), tile_shape=(96, 128), overlap=0.2, position_error=4, seed=6)
+    layout = write_tileset(ts, tmp_path / "tiles", stage=True)
+    local = run_main("fuse", layout, "-o", tmp_path / "local.ome.zarr", "--register",
+                     "--levels", "1", "-q")
+    assert local.returncode == 0, local.stderr
+    out = tmp_path / "slurm.ome.zarr"
+    remote = Run(["fuse", str(layout), "-o", str(out), "--register", "--levels", "1", "-q"],
+                 jobs, tmp_path / "err.txt")
+    assert remote.wait() == 0, remote.stderr()
+    assert len(remote.ids) == 2 and list((tmp_path / "logs").glob(f"{jobs}-*.out"))
+    np.testing.assert_array_equal(read_ome_zarr_level(out).compute(),
+                                  read_ome_zarr_level(tmp_path / "local.ome.zarr").compute())
+    assert _no_jobs_within(jobs, 5) == []
+
+
 _WORKER_ENV = """
 import os
 from distributed import Client
@@ -295,7 +313,7 @@ def test_local_cluster_workers_get_the_allocator_settings(monkeypatch):
     with dask.config.set({key: dask.config.get(key)}):  # restored after the test
         retain_freed_memory()
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+                          dashboard_address=":0") as cluster, Client(cluster) as client:
             seen = client.run(lambda: {k: os.environ.get(k) for k in worker_environ()})
     assert list(seen.values()) == [worker_environ()]
 

@@ -314,12 +314,14 @@ def run_fusion(
     chunk = _run.resume_chunk(output, request.chunk, resume=request.resume)
     complete = request.resume and is_finished(output)
     clock.lap("read")
-    reports: dict[int, RegistrationReport] = {}
-    if request.register or cycles:
-        stage(0, 0, "registering")
-        from tilefuse.cluster import cluster_executor  # a job queue's or cluster's workers
-
-        with cluster_executor(request.scheduler, request.workers) as executor:
+    with contextlib.ExitStack() as stack:
+        opened: tuple[Compute, str | None] | None = None  # a runner opened for the whole run
+        reports: dict[int, RegistrationReport] = {}
+        if request.register or cycles:
+            stage(0, 0, "registering")
+            if _on_cluster(request.scheduler):  # the cluster's workers, started once for the run
+                opened = stack.enter_context(_computing(request, runner, stage))
+            executor = getattr(opened[0], "executor", None) if opened else None
             if request.register:
                 layout, reports = register_input(
                     layout, timepoint=request.timepoint, max_shift=request.max_shift,
@@ -331,36 +333,36 @@ def run_fusion(
             if cycles:  # every later cycle aligned to cycle 1 (the report holds both)
                 cycles.align(layout, reports.get(0), request.report, request.workers, executor,
                              progress, say)
-    clock.lap("register")
-    fused_layout = _corrected(layout, request, stage)
-    clock.lap("correct")
-    stage(0, 0, "planning")
-    cache = request.cache_bytes
-    if cache is None:
-        cache = _run.tile_cache_bytes(fused_layout, chunk, memory_limit=request.memory_limit,
-                                      scheduler=request.scheduler, workers=request.workers)
-    plan = plan_fusion(
-        fused_layout,
-        chunk=_run.budget_chunk(fused_layout, chunk, memory_limit=request.memory_limit,
-                                workers=request.workers, cache_bytes=cache,
-                                backend=request.backend, scheduler=request.scheduler,
-                                dask=tiff),
-        blend=request.blend, blend_width=request.blend_width, dtype=request.dtype,
-        fill=request.fill, cache_bytes=cache, backend=request.backend)
-    mosaic = fuse(plan) if cycles is None else cycles.fuse(
-        plan, lambda one: _corrected(one, request, stage))
-    clock.lap("plan")
-    manifest = _run.run_manifest(
-        layout, plan, backend=request.backend, ngff=request.ngff, levels=request.levels,
-        flatfield=request.flatfield, darkfield=request.darkfield,
-        match_intensity=request.match_intensity, sidecars=sidecars, reports=report_names,
-        shard=request.shard)
-    if tiff:
-        manifest["format"] = "ome-tiff"
-    manifest.update(cycles.record() if cycles else {})
-    _write(request, output, mosaic, plan, json.loads(json.dumps(manifest)), runner, stage, say,
-           tiff=tiff)
-    clock.lap("write")
+        clock.lap("register")
+        fused_layout = _corrected(layout, request, stage)
+        clock.lap("correct")
+        stage(0, 0, "planning")
+        cache = request.cache_bytes
+        if cache is None:
+            cache = _run.tile_cache_bytes(fused_layout, chunk, memory_limit=request.memory_limit,
+                                          scheduler=request.scheduler, workers=request.workers)
+        plan = plan_fusion(
+            fused_layout,
+            chunk=_run.budget_chunk(fused_layout, chunk, memory_limit=request.memory_limit,
+                                    workers=request.workers, cache_bytes=cache,
+                                    backend=request.backend, scheduler=request.scheduler,
+                                    dask=tiff),
+            blend=request.blend, blend_width=request.blend_width, dtype=request.dtype,
+            fill=request.fill, cache_bytes=cache, backend=request.backend)
+        mosaic = fuse(plan) if cycles is None else cycles.fuse(
+            plan, lambda one: _corrected(one, request, stage))
+        clock.lap("plan")
+        manifest = _run.run_manifest(
+            layout, plan, backend=request.backend, ngff=request.ngff, levels=request.levels,
+            flatfield=request.flatfield, darkfield=request.darkfield,
+            match_intensity=request.match_intensity, sidecars=sidecars, reports=report_names,
+            shard=request.shard)
+        if tiff:
+            manifest["format"] = "ome-tiff"
+        manifest.update(cycles.record() if cycles else {})
+        _write(request, output, mosaic, plan, json.loads(json.dumps(manifest)), runner, stage, say,
+               tiff=tiff, opened=opened)
+        clock.lap("write")
     written: tuple[Path, ...] = ()
     if not complete:
         stage(0, 0, "saving layout")
@@ -375,8 +377,9 @@ def run_fusion(
 
 def _write(request: FuseRequest, output: Path, mosaic: Mosaic, plan: FusionPlan | SeriesPlan,
            manifest: dict, runner: Runner | None, progress: ProgressFn, say: MessageFn, *,
-           tiff: bool = False) -> None:
-    """Fuse and write the image; a failure that leaves a resumable output says so."""
+           tiff: bool = False, opened: tuple[Compute, str | None] | None = None) -> None:
+    """Fuse and write the image (on `opened`, a runner the run has open already, or one of its
+    own); a failure that leaves a resumable output says so."""
     from tilefuse.ome_zarr.resume import refresh_changed_tiles
 
     try:
@@ -384,7 +387,8 @@ def _write(request: FuseRequest, output: Path, mosaic: Mosaic, plan: FusionPlan 
         if saved is not None:
             refresh_changed_tiles(output, saved, manifest,
                                   plan.plans if isinstance(plan, SeriesPlan) else plan)
-        with _computing(request, runner, progress) as (compute, dashboard):
+        with (contextlib.nullcontext(opened) if opened is not None
+              else _computing(request, runner, progress)) as (compute, dashboard):
             if dashboard:
                 say(f"dask dashboard: {dashboard}")
             if tiff:  # an OME-TIFF: one go, from a temporary file (nothing left to resume)
@@ -425,6 +429,14 @@ def _corrected(layout: Layout | TimeSeries, request: FuseRequest,
                                    match=request.match_intensity)
 
     return layout.map(correct) if isinstance(layout, TimeSeries) else correct(layout)
+
+
+def _on_cluster(scheduler: str) -> bool:
+    """The run's work goes to a job queue's workers or a running cluster (a scheduler address):
+    registration and fusion then share one runner, so its worker jobs start once."""
+    from tilefuse.cluster import JOBQUEUES
+
+    return scheduler in JOBQUEUES or "://" in scheduler
 
 
 @contextlib.contextmanager

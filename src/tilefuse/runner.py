@@ -29,7 +29,7 @@ from tilefuse.errors import InputError
 if TYPE_CHECKING:
     from tilefuse.ome_zarr._store import Batch
 
-__all__ = ["LOCAL_SCHEDULERS", "LocalCompute", "follow_futures", "local_scheduler",
+__all__ = ["LOCAL_SCHEDULERS", "ClientCompute", "LocalCompute", "follow_futures", "local_scheduler",
            "open_runner", "share", "task_callbacks"]
 
 ProgressFn = Callable[[int, int, str], None]
@@ -198,6 +198,39 @@ def follow_futures(futures: list, report: ProgressFn, batch: Batch | None,
         report(*share(batch, done, len(futures), label))
 
 
+class ClientCompute:
+    """The writer's compute on a dask cluster (``compute(*collections, label=None,
+    batch=None)``), and :attr:`executor`: the same workers for work that is not a dask graph
+    (registration's pair measurements), so that a run registering and fusing on a job queue
+    starts its worker jobs once.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    report : callable or None
+        ``report(done, total, label)`` as futures finish.
+    first : str
+        Label of computes that name none.
+    """
+
+    def __init__(self, client: Any, report: ProgressFn | None, first: str) -> None:
+        self.client = client
+        self.report = report
+        self.first = first
+
+    def __call__(self, *collections: Any, label: str | None = None,
+                 batch: Batch | None = None) -> tuple:
+        futures = self.client.compute(list(collections))
+        if self.report is not None:
+            follow_futures(futures, self.report, batch, label or self.first)
+        return tuple(self.client.gather(futures))
+
+    @property
+    def executor(self) -> Any:
+        """A ``concurrent.futures`` executor on the cluster's workers."""
+        return self.client.get_executor()
+
+
 @contextlib.contextmanager
 def _distributed(address: str | None, workers: int | None, progress: bool | ProgressFn | None,
                  first: str, cluster: Any = None):
@@ -220,13 +253,7 @@ def _distributed(address: str | None, workers: int | None, progress: bool | Prog
             raise InputError(f"cannot reach the dask scheduler at {address}: {exc}") from None
 
     report, bar = _reporter(progress)
-
-    def compute(*collections, label: str | None = None, batch: Batch | None = None):
-        futures = client.compute(list(collections))
-        if report is not None:
-            follow_futures(futures, report, batch, label or first)
-        return tuple(client.gather(futures))
-
+    compute = ClientCompute(client, report, first)
     try:
         with bar if bar is not None else contextlib.nullcontext():
             yield compute, client.dashboard_link
