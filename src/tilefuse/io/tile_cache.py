@@ -150,8 +150,8 @@ def read_tile(source, cache_limit: int | None = None,
         Budget in bytes for this process's cache; applied before reading when given.
     planes : (int, int), optional
         Only planes ``start:stop`` of a z-stack: read alone where the source can
-        (``source.read_planes``: a z-stack TIFF of one page per plane, plane files, arrays),
-        else cut from the whole tile.
+        (``source.read_planes``: TIFF z-stacks of one page per plane, plane files, CZI stacks,
+        OME-Zarr tiles, arrays), else cut from the whole tile (read once, cached whole).
 
     Returns
     -------
