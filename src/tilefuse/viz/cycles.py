@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tilefuse.model.layout import Layout
-from tilefuse.viz.preview import STAGE, _corners, _dashed, _fuse_small, ncc_colour
+from tilefuse.viz.preview import STAGE, dashed_line, fuse_small, ncc_colour, tile_corners
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -56,12 +56,12 @@ def cycle_picture(reference: Layout, alignments: Sequence[CycleAlignment], *,
     from tilefuse.plan.geometry import output_box
     from tilefuse.viz.overview import contrast_stretch
 
-    corners = [_corners(t.affine, t.shape) for one in (reference, *(a.layout for a in alignments))
-               for t in one.tiles]
+    layouts = (reference, *(a.layout for a in alignments))
+    corners = [tile_corners(t.affine, t.shape) for one in layouts for t in one.tiles]
     lo, hi = np.min([c.min(axis=0) for c in corners], axis=0), np.max(
         [c.max(axis=0) for c in corners], axis=0)
     panel_size = max(256, max_size // max(1, min(len(alignments), _PER_ROW)))
-    image, fused_scale = _fuse_small(reference, panel_size)
+    image, fused_scale = fuse_small(reference, panel_size)
     scale = min(fused_scale, panel_size / float(np.max(hi - lo)))
     size = (math.ceil((hi[1] - lo[1]) * scale) + 1, math.ceil((hi[0] - lo[0]) * scale) + 1)
     background = Image.fromarray(contrast_stretch(image))
@@ -95,12 +95,12 @@ def _draw_cycle(draw, alignment: CycleAlignment, lo: np.ndarray, scale: float, t
     records = {r.index: r for r in alignment.tiles}
     width = max(1, round(draw.im.size[0] / 400))
     for i, tile in enumerate(alignment.layout.tiles):
-        yx = (_corners(tile.affine, tile.shape) - lo) * scale
+        yx = (tile_corners(tile.affine, tile.shape) - lo) * scale
         points = [(float(x), float(y) + top) for y, x in yx]
         record = records.get(i)
         if record is not None and record.placed_by_model:
             for a, b in zip(points, points[1:] + points[:1], strict=True):
-                _dashed(draw, a, b, STAGE, width + 1)
+                dashed_line(draw, a, b, STAGE, width + 1)
             cx, cy = np.mean(points, axis=0)
             draw.text((cx, cy), "M", fill=STAGE, font=font, anchor="mm", stroke_width=2,
                       stroke_fill=(0, 0, 0))
@@ -141,7 +141,7 @@ def _legend(picture, font) -> Image:
     for k in range(key):
         draw.line([(pad + k, rows[0] + 2), (pad + k, rows[0] + size - 2)],
                   fill=residual_colour(RESIDUAL_SCALE * k / (key - 1)))
-    _dashed(draw, (pad, rows[1] + size / 2), (pad + key, rows[1] + size / 2), STAGE, 2,
+    dashed_line(draw, (pad, rows[1] + size / 2), (pad + key, rows[1] + size / 2), STAGE, 2,
             dash=size / 3)
     for row, text in zip(rows, texts, strict=True):
         draw.text((2 * pad + key, row), text, fill=(255, 255, 255), font=font)

@@ -25,8 +25,11 @@ __all__ = [
     "OUTLINE",
     "REJECTED",
     "STAGE",
+    "dashed_line",
+    "fuse_small",
     "ncc_colour",
     "preview_image",
+    "tile_corners",
     "write_preview",
 ]
 
@@ -83,7 +86,7 @@ def _scaled_affine(affine: np.ndarray, f: int) -> np.ndarray:
     return np.linalg.inv(scale) @ affine @ scale @ translation_affine([(f - 1) / 2] * 2)
 
 
-def _fuse_small(layout: Layout, max_size: int) -> tuple[np.ndarray, float]:
+def fuse_small(layout: Layout, max_size: int) -> tuple[np.ndarray, float]:
     """Low-resolution fusion of a layout; returns the (y, x) image and its scale (< 1)."""
     from tilefuse.fusion.direct import fuse_in_memory
     from tilefuse.fusion.graph import plan_fusion
@@ -102,7 +105,7 @@ def _fuse_small(layout: Layout, max_size: int) -> tuple[np.ndarray, float]:
     return (image[0] if image.ndim == 3 else image), 1.0 / f
 
 
-def _corners(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+def tile_corners(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Tile corners (pixel edges) in mosaic (y, x), shape (4, 2), clockwise."""
     h, w = shape[-2:]
     pts = np.array([[-0.5, -0.5], [-0.5, w - 0.5], [h - 0.5, w - 0.5], [h - 0.5, -0.5]])
@@ -126,7 +129,8 @@ def _report_dict(report) -> dict | None:
     return report if isinstance(report, dict) else report.to_dict()
 
 
-def _dashed(draw, a, b, colour, width: int, dash: float = 6.0) -> None:
+def dashed_line(draw, a, b, colour, width: int, dash: float = 6.0) -> None:
+    """A dashed line from canvas point ``a`` to ``b`` (x, y), dashes ``dash`` pixels long."""
     (x0, y0), (x1, y1) = a, b
     length = math.hypot(x1 - x0, y1 - y0)
     steps = max(int(length // dash), 1)
@@ -143,7 +147,7 @@ def _draw_links(draw, report: dict, centres: list, width: int) -> None:
         if link.get("accepted"):
             draw.line([a, b], fill=ncc_colour(link.get("ncc")), width=width)
         else:
-            _dashed(draw, a, b, REJECTED, max(1, width - 1))
+            dashed_line(draw, a, b, REJECTED, max(1, width - 1))
             mx, my = (a[0] + b[0]) / 2, (a[1] + b[1]) / 2
             r = 2 + width
             draw.line([(mx - r, my - r), (mx + r, my + r)], fill=REJECTED, width=width)
@@ -159,7 +163,7 @@ def _draw_layout(image, layout: Layout, origin, scale: float, report: dict | Non
     stage = {t["index"] for t in (report or {}).get("tiles", []) if t.get("placed_by") == "stage"}
     centres, corners_of = [], []
     for i, tile in enumerate(layout.tiles):
-        corners = _to_canvas(_corners(tile.affine, tile.shape), origin, scale)
+        corners = _to_canvas(tile_corners(tile.affine, tile.shape), origin, scale)
         draw.polygon(corners, outline=STAGE if i in stage else OUTLINE, width=width)
         centres.append(tuple(np.mean(corners, axis=0)))
         corners_of.append(corners)
@@ -213,7 +217,7 @@ def _legend(picture, font_size: int):
         draw.line([(pad + k, rows[0] + 2), (pad + k, rows[0] + font_size - 2)],
                   fill=ncc_colour(k / (key - 1)))
     middle = rows[1] + font_size / 2
-    _dashed(draw, (pad, middle), (pad + key, middle), REJECTED, 2, dash=font_size / 3)
+    dashed_line(draw, (pad, middle), (pad + key, middle), REJECTED, 2, dash=font_size / 3)
     draw.rectangle([pad, rows[2] + 1, pad + key, rows[2] + font_size - 1], outline=STAGE,
                    width=2)
     for row, text in zip(rows, texts, strict=True):
@@ -249,13 +253,13 @@ def preview_image(
     layout: Layout | None  # None: an image without a layout file beside it
     if isinstance(source, Layout):
         layout = source
-        image, scale = _fuse_small(layout, max_size)
+        image, scale = fuse_small(layout, max_size)
     elif _is_ome_zarr(Path(source)):
         layout = _sidecar_layout(Path(source))
         image, scale = screen_image(source, max_size)
     else:
         layout = _one_layout(source, **(layout_options or {}))
-        image, scale = _fuse_small(layout, max_size)
+        image, scale = fuse_small(layout, max_size)
     drawn = _report_dict(report)
     font_size = max(10, min(max_size // 60, 18))
     room = max_size - (_legend_height(font_size) if drawn and layout is not None else 0)
