@@ -27,8 +27,8 @@ import numpy as np
 
 from tilefuse.plan.geometry import EPS
 
-__all__ = ["Placement", "affine_footprint", "classify", "place_tile", "row_buffers", "snap",
-           "source_span", "translation_span"]
+__all__ = ["Placement", "affine_footprint", "check_window", "classify", "place_tile",
+           "row_buffers", "snap", "source_span", "translation_span"]
 
 ROW_BUFSIZE = 1024
 """Ufunc buffer size (elements) for elementwise work on boxes inside larger arrays.
@@ -143,7 +143,7 @@ def _place_translation(data, pos, chunk_origin, chunk_shape, exact: bool,
             return None
         spans.append(span)
     offset = [first_plane] + [0] * (len(spans) - 1)  # where data starts in the tile
-    _check_window(data, pos, tile_shape, chunk_origin, chunk_shape, exact, offset)
+    check_window(data, pos, tile_shape, chunk_origin, chunk_shape, exact, first_plane)
     box = tuple(slice(lo - c0, hi - c0) for (lo, hi), c0 in zip(spans, chunk_origin, strict=True))
     coords = tuple(np.arange(lo, hi, dtype=np.float64) - p
                    for (lo, hi), p in zip(spans, pos, strict=True))
@@ -156,14 +156,24 @@ def _place_translation(data, pos, chunk_origin, chunk_shape, exact: bool,
     return Placement(box, values, coords, None)
 
 
-def _check_window(data, pos, tile_shape, chunk_origin, chunk_shape, exact, offset) -> None:
-    """Refuse a tile window (``data`` from plane ``offset[0]``) that lacks pixels the chunk
-    needs: slicing would quietly take fewer."""
-    if offset[0] == 0 and data.shape[1:] == tuple(tile_shape):
+def check_window(data: np.ndarray, pos: np.ndarray, tile_shape: Sequence[int],
+                 chunk_origin: Sequence[int], chunk_shape: Sequence[int], exact: bool,
+                 first_plane: int) -> None:
+    """Refuse tile pixels read from plane `first_plane` on (``data``, shape ``(c, m, ...)``)
+    that lack some a chunk needs of a translated tile at `pos` (snapped): slicing would
+    quietly take fewer. Both kernels call it before they resample.
+
+    Raises
+    ------
+    ValueError
+        Naming the axis, the pixels held and the pixels needed.
+    """
+    if first_plane == 0 and data.shape[1:] == tuple(tile_shape):
         return
+    offset = [first_plane] + [0] * (len(tile_shape) - 1)
     for axis, (p, n, c0, cn, o, m) in enumerate(zip(pos, tile_shape, chunk_origin, chunk_shape,
                                                     offset, data.shape[1:], strict=True)):
-        span = source_span(float(p), n, int(c0), int(cn), exact)
+        span = source_span(float(p), int(n), int(c0), int(cn), exact)
         if span is not None and (span[0] < o or span[1] > o + m):
             raise ValueError(f"tile pixels {o}:{o + m} along axis {axis} lack {span[0]}:"
                              f"{span[1]}, which this chunk needs")

@@ -32,7 +32,7 @@ from tilefuse.fusion._numba.affine import add_affine, add_affine_2d, ramp_tables
 from tilefuse.fusion._numba.compiled import jit
 from tilefuse.fusion.blend import cosine_ramp
 from tilefuse.fusion.chunk import finalize, read_checked
-from tilefuse.fusion.resample import affine_footprint, snap, translation_span
+from tilefuse.fusion.resample import affine_footprint, check_window, snap, translation_span
 
 __all__ = ["fuse_chunk_compiled"]
 
@@ -304,14 +304,12 @@ def _add_tile(tile, acc, wsum, covered, origin3, shape3, ndim, widths3, mode) ->
     if args is None:
         return
     data = read_checked(tile, acc.dtype)
+    check_window(data, snap(np.asarray(tile.affine[:-1, -1], np.float64)), tile.shape,
+                 origin3[len(pad):], shape3[len(pad):], tile.path == "slice", tile.first_plane)
     window3 = (*pad, *data.shape[1:])  # the planes read: the whole tile, or a window of it
     box0, nbox, src0, *rest = args
     src0 = src0.copy()
     src0[-ndim] -= tile.first_plane
-    frac = rest[2]
-    for ax in range(3):
-        if src0[ax] < 0 or src0[ax] + nbox[ax] + int(frac[ax]) > window3[ax]:
-            raise ValueError(f"tile pixels read along axis {ax} lack some this chunk needs")
     data = np.ascontiguousarray(data).reshape(-1)
     _add_shifted(acc.reshape(-1), wsum.reshape(-1), covered.reshape(-1), data,
                  np.array(window3, np.int64), np.array(shape3, np.int64), box0, nbox, src0,
