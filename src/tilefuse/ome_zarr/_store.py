@@ -424,7 +424,8 @@ def store_missing_blocks(
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Store the blocks of `source` that `target` lacks (all of them on a fresh write); the
     chunks kept count as stored in `tally`. With `stats`, a kept chunk's min/max come from the
-    decode that checks it, a new chunk's from reading it back."""
+    decode that checks it, a new chunk's from the task that stores it (block pixels) or from
+    reading it back."""
     reduce_axes = tuple(i for i, a in enumerate(axes) if a != "c")
     files = ChunkFiles.for_level(target, skip_empty=False)
     run_tasks = getattr(compute, "run_tasks", None)
@@ -438,8 +439,11 @@ def store_missing_blocks(
     if isinstance(tally, Tally):
         tally.skip(len(done))
     log.info("resuming: %d of %d chunks already written", len(done), len(done) + len(todo))
-    if todo:
-        store_level(source, target, axes, stats=False, compute=compute, blocks=todo)
+    # block pixels stored on threads return the min/max of the chunks they store
+    fused_stats = (blockwise and isinstance(source, BlockPixels)
+                   and _chunk_files(source, target) is not None)
+    new = (store_level(source, target, axes, stats=fused_stats, compute=compute, blocks=todo)
+           if todo else (None, None))
     if not stats:
         return None, None
     if not blockwise:
@@ -448,9 +452,14 @@ def store_missing_blocks(
     channel_axis = axes.index("c") if "c" in axes else None
     pixels = StoredPixels(files)
     kept = list(done)
-    new = stats_of_blocks(pixels, reduce_axes, run_tasks, blocks=todo) if todo else []
-    return merge_stats([done[b] for b in kept] + new, kept + todo, pixels.shape,
-                       pixels.chunk_shape, channel_axis)
+    lo, hi = merge_stats([done[b] for b in kept], kept, pixels.shape, pixels.chunk_shape,
+                         channel_axis)
+    if todo and not fused_stats:  # read the new chunks back
+        new = merge_stats(stats_of_blocks(pixels, reduce_axes, run_tasks, blocks=todo), todo,
+                          pixels.shape, pixels.chunk_shape, channel_axis)
+    if new[0] is not None and new[1] is not None:
+        lo, hi = np.minimum(lo, new[0]), np.maximum(hi, new[1])
+    return lo, hi
 
 
 def _stored_stats(target: Level, axes, compute) -> tuple[np.ndarray | None, np.ndarray | None]:
