@@ -252,6 +252,14 @@ def test_the_memory_estimate_counts_a_chunks_planes_of_a_stack_read_by_planes():
     rotated = layout_from_arrays(stacks, affines=np.stack([np.eye(4), np.eye(4)]) + np.pad(
         [[[0, 0.1, 0], [-0.1, 0, 0], [0, 0, 0]]] * 2, ((0, 0), (0, 1), (0, 1))))
     assert layout_memory(rotated)["max_plane_bytes"] is None
+    # one stack rotated among translated ones: it is read whole, and the estimate holds it whole
+    shear = np.eye(4)
+    shear[1, 2] = 0.1  # y gains 0.1 per x: affine
+    mixed = layout_from_arrays(stacks, affines=np.stack([np.eye(4), shear]))
+    options = layout_memory(mixed)
+    assert options["max_plane_bytes"] == 8192 and options["max_whole_bytes"] == 819200
+    assert (chunk_peak((8, 64, 64), 1, 2, 2, 2**20, "numpy", **options).cache
+            == whole.cache)
 
 
 def test_a_run_sizes_its_cache_for_four_chunk_reads_within_its_memory_budget(caplog):

@@ -209,25 +209,31 @@ def layout_memory(layout: Layout | TimeSeries) -> dict:
     dict
         ``mosaic_shape`` (spatial output shape; a series' union box), ``tile_bytes``,
         ``max_tile_bytes`` (:func:`tile_sizes`), ``affine`` (some tile is rotated, scaled or
-        sheared) and ``max_plane_bytes`` (the largest plane of a stack read by planes,
-        :func:`tilefuse.fusion.jobs.reads_planes`; None when no tile is).
+        sheared), ``max_plane_bytes`` (the largest plane of a stack read by planes,
+        :func:`tilefuse.fusion.jobs.reads_planes`; None when no tile is) and
+        ``max_whole_bytes`` (the largest tile read whole; 0 when none is).
     """
     layouts = layout.layouts if isinstance(layout, TimeSeries) else (layout,)
     total, largest = tile_sizes(layout)
     paths = [(t, classify(t.affine)) for lay in layouts for t in lay.tiles]
     affine = any(path == "affine" for _, path in paths)
     per_px = len(layout.channels) * layout.dtype.itemsize
-    plane = max((math.prod(t.shape[1:]) * per_px for t, path in paths if reads_planes(t, path)),
-                default=None)
+    by_planes = [reads_planes(t, path) for t, path in paths]
+    plane = max((math.prod(t.shape[1:]) * per_px
+                 for (t, _), planes in zip(paths, by_planes, strict=True) if planes), default=None)
+    whole = max((math.prod(t.shape) * per_px
+                 for (t, _), planes in zip(paths, by_planes, strict=True) if not planes),
+                default=0)
     return {"mosaic_shape": union_box(layouts)[1], "tile_bytes": total,
-            "max_tile_bytes": largest, "affine": affine, "max_plane_bytes": plane}
+            "max_tile_bytes": largest, "affine": affine, "max_plane_bytes": plane,
+            "max_whole_bytes": whole}
 
 
 def chunk_peak(
     chunk_shape: Sequence[int], n_channels: int, itemsize: int, threads: int, cache_bytes: int,
     backend: str = "auto", *, mosaic_shape: Sequence[int] | None = None,
     tile_bytes: int | None = None, max_tile_bytes: int = 0, affine: bool = False,
-    dask: bool = False, max_plane_bytes: int | None = None,
+    dask: bool = False, max_plane_bytes: int | None = None, max_whole_bytes: int = 0,
 ) -> PeakEstimate:
     """:func:`estimate_peak` for output chunks of ``chunk_shape`` on a mosaic of ``mosaic_shape``.
 
@@ -247,6 +253,9 @@ def chunk_peak(
     max_plane_bytes : int, optional
         The largest plane of a stack read by planes: a task then holds at most a chunk's
         planes of it (and an interpolation tap), not the whole stack.
+    max_whole_bytes : int
+        With `max_plane_bytes`: the largest tile read whole (rotated, or a source that cannot
+        read planes apart), which a task still holds whole.
 
     Returns
     -------
@@ -254,7 +263,8 @@ def chunk_peak(
     """
     pixels, pyramid, used = task_geometry(mosaic_shape, chunk_shape, threads)
     if max_plane_bytes is not None and len(chunk_shape) == 3:
-        max_tile_bytes = min(max_tile_bytes, max_plane_bytes * (int(chunk_shape[0]) + 1))
+        window = min(max_tile_bytes, max_plane_bytes * (int(chunk_shape[0]) + 1))
+        max_tile_bytes = max(window, max_whole_bytes)
     return estimate_peak(pixels, n_channels, itemsize, used, cache_bytes, backend,
                          tile_bytes=tile_bytes, max_tile_bytes=max_tile_bytes,
                          pyramid_pixels=pyramid, affine=affine, dask=dask)
