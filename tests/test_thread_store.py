@@ -240,3 +240,44 @@ def test_median_of_the_blend_widths_is_numpys_bit_for_bit():
         values = rng.normal(100, 5, n) * rng.random()
         assert _median(values) == float(np.median(values))
         assert _median(np.round(values)) == float(np.median(np.round(values)))
+
+
+def test_computes_run_with_the_old_objects_frozen_then_give_them_back(tmp_path, mosaic):
+    """Every compute of a write (dask collections and thread tasks, every level) runs with the
+    objects that existed before it left out of the collector's passes (``gc.freeze``), and
+    they are given back afterwards; a process that froze objects itself keeps its freeze."""
+    import gc
+
+    seen: list[int] = []
+    threads = LocalCompute("threads", 2, None)
+
+    class Recording:
+        def __call__(self, *collections, **kwargs):
+            seen.append(gc.get_freeze_count())
+            return dask.compute(*collections)
+
+        def run_tasks(self, tasks, **kwargs):
+            seen.append(gc.get_freeze_count())
+            return threads.run_tasks(tasks)
+
+    assert gc.get_freeze_count() == 0
+    write_image(mosaic, tmp_path / "a.ome.zarr", levels=3, compute=Recording())
+    assert len(seen) >= 3 and min(seen) > 0  # level 0 on tasks, the pyramid as dask
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        write_image(mosaic, tmp_path / "b.ome.zarr", levels=2, compute=Recording())
+        assert gc.get_freeze_count() == frozen  # the caller's freeze is not undone
+    finally:
+        gc.unfreeze()
+
+
+def test_zeroed_is_numpy_zeros():
+    from tilefuse.fusion.chunk import zeroed
+
+    for shape, dtype in (((3, 5, 7), np.float32), ((4, 1), bool), ((2, 3), np.float64)):
+        z = zeroed(shape, dtype)
+        assert z.shape == shape and z.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(z, np.zeros(shape, dtype))
+        assert z.flags.c_contiguous and z.flags.writeable

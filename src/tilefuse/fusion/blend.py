@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tilefuse.errors import InputError
+from tilefuse.fusion.chunk import zeroed
 from tilefuse.fusion.resample import Placement, row_buffers
 
 __all__ = ["BLENDS", "Reducer", "cosine_ramp", "make_reducer"]
@@ -64,7 +65,7 @@ class Reducer:
                  accumulator: np.dtype | type = np.float32) -> None:
         self.shape = (n_channels, *chunk_shape)
         self.dtype = np.dtype(accumulator)
-        self.covered = np.zeros(chunk_shape, dtype=bool)
+        self.covered = zeroed(chunk_shape, bool)
 
     def add(self, p: Placement, tile_shape: Sequence[int]) -> None:
         raise NotImplementedError
@@ -93,8 +94,8 @@ class _Weighted(Reducer):
                  accumulator=np.float32) -> None:
         super().__init__(n_channels, chunk_shape, accumulator)
         self.widths = widths
-        self.acc = np.zeros(self.shape, dtype=self.dtype)
-        self.wsum = np.zeros(chunk_shape, dtype=self.dtype)
+        self.acc = zeroed(self.shape, self.dtype)
+        self.wsum = zeroed(chunk_shape, self.dtype)
 
     def _weight(self, p: Placement, mask: np.ndarray, tile_shape) -> np.ndarray:
         """The weights of an affine placement, shape (*box_shape), float32; 0 off ``mask``."""
@@ -207,7 +208,7 @@ class _Extreme(Reducer):
     def __init__(self, n_channels, chunk_shape, op, accumulator=np.float32) -> None:
         super().__init__(n_channels, chunk_shape, accumulator)
         self.op = op
-        self.acc = np.zeros(self.shape, dtype=self.dtype)
+        self.acc = zeroed(self.shape, self.dtype)
 
     def add(self, p: Placement, tile_shape) -> None:
         acc = self.acc[(slice(None), *p.box)]
@@ -229,7 +230,7 @@ class _Ordered(Reducer):
     def __init__(self, n_channels, chunk_shape, keep_first: bool, accumulator=np.float32) -> None:
         super().__init__(n_channels, chunk_shape, accumulator)
         self.keep_first = keep_first
-        self.acc = np.zeros(self.shape, dtype=self.dtype)
+        self.acc = zeroed(self.shape, self.dtype)
 
     def add(self, p: Placement, tile_shape) -> None:
         take = np.ones(p.values.shape[1:], dtype=bool) if p.mask is None else p.mask

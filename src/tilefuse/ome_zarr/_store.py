@@ -8,10 +8,12 @@ path's fallback, decoding a sharded level's files on a resume)."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import inspect
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,15 +282,38 @@ class LevelCompute:
         return kwargs
 
     def __call__(self, *collections: object, chunks: int) -> tuple:
-        out = self.tally.compute(*collections, **self._kwargs(chunks))
+        with old_objects_frozen():
+            out = self.tally.compute(*collections, **self._kwargs(chunks))
         self.tally.done += chunks
         return out
 
     def _tasks(self, tasks: Sequence[Callable[[], Any]], *, chunks: int) -> list[Any]:
-        out: list[Any] = self.tally.compute.run_tasks(  # type: ignore[attr-defined]
-            tasks, **self._kwargs(chunks))
+        with old_objects_frozen():
+            out: list[Any] = self.tally.compute.run_tasks(  # type: ignore[attr-defined]
+                tasks, **self._kwargs(chunks))
         self.tally.done += chunks
         return out
+
+
+@contextlib.contextmanager
+def old_objects_frozen() -> Iterator[None]:
+    """Leave the objects that exist now out of the garbage collector's passes for the block.
+
+    A compute makes objects by the thousand (tasks, arrays, results), so Python's collector
+    runs during it, and a full collection walks every object of the process, most of them
+    made by imports (~48,000 after tilefuse's): one took 15-30 ms of a 0.3 s fusion of 6x6
+    tiles of 1024², holding the GIL while both threads waited. ``gc.freeze`` sets those old
+    objects aside (objects made in the block are still collected) and ``gc.unfreeze`` gives
+    them back afterwards. A process that froze objects itself is left as it is.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _store_direct(source, writer: ChunkFiles | ShardFiles, blocks, reduce_axes, compute,
