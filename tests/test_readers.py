@@ -130,3 +130,33 @@ def test_a_superscript_series_number_is_refused_clearly(tiles):
     (tiles / "s.txt").write_text("dim = 2\nt0.tif; \u00b2; (0, 0)\n")
     with pytest.raises(InputError, match=r"s\.txt"):
         read_layout(tiles / "s.txt")
+
+
+@pytest.mark.parametrize("delay, threaded", [(0.0, False), (0.025, True)])
+def test_tile_headers_go_to_threads_only_when_storage_is_slow(monkeypatch, delay, threaded):
+    """Headers are read one after the other while each takes well under
+    ``SLOW_PROBE_S`` (threads only add GIL hand-offs then), and on threads once they are slow
+    (a network file system); either way every header comes back, in order."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tilefuse.io.readers.build as build
+    from tilefuse.io.tiles import TileHeader
+
+    pools: list[int] = []
+
+    def probe(path, series):
+        time.sleep(delay)
+        return TileHeader((int(path), 1), np.dtype(np.uint16), 1, False)
+
+    def pool(max_workers):
+        pools.append(max_workers)
+        return ThreadPoolExecutor(max_workers)
+
+    monkeypatch.setattr(build, "probe_tile", probe)
+    monkeypatch.setattr(build, "ThreadPoolExecutor", pool)
+    monkeypatch.setattr(build, "SLOW_PROBE_S", 0.02)  # far from both delays: no flaky timing
+    jobs = [(str(k), 0) for k in range(40)]
+    headers = build._probe_headers(jobs)
+    assert [h.shape[0] for h in headers] == list(range(40))
+    assert pools == ([build.PROBE_THREADS] if threaded else [])
