@@ -31,7 +31,7 @@ import numpy.typing as npt
 from tilefuse.fusion._numba.affine import add_affine, add_affine_2d, ramp_tables
 from tilefuse.fusion._numba.compiled import jit
 from tilefuse.fusion.blend import cosine_ramp
-from tilefuse.fusion.chunk import finalize, read_checked
+from tilefuse.fusion.chunk import finalize, read_checked, zeroed
 from tilefuse.fusion.resample import affine_footprint, check_window, snap, translation_span
 
 __all__ = ["fuse_chunk_compiled"]
@@ -266,10 +266,10 @@ def fuse_chunk_compiled(
     origin3 = np.array([0] * len(pad) + [int(o) for o in chunk_origin], np.int64)
     mode = _MODES[blend]
     widths3 = [None] * len(pad) + list(widths) if mode == _LINEAR else [None] * 3
-    acc = np.zeros((n_channels, *shape3), accumulator)
+    acc = zeroed((n_channels, *shape3), accumulator)  # not np.zeros: see zeroed
     weighted = mode in (_LINEAR, _MEAN)
-    wsum = np.zeros(shape3 if weighted else (1, 1, 1), accumulator)
-    covered = np.zeros(shape3, np.bool_)
+    wsum = zeroed(shape3 if weighted else (1, 1, 1), accumulator)
+    covered = zeroed(shape3, np.bool_)
     for tile in tiles:
         _add_tile(tile, acc, wsum, covered, origin3, shape3, ndim, widths3, mode)
     return _finalize(acc, wsum, covered, weighted, dtype, fill).reshape(
