@@ -222,7 +222,7 @@ def _parser() -> argparse.ArgumentParser:
                            "--memory-limit)")
     fuse.add_argument("--backend", choices=BACKENDS, default="auto",
                       help="chunk kernel: numba (compiled) or numpy; auto (default) takes numba "
-                           "for rotated tiles and mosaics over 64 MPix; same mosaic either way")
+                           "for rotated tiles and mosaics over 256 MPix; same mosaic either way")
     fuse.add_argument("--memory-limit", default="0.5", metavar="BYTES",
                       help="memory budget: picks the chunk size when --chunk is not given, "
                            "warns when it is (e.g. 8GB; default 0.5 = half of the job's "

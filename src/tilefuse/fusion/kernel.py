@@ -41,13 +41,16 @@ __all__ = [
 
 BACKENDS = ("auto", "numpy", "numba")
 
-NUMBA_MIN_PIXELS = 64 * 2**20
+NUMBA_MIN_PIXELS = 256 * 2**20
 """Output pixels (times channels) from which ``auto`` compiles translations too.
 
-Loading the compiled kernel costs ~0.5 s per process (numba's imports and its disk cache); on
-translations it saves ~8 ns per output pixel and thread (12.5 vs 4.4 ns, one thread, 6x6 tiles
-of 1024², ``benchmarks/bench_fusion.py``), so it repays its start from about 64 MPix. On
-affine tiles it saves ~55 ns per pixel (65 vs 11 ns) and is always taken.
+Loading the compiled kernel costs ~0.4 s per process (numba's import, 0.16-0.19 s, and its
+first use, 0.24 s: its registries and the scipy.linalg they import). On translations it then
+runs a chunk 2-3x faster, which repays the load only on large jobs: whole ``tilefuse fuse``
+runs on 2 cores (``benchmarks/bench_fusion.py`` tiles of 1024², 4 interleaved rounds) took
+1.01-1.14 s with numpy against 1.30-1.66 s compiled at 10x10 tiles (87 MPix), and the same
+(2.09-2.34 against 1.99-2.35 s) at 16x16 (220 MPix). On affine tiles the compiled kernel is
+3-7x faster and always taken.
 """
 
 
