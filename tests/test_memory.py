@@ -327,3 +327,18 @@ def test_job_queue_budget_is_the_worker_jobs_not_this_machines(monkeypatch):
                                          **options)
     assert absolute > _run.budget_chunk(layout, memory_limit="400MiB", workers=8, dask=True,
                                         **options)
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc only")
+def test_allocator_settings_reach_glibc_without_a_library_search(monkeypatch):
+    """glibc's mallopt is found among the process's own symbols (no ``ctypes.util``, whose
+    import and ``ldconfig`` cost every command ~17 ms) and takes all three settings."""
+    import ctypes.util
+
+    from tilefuse.cli.allocator import retain_freed_memory
+
+    def no_search(name):
+        raise AssertionError("searched for the C library")
+
+    monkeypatch.setattr(ctypes.util, "find_library", no_search)
+    assert retain_freed_memory(workers=False) is True

@@ -24,7 +24,6 @@ tiles of 768², ``--chunk 512 --backend numpy``): 11.1-11.6 s with dask's defaul
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 __all__ = ["retain_freed_memory", "worker_environ"]
@@ -71,13 +70,10 @@ def retain_freed_memory(threshold_bytes: int = _DEFAULT_THRESHOLD, *,
 
         environ = dict(dask.config.get(_PRE_SPAWN, None) or {})
         dask.config.set({_PRE_SPAWN: {**environ, **worker_environ(threshold_bytes)}})
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    try:  # the symbols the process has loaded, the C library's among them: no library search
+        # (``ctypes.util.find_library`` costs ~17 ms of imports and may run ``ldconfig``)
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # no mallopt (not glibc), or no CDLL(None)
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)) == 1
     ok &= mallopt(_M_TRIM_THRESHOLD, int(threshold_bytes) * 2) == 1
