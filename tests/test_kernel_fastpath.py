@@ -256,3 +256,25 @@ def test_frame_and_interior_tile_the_box_once():
             if all(b > a for a, b in interior):
                 count[tuple(slice(a, b) for a, b in interior)] += 1
             assert (count == 1).all(), (box_shape, interior)
+
+
+@pytest.mark.parametrize(("dtype", "in_place"), [("uint16", True), ("int32", True),
+                                                  ("float32", False)])
+def test_first_tile_of_a_chunk_is_written_in_place_for_integer_tiles_only(monkeypatch, dtype,
+                                                                           in_place):
+    """A chunk's first translated integer tile is interpolated straight into the accumulator
+    (bit for bit as added to zeros: ``test_kernel_bit_identical_to_the_plain_math``); float
+    tiles never are, since ``0 + -0.0`` is ``+0.0``."""
+    from tilefuse.fusion.blend import _Weighted
+
+    given: list[bool] = []
+    original = _Weighted.into
+    monkeypatch.setattr(_Weighted, "into", lambda self, box: (
+        given.append(True) or original(self, box)))
+    tiles, corners = _tiles(dtype, 2, 1, seed=3)
+    rng = np.random.default_rng(3)
+    positions = [POSITIONS["fractional"](rng, c) for c in corners]
+    ours, expected = _fuse_all(tiles, positions, (32, 32), blend="linear", widths=(6.0, 6.0),
+                               dtype=dtype)
+    assert np.array_equal(_bits(ours), _bits(expected))
+    assert bool(given) == in_place

@@ -140,9 +140,11 @@ def fuse_chunk(
                                    accumulator=acc)
     reducer = make_reducer(blend, n_channels, tuple(chunk_shape), widths, acc)
     for tile in tiles:
-        placement = place_tile(read_checked(tile, acc), tile.affine, chunk_origin, chunk_shape,
-                               path=tile.path, accumulator=acc, tile_shape=tile.shape,
-                               first_plane=tile.first_plane)
+        data = read_checked(tile, acc)
+        placement = place_tile(data, tile.affine, chunk_origin, chunk_shape, path=tile.path,
+                               accumulator=acc, tile_shape=tile.shape,
+                               first_plane=tile.first_plane,
+                               into=reducer.into if data.dtype.kind in "biu" else None)
         if placement is not None:
             reducer.add(placement, tile.shape)
     return finalize(reducer.values(), reducer.covered, dtype, fill)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,12 +70,15 @@ class Placement:
         full ``box_shape`` arrays for general affines. Used for blend weights.
     mask : numpy.ndarray of bool or None
         Pixels of ``box`` covered by the tile; None when all are (translations).
+    in_place : bool
+        ``values`` is the array ``place_tile``'s ``into`` gave (the reducer's own memory).
     """
 
     box: tuple[slice, ...]
     values: np.ndarray
     coords: tuple[np.ndarray, ...]
     mask: np.ndarray | None
+    in_place: bool = False
 
 
 def classify(affine: np.ndarray) -> str:
@@ -132,9 +135,14 @@ def source_span(pos: float, n: int, c0: int, cn: int, exact: bool) -> tuple[int,
     return lo - i - lower, hi - i
 
 
+Into = Callable[[tuple[slice, ...]], np.ndarray | None]
+"""``into(box)``: an array of shape ``(c, *box_shape)`` in the accumulator dtype for a
+translated tile's values to be written into, or None (see :func:`place_tile`)."""
+
+
 def _place_translation(data, pos, chunk_origin, chunk_shape, exact: bool,
                        accumulator: np.dtype, tile_shape: tuple[int, ...],
-                       first_plane: int) -> Placement | None:
+                       first_plane: int, into: Into | None = None) -> Placement | None:
     pos = snap(np.asarray(pos, dtype=np.float64))
     spans = []
     for p, n, c0, cn in zip(pos, tile_shape, chunk_origin, chunk_shape, strict=True):
@@ -147,13 +155,17 @@ def _place_translation(data, pos, chunk_origin, chunk_shape, exact: bool,
     box = tuple(slice(lo - c0, hi - c0) for (lo, hi), c0 in zip(spans, chunk_origin, strict=True))
     coords = tuple(np.arange(lo, hi, dtype=np.float64) - p
                    for (lo, hi), p in zip(spans, pos, strict=True))
+    dest = None if into is None else into(box)
     if exact:
         ip = np.round(pos).astype(np.int64)
         src = tuple(slice(lo - i - o, hi - i - o)
                     for (lo, hi), i, o in zip(spans, ip, offset, strict=True))
-        return Placement(box, data[(slice(None), *src)], coords, None)
-    values = _shift_linear(data, pos, spans, accumulator, offset)
-    return Placement(box, values, coords, None)
+        if dest is None:
+            return Placement(box, data[(slice(None), *src)], coords, None)
+        np.copyto(dest, data[(slice(None), *src)])  # converted exactly
+        return Placement(box, dest, coords, None, in_place=True)
+    values = _shift_linear(data, pos, spans, accumulator, offset, dest)
+    return Placement(box, values, coords, None, in_place=dest is not None)
 
 
 def check_window(data: np.ndarray, pos: np.ndarray, tile_shape: Sequence[int],
@@ -180,7 +192,8 @@ def check_window(data: np.ndarray, pos: np.ndarray, tile_shape: Sequence[int],
 
 
 def _shift_linear(data: np.ndarray, pos: np.ndarray, spans: list,
-                  accumulator: np.dtype, offset: Sequence[int]) -> np.ndarray:
+                  accumulator: np.dtype, offset: Sequence[int],
+                  out: np.ndarray | None = None) -> np.ndarray:
     """Separable linear interpolation of ``data`` (c, *n) onto integer indices ``spans``.
 
     Along an axis with position ``p = i + f`` (``0 < f < 1``), output index ``o`` samples tile
@@ -191,12 +204,12 @@ def _shift_linear(data: np.ndarray, pos: np.ndarray, spans: list,
     pixel takes the same operations, in the same order, whatever the bands.
 
     ``offset`` is the tile index of ``data``'s first pixel along each axis (a window of the
-    tile).
+    tile). ``out``, when given, receives the values (any strides).
 
     Returns
     -------
     numpy.ndarray, shape (c, *box_shape), ``accumulator``
-        Contiguous and writeable: the caller may reuse it.
+        ``out``, or a new contiguous array the caller may reuse.
     """
     kind = accumulator.type
     whole = np.floor(pos).astype(np.int64)  # pos is snapped: frac is 0 or in [EPS, 1 - EPS]
@@ -204,7 +217,8 @@ def _shift_linear(data: np.ndarray, pos: np.ndarray, spans: list,
     taps = [int(f != 0) for f in frac]  # the extra source pixel along a fractional axis
     starts = [lo - i - t - o for (lo, _), i, t, o in zip(spans, ip, taps, offset, strict=True)]
     weights = [(ax, kind(f), kind(1 - f)) for ax, f in enumerate(frac, start=1) if f != 0]
-    out = np.empty((data.shape[0], *(hi - lo for lo, hi in spans)), dtype=accumulator)
+    if out is None:
+        out = np.empty((data.shape[0], *(hi - lo for lo, hi in spans)), dtype=accumulator)
     bands = _bands(out.shape[1:], max(1, BAND_PIXELS // data.shape[0]))
     largest = max(math.prod(b - a + t for (a, b), t in zip(band, taps, strict=True))
                   for band in bands)  # source pixels of a band
@@ -366,6 +380,7 @@ def place_tile(
     accumulator: np.dtype | type = np.float32,
     tile_shape: tuple[int, ...] | None = None,
     first_plane: int = 0,
+    into: Into | None = None,
 ) -> Placement | None:
     """Resample one tile onto one output chunk.
 
@@ -390,6 +405,11 @@ def place_tile(
         ``data``'s).
     first_plane : int
         The tile plane ``data``'s first plane is (translations only).
+    into : callable, optional
+        For a translated tile: ``into(box)`` may give the array its values are written into
+        (the reducer's accumulator, for a chunk's first tile: see
+        :meth:`tilefuse.fusion.blend.Reducer.into`); the placement then says ``in_place``.
+        Affine tiles never call it.
 
     Returns
     -------
@@ -405,4 +425,4 @@ def place_tile(
         return _place_affine(data, affine, chunk_origin, chunk_shape, order, accumulator)
     pos = affine[:-1, -1]
     return _place_translation(data, pos, chunk_origin, chunk_shape, path == "slice",
-                              accumulator, shape, first_plane)
+                              accumulator, shape, first_plane, into)
