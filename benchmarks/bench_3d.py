@@ -205,8 +205,8 @@ def child(variant: str, size: dict, out: Path, cache_mb: int | None) -> None:
     from tilefuse.cli.allocator import retain_freed_memory
     from tilefuse.io.tile_cache import cache_stats
 
-    retain_freed_memory()
-    if variant == "tilefuse":
+    if variant == "tilefuse":  # the CLI's allocator settings; the floor keeps glibc's
+        retain_freed_memory()
         from tilefuse.fusion.kernel import resolve_backend
 
         if resolve_backend() == "numba":  # numba's lazy imports and disk cache: a start-up cost
