@@ -64,7 +64,8 @@ class Placement:
     box : tuple of slice
         Region of the chunk the tile reaches, one slice per spatial axis.
     values : numpy.ndarray, shape (c, *box_shape)
-        Resampled pixels; the tile's dtype on the slice path, the accumulator dtype otherwise.
+        Resampled pixels; the tile's dtype on the slice path (unless written ``in_place``),
+        the accumulator dtype otherwise.
     coords : tuple of numpy.ndarray
         Tile coordinate of each pixel of ``box``: per-axis 1D vectors for translations,
         full ``box_shape`` arrays for general affines. Used for blend weights.
