@@ -281,3 +281,4 @@ def test_zeroed_is_numpy_zeros():
         assert z.shape == shape and z.dtype == np.dtype(dtype)
         np.testing.assert_array_equal(z, np.zeros(shape, dtype))
         assert z.flags.c_contiguous and z.flags.writeable
+        assert not np.signbit(z).any()  # +0.0, as np.zeros gives

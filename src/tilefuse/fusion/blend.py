@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tilefuse.errors import InputError
-from tilefuse.fusion.chunk import zeroed
+from tilefuse.fusion.chunk import write_zeros, zeroed
 from tilefuse.fusion.resample import Placement, row_buffers
 
 __all__ = ["BLENDS", "Reducer", "cosine_ramp", "make_reducer"]
@@ -125,8 +125,8 @@ class _Weighted(Reducer):
         """Zero the state before the first tile that is not written in place."""
         if self._blank:
             self._blank = False
-            self.acc.fill(0)
-            self.wsum.fill(0)
+            write_zeros(self.acc)
+            write_zeros(self.wsum)
 
     def _weight(self, p: Placement, mask: np.ndarray, tile_shape) -> np.ndarray:
         """The weights of an affine placement, shape (*box_shape), float32; 0 off ``mask``."""
