@@ -155,6 +155,45 @@ def test_three_cycles_fuse_into_one_image_with_every_channel(cycles, fused):
         assert np.median(np.abs(want[ok] - got)) < 0.002 * np.ptp(want[ok]), k
 
 
+def test_the_python_api_makes_the_commands_image(cycles, fused):
+    """``tilefuse.register`` (cycle 1), ``tilefuse.align_cycles`` (channels by name) and
+    ``tilefuse.fuse_cycles``: the pixels of ``fuse --register`` bit for bit, and every cycle
+    where the truth puts it."""
+    import tilefuse
+    from tilefuse.fusion.cycles import plan_cycles
+
+    cs, paths = cycles
+    out, _, _ = fused
+    layouts = [read_layout(p) for p in paths]
+    first, _ = tilefuse.register(layouts[0])
+    aligned = tilefuse.align_cycles([first, *layouts[1:]], channel="DAPI", workers=2)
+    assert [a.cycle for a in aligned] == [1, 2, 3] and aligned[0].layout is first
+    assert max(cycle_alignment_error([a.layout for a in aligned], cs)) < 0.05
+    plans = plan_cycles([a.layout for a in aligned], chunk=128)
+    # cycle 1's widths for every cycle; each its own kernel: the turned cycles compiled
+    assert all(p.widths == plans[0].widths for p in plans)
+    assert [p.backend for p in plans] == ["numpy", "numba", "numba"]
+    mosaic = tilefuse.fuse_cycles([a.layout for a in aligned], chunk=128)
+    assert mosaic.channel_names == tuple(f"{name} (cycle {k})" for k, one in
+                                         enumerate(layouts, 1) for name in one.channels)
+    assert mosaic.channel_names[::2] == ("DAPI (cycle 1)", "DAPI (cycle 2)", "DAPI (cycle 3)")
+    assert np.array_equal(mosaic.compute(), _level(out))
+
+
+def test_align_cycles_refuses_a_channel_a_cycle_lacks(cycles):
+    import tilefuse
+    from tilefuse import InputError
+
+    _, paths = cycles
+    layouts = [read_layout(p) for p in paths]
+    marker = layouts[1].channels[1]  # cycle 2's own marker: not in cycle 1
+    with pytest.raises(InputError, match=rf"alignment channel {marker}: cycle 1 has no such "
+                                         rf"channel; its channels are DAPI, "):
+        tilefuse.align_cycles(layouts, channel=marker)
+    with pytest.raises(InputError, match="gives 2 channels for 3 cycles"):
+        tilefuse.align_cycles(layouts, channel=["DAPI", "DAPI"])
+
+
 def test_the_report_holds_each_cycle_and_a_picture(cycles, fused):
     from PIL import Image
 

@@ -9,7 +9,12 @@ The path data takes::
     tilefuse.write_ome_tiff(mosaic, "mosaic.ome.tif")              # or a pyramidal OME-TIFF
 
 A time series (``{t}`` in a pattern, a ``t`` column in a CSV) reads as a :class:`TimeSeries`
-and fuses into a mosaic with a ``t`` axis first, through the same functions.
+and fuses into a mosaic with a ``t`` axis first, through the same functions. The cycles of a
+cyclic acquisition (CyCIF, CODEX) are aligned to cycle 1 and fused into one image holding
+every channel of every cycle::
+
+    aligned = tilefuse.align_cycles([cycle1, cycle2, cycle3], channel="DAPI")
+    mosaic = tilefuse.fuse_cycles([a.layout for a in aligned])
 :mod:`tilefuse.pipeline` runs all of it as ``tilefuse fuse`` does (checks, registration,
 intensity correction, resumable writes, the layout saved beside the image).
 
@@ -38,10 +43,12 @@ _EXPORTS = {
     "write_csv_layout": "tilefuse.io.readers",
     "write_tileconfig": "tilefuse.io.readers",
     "register": "tilefuse.registration",
+    "align_cycles": "tilefuse.registration.cycles",
     "FusionPlan": "tilefuse.fusion.graph",
     "SeriesPlan": "tilefuse.fusion.graph",
     "plan_fusion": "tilefuse.fusion.graph",
     "fuse": "tilefuse.fusion.graph",
+    "fuse_cycles": "tilefuse.fusion.cycles",
     "write_ome_zarr": "tilefuse.ome_zarr.writer",
     "write_ome_tiff": "tilefuse.ome_tiff.writer",
     "read_ome_zarr_level": "tilefuse.ome_zarr.writer",

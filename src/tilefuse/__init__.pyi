@@ -48,6 +48,7 @@ from tilefuse import (
     viz as viz,
 )
 from tilefuse.errors import InputError as InputError
+from tilefuse.fusion.cycles import fuse_cycles as fuse_cycles
 from tilefuse.fusion.graph import FusionPlan as FusionPlan
 from tilefuse.fusion.graph import SeriesPlan as SeriesPlan
 from tilefuse.fusion.graph import fuse as fuse
@@ -64,6 +65,7 @@ from tilefuse.ome_tiff.writer import write_ome_tiff as write_ome_tiff
 from tilefuse.ome_zarr.writer import read_ome_zarr_level as read_ome_zarr_level
 from tilefuse.ome_zarr.writer import write_ome_zarr as write_ome_zarr
 from tilefuse.registration import register as register
+from tilefuse.registration.cycles import align_cycles as align_cycles
 
 __version__: str
 __all__: list[str]

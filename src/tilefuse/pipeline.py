@@ -350,7 +350,7 @@ def run_fusion(
             blend=request.blend, blend_width=request.blend_width, dtype=request.dtype,
             fill=request.fill, cache_bytes=cache, backend=request.backend)
         mosaic = fuse(plan) if cycles is None else cycles.fuse(
-            plan, lambda one: _corrected(one, request, stage))
+            plan, lambda one: _corrected(one, request, stage), backend=request.backend)
         clock.lap("plan")
         manifest = _run.run_manifest(
             layout, plan, backend=request.backend, ngff=request.ngff, levels=request.levels,

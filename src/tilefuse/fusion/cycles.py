@@ -113,19 +113,24 @@ def plan_cycles(layouts: Sequence[Layout], **plan_options: Any) -> tuple[FusionP
     layouts : sequence of Layout
         One per cycle, each in cycle 1's mosaic frame, cycle 1 first.
     **plan_options
-        As in :func:`tilefuse.plan_fusion` (but ``box``: cycle 1's unless given).
+        As in :func:`tilefuse.plan_fusion`, but ``box`` (default: cycle 1's output box) and
+        ``blend_width`` (default: cycle 1's) are the same for every cycle; the kernel
+        (``backend``, default ``auto``) is chosen per cycle, so a turned cycle takes the
+        compiled affine kernel even where cycle 1's translations take numpy.
 
     Returns
     -------
     tuple of FusionPlan
-        Equal output grids (origin, shape, chunk shape).
+        Equal output grids (origin, shape, chunk shape) and blend widths.
     """
     check_cycles(layouts)
     box = plan_options.pop("box", None)
     if box is None:
         origin, shape = output_box(layouts[0])
         box = (tuple(int(v) for v in origin), shape)
-    return tuple(plan_fusion(layout, box=box, **plan_options) for layout in layouts)
+    first = plan_fusion(layouts[0], box=box, **plan_options)
+    plan_options.setdefault("blend_width", first.widths)
+    return (first, *(plan_fusion(layout, box=box, **plan_options) for layout in layouts[1:]))
 
 
 def fuse_cycles(layouts: Sequence[Layout] | Sequence[FusionPlan], *,

@@ -135,15 +135,19 @@ class Cycles:
             json_path, picture = write_cycle_report(report, self, registration=registration)
             say(f"report written to {json_path} and {picture}")
 
-    def fuse(self, plan: FusionPlan | SeriesPlan, correct: Callable[[Layout], Any]) -> Mosaic:
-        """Every cycle fused as `plan` fuses cycle 1 (same grid, chunk, blend, dtype, fill),
-        channels concatenated; `correct` makes a later cycle's intensity-corrected layout."""
+    def fuse(self, plan: FusionPlan | SeriesPlan, correct: Callable[[Layout], Any], *,
+             backend: str = "auto") -> Mosaic:
+        """Every cycle fused as `plan` fuses cycle 1 (same grid, chunk, blend and widths,
+        dtype, fill), channels concatenated, as :func:`tilefuse.fuse_cycles` fuses them;
+        `correct` makes a later cycle's intensity-corrected layout; `backend` is the kernel
+        asked for, resolved per cycle (a turned cycle takes the compiled affine kernel even
+        where cycle 1's translations take numpy)."""
         assert isinstance(plan, FusionPlan)  # read_cycles refused a time series
         origin, shape = plan.chunks.origin, plan.chunks.shape
         more = tuple(plan_fusion(
             correct(layout), chunk=plan.chunks.chunk_shape, blend=plan.blend,
             blend_width=plan.widths, dtype=plan.dtype, fill=plan.fill,
-            cache_bytes=plan.cache_bytes, backend=plan.backend,
+            cache_bytes=plan.cache_bytes, backend=backend,
             box=(tuple(int(v) for v in origin), shape)) for layout in self.layouts[1:])
         self.plans = (plan, *more)
         return fuse_cycles(self.plans, channel_names=self.channel_names)
@@ -218,31 +222,11 @@ def read_cycles(first_path: str | os.PathLike, first: Layout | TimeSeries,
     layouts = [first, *(read(p, **read_options) for p in more)]
     check_cycles(layouts, paths)
     flat = [one for one in layouts if isinstance(one, Layout)]
-    channels = _align_channels(flat, paths, align_channel)
+    from tilefuse.registration.cycles import alignment_channels
+
+    channels = alignment_channels(flat, align_channel, paths=paths,
+                                  option="--align-channel")
     return Cycles(paths, flat, channels, cycle_channel_names(flat, channel_names))
-
-
-def _align_channels(layouts: Sequence[Layout], paths: Sequence[str],
-                    given: Sequence[int | str]) -> tuple[int, ...]:
-    """Each cycle's alignment channel index, from none, one or one per cycle names/indices."""
-    values = list(given) or [0]
-    if len(values) == 1:
-        values *= len(layouts)
-    if len(values) != len(layouts):
-        raise InputError(f"--align-channel gives {len(values)} channels for {len(layouts)} "
-                         "cycles; give one (for all) or one per cycle")
-    out = []
-    for k, (value, layout) in enumerate(zip(values, layouts, strict=True), start=1):
-        names = layout.channels
-        text = str(value)
-        if text in names:
-            out.append(names.index(text))
-        elif text.isdigit() and int(text) < len(names):
-            out.append(int(text))
-        else:
-            raise InputError(f"--align-channel {text}: cycle {k} ({paths[k - 1]}) has no such "
-                             f"channel; its channels are {', '.join(names)} (0..{len(names) - 1})")
-    return tuple(out)
 
 
 def write_cycle_report(path: str | os.PathLike, cycles: Cycles, *,

@@ -19,6 +19,7 @@ arrays are the two overviews of at most ``OVERVIEW_MAX`` pixels a side.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +39,8 @@ from tilefuse.registration._cycle_global import (
 from tilefuse.registration._cycle_tiles import MIN_TILE_SCORE, UNSEEN, measure_tile
 from tilefuse.registration._jobs import Progress, Runner, executor_for
 
-__all__ = ["MIN_TILE_SCORE", "CycleAlignment", "CycleTileRecord", "align_cycle",
-           "reference_alignment"]
+__all__ = ["MIN_TILE_SCORE", "CycleAlignment", "CycleTileRecord", "align_cycle", "align_cycles",
+           "alignment_channels", "reference_alignment"]
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,98 @@ class CycleAlignment:
         lines += [f"cycle {self.cycle}: {t.name} placed by the cycle's model: {t.reason}"
                   for t in self.tiles if t.placed_by_model]
         return lines
+
+
+def align_cycles(layouts: Sequence[Layout], *,
+                 channel: int | str | Sequence[int | str] = 0,
+                 max_shift: float | None = None, allow_scale: bool = False,
+                 workers: int | None = None,
+                 progress: Progress | None = None) -> list[CycleAlignment]:
+    """Place every later cycle's tiles in cycle 1's mosaic frame: the alignment of
+    ``tilefuse fuse CYCLE1 CYCLE2 ...``, for Python.
+
+    >>> cycle1, report = tilefuse.register(cycle1)               # optional, as --register
+    >>> aligned = tilefuse.align_cycles([cycle1, cycle2, cycle3], channel="DAPI")
+    >>> mosaic = tilefuse.fuse_cycles([a.layout for a in aligned])
+
+    Parameters
+    ----------
+    layouts : sequence of Layout
+        One per cycle, cycle 1 first (as it will be fused: registered if wanted), later cycles
+        at their stage positions; 2D, one dtype, one pixel size (within 1%).
+    channel : int, str, or a sequence of them
+        The channel every cycle shares (the nuclei stain), by index or name: one for all
+        cycles, or one per cycle.
+    max_shift, allow_scale, workers, progress
+        As in :func:`align_cycle`.
+
+    Returns
+    -------
+    list of CycleAlignment
+        One per cycle, cycle 1's the identity; each ``.layout`` is the cycle placed in cycle
+        1's frame (for :func:`tilefuse.fuse_cycles`), ``.summary_lines()`` says what was done.
+
+    Raises
+    ------
+    InputError
+        As :func:`tilefuse.fusion.cycles.check_cycles`, :func:`alignment_channels` and
+        :func:`align_cycle` (naming the cycle).
+    """
+    from tilefuse.fusion.cycles import check_cycles
+
+    layouts = list(layouts)
+    check_cycles(layouts)
+    given = [channel] if isinstance(channel, (int, str)) else list(channel)
+    channels = alignment_channels(layouts, given)
+    found = [reference_alignment(layouts[0], channel=channels[0])]
+    for k, cycle in enumerate(layouts[1:], start=2):
+        found.append(align_cycle(layouts[0], cycle, cycle_number=k,
+                                 reference_channel=channels[0], channel=channels[k - 1],
+                                 max_shift=max_shift, allow_scale=allow_scale, workers=workers,
+                                 progress=progress))
+    return found
+
+
+def alignment_channels(layouts: Sequence[Layout], given: Sequence[int | str], *,
+                       paths: Sequence[str] | None = None,
+                       option: str = "alignment channel") -> tuple[int, ...]:
+    """Each cycle's alignment channel index, from none (channel 0), one (for every cycle) or
+    one per cycle, each a channel name or index.
+
+    Parameters
+    ----------
+    layouts : sequence of Layout
+        One per cycle.
+    given : sequence of int or str
+    paths : sequence of str, optional
+        What each cycle was read from, for the messages.
+    option : str
+        How messages name the setting (the CLI's ``--align-channel``).
+
+    Raises
+    ------
+    InputError
+        A count that is neither one nor one per cycle; a name or index a cycle does not have
+        (naming the cycle and its channels).
+    """
+    values = list(given) or [0]
+    if len(values) == 1:
+        values *= len(layouts)
+    if len(values) != len(layouts):
+        raise InputError(f"{option} gives {len(values)} channels for {len(layouts)} cycles; "
+                         "give one (for all) or one per cycle")
+    out = []
+    for k, (value, layout) in enumerate(zip(values, layouts, strict=True), start=1):
+        names, text = layout.channels, str(value)
+        if text in names:
+            out.append(names.index(text))
+        elif text.isdigit() and int(text) < len(names):
+            out.append(int(text))
+        else:
+            where = f" ({paths[k - 1]})" if paths else ""
+            raise InputError(f"{option} {text}: cycle {k}{where} has no such channel; its "
+                             f"channels are {', '.join(names)} (0..{len(names) - 1})")
+    return tuple(out)
 
 
 def reference_alignment(reference: Layout, *, channel: int = 0) -> CycleAlignment:
