@@ -6,6 +6,7 @@ import csv
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,3 +89,33 @@ def unfinish(image: Path) -> None:
     doc = json.loads(meta.read_text())
     doc["attributes"].pop("ome")
     meta.write_text(json.dumps(doc))
+
+
+PIXEL = (0.5, 0.5)
+"""The pixel size :func:`write_cycle` states, micrometre."""
+
+
+def write_cycle(layout: Any, folder: Path, *, pixel_size=PIXEL, dtype=None,
+                reverse: bool = False) -> Path:
+    """One cycle as CYX TIFF tiles and a CSV layout (stage positions, channel names, pixel size);
+    `reverse` stores the channels in the opposite order, `dtype` converts (>> 8 to uint8)."""
+    import tifffile
+
+    from tilefuse.io.readers import write_csv_layout
+    from tilefuse.io.tile_cache import read_tile
+    from tilefuse.io.tiles import FileSource
+    from tilefuse.model.layout import Layout, Tile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tiles = []
+    for i, tile in enumerate(layout.tiles):
+        data = read_tile(tile.source)
+        data = data[::-1] if reverse else data
+        if dtype is not None:
+            data = (data >> 8).astype(dtype)
+        path = folder / f"tile_{i:03d}.tif"
+        tifffile.imwrite(path, data, metadata={"axes": "CYX"})
+        tiles.append(Tile(path.name, tile.shape, tile.affine, FileSource((str(path),))))
+    channels = layout.channels[::-1] if reverse else layout.channels
+    out = Layout(tuple(tiles), dtype or layout.dtype, channels, pixel_size=pixel_size)
+    return write_csv_layout(out, folder / "layout.csv")

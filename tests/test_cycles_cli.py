@@ -19,7 +19,7 @@ import tifffile
 import zarr
 from scipy import ndimage
 
-from conftest import run_main, unfinish
+from conftest import PIXEL, run_main, unfinish, write_cycle
 from tilefuse import read_layout
 from tilefuse.io.readers import write_csv_layout
 from tilefuse.io.tile_cache import read_tile
@@ -29,26 +29,6 @@ from tilefuse.plan.geometry import output_box
 from tilefuse.testing import CycleSet, cycle_alignment_error, cycle_tilesets
 
 SET = {"n_cycles": 3, "grid": (2, 3), "tile_shape": (192, 192), "seed": 2}
-PIXEL = (0.5, 0.5)
-
-
-def write_cycle(layout: Layout, folder: Path, *, pixel_size=PIXEL, dtype=None,
-                reverse: bool = False) -> Path:
-    """One cycle as CYX TIFF tiles and a CSV layout (stage positions, channel names, pixel size);
-    `reverse` stores the channels in the opposite order, `dtype` converts (>> 8 to uint8)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tiles = []
-    for i, tile in enumerate(layout.tiles):
-        data = read_tile(tile.source)
-        data = data[::-1] if reverse else data
-        if dtype is not None:
-            data = (data >> 8).astype(dtype)
-        path = folder / f"tile_{i:03d}.tif"
-        tifffile.imwrite(path, data, metadata={"axes": "CYX"})
-        tiles.append(Tile(path.name, tile.shape, tile.affine, FileSource((str(path),))))
-    channels = layout.channels[::-1] if reverse else layout.channels
-    out = Layout(tuple(tiles), dtype or layout.dtype, channels, pixel_size=pixel_size)
-    return write_csv_layout(out, folder / "layout.csv")
 
 
 @pytest.fixture(scope="module")

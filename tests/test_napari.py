@@ -457,3 +457,35 @@ def test_widget_chunk_is_auto_by_default_and_resumes_a_command_line_run(qtbot, w
     np.testing.assert_array_equal(read_ome_zarr_level(out, 0).compute(), ts.truth)
     w.chunk.setValue(64)
     assert w.request().chunk == 64
+
+
+def test_widget_fuses_cycles_into_one_layer_per_channel(qtbot, widget, tmp_path):
+    """Later cycles and their shared channel in the widget: the run ``tilefuse fuse`` makes
+    of the same cycles (``tilefuse.align_cycles`` + ``fuse_cycles``, bit for bit), shown as
+    one layer per channel of every cycle; an align channel without cycles is refused."""
+    import tilefuse
+    from conftest import write_cycle
+    from tilefuse.testing import cycle_tilesets
+
+    viewer, w = widget
+    cs = cycle_tilesets(n_cycles=2, grid=(2, 2), tile_shape=(128, 128), seed=4)
+    paths = [write_cycle(one, tmp_path / f"cycle{k}") for k, one in enumerate(cs.layouts, 1)]
+    out = tmp_path / "cycles.ome.zarr"
+    w.layout_path.setText(str(paths[0]))
+    w.output_path.setText(str(out))
+    w.align_channel.setText("DAPI")
+    run_widget(qtbot, w)
+    assert "an align channel is for cyclic imaging" in w.status.text()
+
+    w.cycles.setText(f" {paths[1]} ;")
+    run_widget(qtbot, w)
+    assert w.status.text() == f"wrote {out}", w.status.text()
+    layouts = [read_layout(p) for p in paths]
+    expected = tilefuse.fuse_cycles(
+        [a.layout for a in tilefuse.align_cycles(layouts, channel="DAPI")]).compute()
+    names = [f"cycles [{c} (cycle {k})]" for k, one in enumerate(layouts, 1)
+             for c in one.channels]
+    assert [layer.name for layer in viewer.layers] == names
+    for k, layer in enumerate(viewer.layers):
+        np.testing.assert_array_equal(np.asarray(layer.data[0]), expected[k])
+    assert "cycle 2:" in w.summary.text()  # the alignment's summary

@@ -1,9 +1,11 @@
 """The napari dock widget: a layout in, an OME-Zarr mosaic out, shown as a multiscale layer.
 
 The run is :func:`tilefuse.pipeline.run_fusion`, the one ``tilefuse fuse`` makes, in a worker
-thread: time series, registration, intensity correction, the layout saved beside the image,
-resuming an interrupted run, and the output checks (never an input, never a folder tilefuse did
-not make) are the command line's. Its progress bar is fed by the pipeline's progress callback.
+thread: time series, registration, intensity correction, cyclic imaging (later cycles aligned
+to cycle 1 on a shared channel, every channel of every cycle in one image), the layout saved
+beside the image, resuming an interrupted run, and the output checks (never an input, never a
+folder tilefuse did not make) are the command line's. Its progress bar is fed by the
+pipeline's progress callback.
 
 This and :mod:`tilefuse.napari.reader` are the only modules of tilefuse that import Qt or
 napari; ``import tilefuse`` loads neither.
@@ -52,6 +54,9 @@ _AUTO = "auto"
 """What the chunk box shows at 0: no chunk given (memory budget, or the resumed run's)."""
 
 FLATFIELD_CHOICES = ("none", "estimate")
+
+CYCLE_SEPARATOR = ";"
+"""Between the later cycles' layouts in the widget's field (paths may hold commas)."""
 
 
 @dataclass
@@ -166,6 +171,8 @@ class FuseWidget(QWidget):
         self.pattern = _line("folder only: tile_{index}.tif (or img_t{t}_{index}.tif)")
         self.grid = _line("folder only: ROWSxCOLS")
         self.overlap = _line("folder only: 0.1")
+        self.cycles = _line("cyclic imaging: cycle 2, 3… layouts, separated by ;")
+        self.align_channel = _line("cycles only: their shared channel, e.g. DAPI (default: first)")
         self.output_path = _line("mosaic.ome.zarr")
         self.blend = QComboBox()
         self.blend.addItems(BLENDS)
@@ -196,6 +203,8 @@ class FuseWidget(QWidget):
         form.addRow("pattern", self.pattern)
         form.addRow("grid", self.grid)
         form.addRow("overlap", self.overlap)
+        form.addRow("later cycles", self._with_buttons(self.cycles, ("add…", self._add_cycles)))
+        form.addRow("align channel", self.align_channel)
         form.addRow("output", self._with_buttons(self.output_path, ("…", self._browse_output)))
         form.addRow("blend", self.blend)
         form.addRow("chunk", self.chunk)
@@ -230,6 +239,18 @@ class FuseWidget(QWidget):
         if path:
             self.layout_path.setText(path)
 
+    def _add_cycles(self) -> None:
+        paths, _ = QFileDialog.getOpenFileNames(
+            self, "Later cycles (cycle 2, 3…)", "",
+            "Layouts (*.txt *.csv *.czi *.ome.tif *.ome.tiff);;All (*)")
+        if paths:
+            self.cycles.setText(CYCLE_SEPARATOR.join([*self._cycle_paths(), *paths]))
+
+    def _cycle_paths(self) -> list[str]:
+        """The later cycles' layouts in the field, in order."""
+        return [os.path.expanduser(p.strip())
+                for p in self.cycles.text().split(CYCLE_SEPARATOR) if p.strip()]
+
     def _browse_output(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Output OME-Zarr", "mosaic.ome.zarr")
         if path:
@@ -257,6 +278,11 @@ class FuseWidget(QWidget):
             except ValueError:
                 raise InputError(f"overlap must be a number such as 0.1, got {text!r}") from None
         flatfield = self.flatfield.currentText()
+        cycles = tuple(self._cycle_paths())
+        channel = self.align_channel.text().strip()
+        if channel and not cycles:
+            raise InputError("an align channel is for cyclic imaging: give the later cycles' "
+                             "layouts too")
         return FuseRequest(
             layout=os.path.expanduser(layout), output=os.path.expanduser(output),
             pattern=self.pattern.text().strip() or None, grid=self.grid.text().strip() or None,
@@ -265,6 +291,7 @@ class FuseWidget(QWidget):
             flatfield=None if flatfield == "none" else flatfield,
             match_intensity=self.match_intensity.isChecked(),
             overwrite=self.overwrite.isChecked(), resume=self.resume.isChecked(),
+            cycles=cycles, align_channel=(channel,) if channel else (),
         )
 
     def run(self) -> None:
