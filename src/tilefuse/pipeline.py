@@ -136,6 +136,9 @@ class FuseRequest:
     cycles, align_channel, channel_names : tuple
         Cyclic imaging: further inputs, cycles 2.. (`layout` is cycle 1), aligned to cycle 1
         and fused with all their channels; see :mod:`tilefuse.registration.cycle_run`.
+    align_scale : bool
+        Let each later cycle's model scale as well as turn and shift (``allow_scale`` of
+        :func:`tilefuse.align_cycles`).
     """
 
     layout: str | os.PathLike
@@ -182,6 +185,7 @@ class FuseRequest:
     shard: int | tuple[int, ...] | None = None
     cycles: tuple[str | os.PathLike, ...] = ()
     align_channel: tuple[int | str, ...] = ()
+    align_scale: bool = False
     channel_names: tuple[str, ...] = ()
 
     def read_options(self) -> dict[str, Any]:
@@ -332,7 +336,7 @@ def run_fusion(
                     progress=progress)
             if cycles:  # every later cycle aligned to cycle 1 (the report holds both)
                 cycles.align(layout, reports.get(0), request.report, request.workers, executor,
-                             progress, say)
+                             progress, say, allow_scale=request.align_scale)
         clock.lap("register")
         fused_layout = _corrected(layout, request, stage)
         clock.lap("correct")

@@ -92,6 +92,7 @@ def _one_or_cycles(args: argparse.Namespace) -> tuple[str, ...]:
         raise InputError("--scene all makes one output per scene; with several inputs "
                          "(cycles) give one scene: --scene N")
     given = [o for o, v in (("--align-channel", args.align_channel),
+                            ("--align-scale", args.align_scale),
                             ("--channel-names", getattr(args, "channel_names", ()))) if v]
     if len(inputs) == 1 and given:
         raise InputError(f"{given[0]} is for several inputs (the cycles of a cyclic "
@@ -109,6 +110,7 @@ def fuse_request(args: argparse.Namespace) -> FuseRequest:
     first, *more = _one_or_cycles(args)
     return FuseRequest(
         layout=first, cycles=tuple(more), align_channel=tuple(args.align_channel),
+        align_scale=args.align_scale,
         channel_names=tuple(args.channel_names), output=args.output, **_read_options(args),
         register=args.register,
         max_shift=args.max_shift, channel=args.channel,
@@ -256,7 +258,8 @@ def _register_cycles(args: argparse.Namespace, paths: tuple[str, ...]) -> int:
             keep_stage_positions=args.keep_stage_positions, message=say, executor=executor,
             progress=bar)
         cycles.align(registered, registration=reports.get(0), report=args.report,
-                     workers=args.workers, executor=executor, progress=bar, message=say)
+                     workers=args.workers, executor=executor, progress=bar, message=say,
+                     allow_scale=args.align_scale)
     for layout, out in zip(cycles.layouts, outs, strict=True):
         save_layout(layout, out)
     if not args.quiet:

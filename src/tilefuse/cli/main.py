@@ -52,6 +52,10 @@ def _add_layout_options(p: argparse.ArgumentParser, *, cycles: bool = False) -> 
         p.add_argument("--align-channel", nargs="+", default=(), metavar="NAME|INDEX",
                        help="with several inputs: the channel all cycles share (nuclei), by "
                             "name or index, one or one per cycle (default: each one's first)")
+        p.add_argument("--align-scale", action="store_true",
+                       help="with several inputs: let each later cycle's model scale as well "
+                            "as turn and shift (a cycle imaged at a slightly different "
+                            "magnification)")
     g = p.add_argument_group("folders of tiles")
     g.add_argument("--pattern", default=None,
                    help="file names with {row} {col} {index} {channel} {z} {t}, e.g. "

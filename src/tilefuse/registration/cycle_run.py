@@ -103,9 +103,11 @@ class Cycles:
               report: str | os.PathLike | None = None, workers: int | None = None,
               executor: Executor | None = None,
               progress: Callable[[int, int, str], None] | None = None,
-              message: Callable[[str], None] | None = None) -> None:
-        """Align cycles 2.. to `reference` (cycle 1 as fused: registered if asked); say each
-        cycle's summary; write the report (and its picture) when asked.
+              message: Callable[[str], None] | None = None, *,
+              allow_scale: bool = False) -> None:
+        """Align cycles 2.. to `reference` (cycle 1 as fused: registered if asked), turned and
+        shifted (and scaled with `allow_scale`); say each cycle's summary; write the report
+        (and its picture) when asked.
 
         Raises
         ------
@@ -123,8 +125,8 @@ class Cycles:
             try:
                 one = align_cycle(reference, layout, cycle_number=k,
                                   reference_channel=self.channels[0],
-                                  channel=self.channels[k - 1], workers=workers,
-                                  executor=executor, progress=progress)
+                                  channel=self.channels[k - 1], allow_scale=allow_scale,
+                                  workers=workers, executor=executor, progress=progress)
             except InputError as exc:
                 raise InputError(f"cycle {k} ({self.paths[k - 1]}): {exc}") from exc
             say("\n".join(one.summary_lines()))
