@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +55,7 @@ from tilefuse.model.layout import Layout
 from tilefuse.model.mosaic import Mosaic
 from tilefuse.model.timeseries import TimeSeries
 from tilefuse.ome_tiff import output_format
-from tilefuse.runner import ProgressFn
+from tilefuse.runner import ProgressFn, on_cluster, write_compute
 
 if TYPE_CHECKING:
     from tilefuse.registration import RegistrationReport
@@ -133,12 +133,10 @@ class FuseRequest:
         Sharded zarr v3 output (NGFF 0.5): shard size in pixels, one or one per spatial axis,
         a multiple of the chunk; each shard is one file and one task (``shard`` of
         :func:`tilefuse.write_ome_zarr`).
-    cycles, align_channel, channel_names : tuple
+    cycles, align_channel, align_scale, channel_names
         Cyclic imaging: further inputs, cycles 2.. (`layout` is cycle 1), aligned to cycle 1
-        and fused with all their channels; see :mod:`tilefuse.registration.cycle_run`.
-    align_scale : bool
-        Let each later cycle's model scale as well as turn and shift (``allow_scale`` of
-        :func:`tilefuse.align_cycles`).
+        on a shared channel (turned, shifted, and scaled too with `align_scale`) and fused with
+        all their channels; see :mod:`tilefuse.registration.cycle_run`.
     """
 
     layout: str | os.PathLike
@@ -323,8 +321,9 @@ def run_fusion(
         reports: dict[int, RegistrationReport] = {}
         if request.register or cycles:
             stage(0, 0, "registering")
-            if _on_cluster(request.scheduler):  # the cluster's workers, started once for the run
-                opened = stack.enter_context(_computing(request, runner, stage))
+            if on_cluster(request.scheduler):  # the cluster's workers, started once for the run
+                opened = stack.enter_context(
+                    write_compute(request.scheduler, request.workers, runner, stage))
             executor = getattr(opened[0], "executor", None) if opened else None
             if request.register:
                 layout, reports = register_input(
@@ -392,7 +391,8 @@ def _write(request: FuseRequest, output: Path, mosaic: Mosaic, plan: FusionPlan 
             refresh_changed_tiles(output, saved, manifest,
                                   plan.plans if isinstance(plan, SeriesPlan) else plan)
         with (contextlib.nullcontext(opened) if opened is not None
-              else _computing(request, runner, progress)) as (compute, dashboard):
+              else write_compute(request.scheduler, request.workers, runner, progress)
+              ) as (compute, dashboard):
             if dashboard:
                 say(f"dask dashboard: {dashboard}")
             if tiff:  # an OME-TIFF: one go, from a temporary file (nothing left to resume)
@@ -433,44 +433,6 @@ def _corrected(layout: Layout | TimeSeries, request: FuseRequest,
                                    match=request.match_intensity)
 
     return layout.map(correct) if isinstance(layout, TimeSeries) else correct(layout)
-
-
-def _on_cluster(scheduler: str) -> bool:
-    """The run's work goes to a job queue's workers or a running cluster (a scheduler address):
-    registration and fusion then share one runner, so its worker jobs start once."""
-    from tilefuse.cluster import JOBQUEUES
-
-    return scheduler in JOBQUEUES or "://" in scheduler
-
-
-@contextlib.contextmanager
-def _computing(request: FuseRequest, runner: Runner | None,
-               progress: ProgressFn) -> Iterator[tuple[Compute, str | None]]:
-    """The ``(compute, dashboard)`` the image is written with."""
-    from tilefuse.runner import LOCAL_SCHEDULERS, open_runner
-
-    if runner is not None:
-        context = runner()
-    elif request.scheduler in LOCAL_SCHEDULERS:
-        context = contextlib.nullcontext(
-            (_local_compute(request.scheduler, request.workers, progress), None))
-    else:
-        context = open_runner(request.scheduler, workers=request.workers, progress=False)
-    with context as opened:
-        yield opened
-
-
-def _local_compute(scheduler: str, workers: int | None, progress: ProgressFn) -> Compute:
-    """The write's compute on a local scheduler (:class:`tilefuse.runner.LocalCompute`),
-    reporting chunks stored of each level (``"fusing"``, ``"pyramid level 1"``, ...) across
-    its batches.
-
-    Progress goes to this compute only (no dask callbacks registered globally), so
-    computations in other threads (a viewer's, say) neither count here nor see these tasks.
-    """
-    from tilefuse.runner import LocalCompute
-
-    return LocalCompute(scheduler, workers, progress, whole=False)
 
 
 def _warm_up_kernel(backend: str, layout: Layout | TimeSeries) -> None:

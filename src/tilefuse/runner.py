@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from tilefuse.ome_zarr._store import Batch
 
 __all__ = ["LOCAL_SCHEDULERS", "ClientCompute", "LocalCompute", "follow_futures", "local_scheduler",
-           "open_runner", "share", "task_callbacks"]
+           "on_cluster", "open_runner", "share", "task_callbacks", "write_compute"]
 
 ProgressFn = Callable[[int, int, str], None]
 """``progress(done, total, label)``, as in :mod:`tilefuse.pipeline`."""
@@ -311,3 +311,29 @@ def open_runner(
         )
     with ctx as runner:
         yield runner
+
+
+def on_cluster(scheduler: str) -> bool:
+    """A run's work goes to a job queue's workers or a running cluster (a scheduler address):
+    registration and fusion then share one runner, so its worker jobs start once."""
+    return scheduler in JOBQUEUES or "://" in scheduler
+
+
+@contextlib.contextmanager
+def write_compute(scheduler: str, workers: int | None,
+                  runner: Callable[[], contextlib.AbstractContextManager[tuple[Any, str | None]]]
+                  | None, progress: ProgressFn) -> Iterator[tuple[Any, str | None]]:
+    """The ``(compute, dashboard)`` a run writes its image with: `runner`'s when given (a
+    caller's own), else, on a local scheduler, a :class:`LocalCompute` that reports chunks
+    stored of each level (``"fusing"``, ``"pyramid level 1"``...) across its batches to
+    `progress` only (no dask callbacks registered globally, so computations in other threads,
+    a viewer's say, neither count here nor see these tasks), else :func:`open_runner`'s."""
+    if runner is not None:
+        context = runner()
+    elif scheduler in LOCAL_SCHEDULERS:
+        context = contextlib.nullcontext(
+            (LocalCompute(scheduler, workers, progress, whole=False), None))
+    else:
+        context = open_runner(scheduler, workers=workers, progress=False)
+    with context as opened:
+        yield opened
