@@ -202,3 +202,17 @@ def test_semi_synthetic_cycles_from_a_real_confocal_mosaic():
     assert all(not a.placed_by_model for a in aligned)
     for a, k in zip(aligned, (1, 2), strict=True):
         assert abs(a.rotation_deg - cs.rotations_deg[k]) < 0.002  # measured 0.0002, 0.0003
+
+
+def test_alignment_channels_take_ints_as_indices_and_text_as_names_first():
+    """An int is a channel index even where a channel is named "1"; text is a name, and a
+    number only when no channel has that name (the command line's ``--align-channel``)."""
+    from types import SimpleNamespace
+
+    from tilefuse.registration.cycles import alignment_channels
+
+    cycles = [SimpleNamespace(channels=("1", "DAPI")), SimpleNamespace(channels=("DAPI", "1"))]
+    assert alignment_channels(cycles, [1]) == (1, 1)
+    assert alignment_channels(cycles, ["1"]) == (0, 1)
+    assert alignment_channels(cycles, ["DAPI", 0]) == (1, 0)
+    assert alignment_channels(cycles, []) == (0, 0)

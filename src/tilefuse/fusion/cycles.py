@@ -28,7 +28,7 @@ from tilefuse.model.timeseries import TimeSeries
 from tilefuse.plan.geometry import output_box
 
 __all__ = ["PIXEL_SIZE_TOLERANCE", "check_cycles", "cycle_channel_names", "fuse_cycles",
-           "plan_cycles"]
+           "plan_cycles", "plan_like"]
 
 PIXEL_SIZE_TOLERANCE = 0.01
 """Largest relative difference of a cycle's pixel size from cycle 1's (1%)."""
@@ -129,8 +129,20 @@ def plan_cycles(layouts: Sequence[Layout], **plan_options: Any) -> tuple[FusionP
         origin, shape = output_box(layouts[0])
         box = (tuple(int(v) for v in origin), shape)
     first = plan_fusion(layouts[0], box=box, **plan_options)
-    plan_options.setdefault("blend_width", first.widths)
-    return (first, *(plan_fusion(layout, box=box, **plan_options) for layout in layouts[1:]))
+    backend = plan_options.get("backend", "auto")
+    return (first, *(plan_like(first, layout, backend=backend) for layout in layouts[1:]))
+
+
+def plan_like(first: FusionPlan, layout: Layout, *, backend: str = "auto") -> FusionPlan:
+    """`layout` planned as `first` (cycle 1's plan) is: its output grid and chunk, blend and
+    blend widths, dtype, fill and tile cache; the kernel `backend` (as asked, not as `first`
+    resolved it) is chosen for `layout` itself.
+    """
+    origin, shape = first.chunks.origin, first.chunks.shape
+    return plan_fusion(layout, chunk=first.chunks.chunk_shape, blend=first.blend,
+                       blend_width=first.widths, dtype=first.dtype, fill=first.fill,
+                       cache_bytes=first.cache_bytes, backend=backend,
+                       box=(tuple(int(v) for v in origin), shape))
 
 
 def fuse_cycles(layouts: Sequence[Layout] | Sequence[FusionPlan], *,

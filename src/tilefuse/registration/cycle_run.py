@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from tilefuse import _run
 from tilefuse.errors import InputError
-from tilefuse.fusion.cycles import check_cycles, cycle_channel_names, fuse_cycles
-from tilefuse.fusion.graph import FusionPlan, SeriesPlan, plan_fusion
+from tilefuse.fusion.cycles import check_cycles, cycle_channel_names, fuse_cycles, plan_like
+from tilefuse.fusion.graph import FusionPlan, SeriesPlan
 from tilefuse.io.readers import write_csv_layout
 from tilefuse.model.layout import Layout
 from tilefuse.model.mosaic import Mosaic
@@ -114,23 +114,13 @@ class Cycles:
         InputError
             A cycle that cannot be aligned credibly (named, with what to try).
         """
-        from tilefuse.registration.cycles import align_cycle, reference_alignment
+        from tilefuse.registration.cycles import align_cycles
 
         assert isinstance(reference, Layout)  # read_cycles refused a time series
         say = message or _silent
-        found = [reference_alignment(reference, channel=self.channels[0])]
-        for k, layout in enumerate(self.layouts[1:], start=2):
-            if progress is not None:
-                progress(0, 0, f"aligning cycle {k}")
-            try:
-                one = align_cycle(reference, layout, cycle_number=k,
-                                  reference_channel=self.channels[0],
-                                  channel=self.channels[k - 1], allow_scale=allow_scale,
-                                  workers=workers, executor=executor, progress=progress)
-            except InputError as exc:
-                raise InputError(f"cycle {k} ({self.paths[k - 1]}): {exc}") from exc
-            say("\n".join(one.summary_lines()))
-            found.append(one)
+        found = align_cycles([reference, *self.layouts[1:]], channel=self.channels,
+                             allow_scale=allow_scale, workers=workers, executor=executor,
+                             progress=progress, names=self.paths, message=say)
         self.alignments = tuple(found)
         self.layouts = [reference, *(one.layout for one in found[1:])]
         if report:
@@ -145,12 +135,8 @@ class Cycles:
         asked for, resolved per cycle (a turned cycle takes the compiled affine kernel even
         where cycle 1's translations take numpy)."""
         assert isinstance(plan, FusionPlan)  # read_cycles refused a time series
-        origin, shape = plan.chunks.origin, plan.chunks.shape
-        more = tuple(plan_fusion(
-            correct(layout), chunk=plan.chunks.chunk_shape, blend=plan.blend,
-            blend_width=plan.widths, dtype=plan.dtype, fill=plan.fill,
-            cache_bytes=plan.cache_bytes, backend=backend,
-            box=(tuple(int(v) for v in origin), shape)) for layout in self.layouts[1:])
+        more = tuple(plan_like(plan, correct(layout), backend=backend)
+                     for layout in self.layouts[1:])
         self.plans = (plan, *more)
         return fuse_cycles(self.plans, channel_names=self.channel_names)
 

@@ -19,7 +19,7 @@ arrays are the two overviews of at most ``OVERVIEW_MAX`` pixels a side.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,8 +151,9 @@ class CycleAlignment:
 def align_cycles(layouts: Sequence[Layout], *,
                  channel: int | str | Sequence[int | str] = 0,
                  max_shift: float | None = None, allow_scale: bool = False,
-                 workers: int | None = None,
-                 progress: Progress | None = None) -> list[CycleAlignment]:
+                 workers: int | None = None, executor: Executor | None = None,
+                 progress: Progress | None = None, names: Sequence[str] | None = None,
+                 message: Callable[[str], None] | None = None) -> list[CycleAlignment]:
     """Place every later cycle's tiles in cycle 1's mosaic frame: the alignment of
     ``tilefuse fuse CYCLE1 CYCLE2 ...``, for Python.
 
@@ -168,8 +169,12 @@ def align_cycles(layouts: Sequence[Layout], *,
     channel : int, str, or a sequence of them
         The channel every cycle shares (the nuclei stain), by index or name: one for all
         cycles, or one per cycle.
-    max_shift, allow_scale, workers, progress
+    max_shift, allow_scale, workers, executor, progress
         As in :func:`align_cycle`.
+    names : sequence of str, optional
+        What each cycle was read from: errors name it.
+    message : callable, optional
+        ``message(text)`` is told each later cycle's summary as it is aligned.
 
     Returns
     -------
@@ -181,20 +186,30 @@ def align_cycles(layouts: Sequence[Layout], *,
     ------
     InputError
         As :func:`tilefuse.fusion.cycles.check_cycles`, :func:`alignment_channels` and
-        :func:`align_cycle` (naming the cycle).
+        :func:`align_cycle` (naming the cycle, and its input when `names` are given).
     """
     from tilefuse.fusion.cycles import check_cycles
 
     layouts = list(layouts)
-    check_cycles(layouts)
+    check_cycles(layouts, names)
     given = [channel] if isinstance(channel, (int, str)) else list(channel)
-    channels = alignment_channels(layouts, given)
+    channels = alignment_channels(layouts, given, paths=names)
     found = [reference_alignment(layouts[0], channel=channels[0])]
     for k, cycle in enumerate(layouts[1:], start=2):
-        found.append(align_cycle(layouts[0], cycle, cycle_number=k,
-                                 reference_channel=channels[0], channel=channels[k - 1],
-                                 max_shift=max_shift, allow_scale=allow_scale, workers=workers,
-                                 progress=progress))
+        if progress is not None:
+            progress(0, 0, f"aligning cycle {k}")
+        try:
+            one = align_cycle(layouts[0], cycle, cycle_number=k, reference_channel=channels[0],
+                              channel=channels[k - 1], max_shift=max_shift,
+                              allow_scale=allow_scale, workers=workers, executor=executor,
+                              progress=progress)
+        except InputError as exc:
+            if not names:
+                raise
+            raise InputError(f"cycle {k} ({names[k - 1]}): {exc}") from exc
+        if message is not None:
+            message("\n".join(one.summary_lines()))
+        found.append(one)
     return found
 
 
@@ -209,6 +224,8 @@ def alignment_channels(layouts: Sequence[Layout], given: Sequence[int | str], *,
     layouts : sequence of Layout
         One per cycle.
     given : sequence of int or str
+        Channel indices (int) or names (str; a name that is not a channel but a number is an
+        index).
     paths : sequence of str, optional
         What each cycle was read from, for the messages.
     option : str
@@ -229,7 +246,9 @@ def alignment_channels(layouts: Sequence[Layout], given: Sequence[int | str], *,
     out = []
     for k, (value, layout) in enumerate(zip(values, layouts, strict=True), start=1):
         names, text = layout.channels, str(value)
-        if text in names:
+        if isinstance(value, int) and 0 <= value < len(names):  # an index, whatever the names
+            out.append(value)
+        elif text in names:
             out.append(names.index(text))
         elif text.isdigit() and int(text) < len(names):
             out.append(int(text))
