@@ -177,6 +177,30 @@ def test_plane_files_read_only_the_planes_asked_and_check_them(tmp_path):
         source.read_planes(2, 4)
 
 
+def test_windows_of_plane_files_decode_plane_0_once(tmp_path, monkeypatch):
+    """Plane 0 is decoded for the check once per process, not for every window; a plane 0
+    rewritten as another shape is seen again (its files' state is part of the memo)."""
+    import tilefuse.io.tiles as tiles
+
+    planes = []
+    for z in range(6):
+        path = str(tmp_path / f"z{z}.tif")
+        tifffile.imwrite(path, VOLUME[0, z])
+        planes.append((path,))
+    source = PlaneStackSource(tuple(planes))
+    decoded: list[str] = []
+    real = tiles.FileSource.read
+    monkeypatch.setattr(tiles.FileSource, "read",
+                        lambda self: decoded.append(self.paths[0]) or real(self))
+    assert np.array_equal(source.read_planes(2, 4), VOLUME[0, None, 2:4])
+    assert np.array_equal(source.read_planes(4, 6), VOLUME[0, None, 4:6])
+    assert np.array_equal(source.read_planes(3, 4), VOLUME[0, None, 3:4])
+    assert decoded == [planes[0][0]] + [planes[z][0] for z in (2, 3, 4, 5, 3)]
+    tifffile.imwrite(planes[0][0], VOLUME[0, 0, :4])  # plane 0 now another shape
+    with pytest.raises(Exception, match=r"plane 4 is 6 x 5 uint16, but plane 0 .* is 4 x 5"):
+        source.read_planes(4, 6)
+
+
 def test_a_correction_the_same_on_every_plane_reads_planes(tmp_path):
     inner = layout_from_arrays([VOLUME], positions=[[0, 0, 0]], channels=["a", "b"]).tiles[0]
     flat = np.full((2, 1, 6, 5), 2.0, np.float32)

@@ -333,19 +333,33 @@ class PlaneStackSource:
 
     def read_planes(self, start: int, stop: int) -> np.ndarray:
         """Decode and stack planes ``start:stop``, shape ``(c, stop - start, y, x)``; every
-        plane is checked against plane 0 (read for that when it is not among them)."""
-        first = self._plane(0)
-        out = np.empty((first.shape[0], stop - start, *first.shape[1:]), dtype=first.dtype)
+        plane is checked against plane 0's shape and dtype (:meth:`_plane_zero`: decoded once
+        per process when it is not among them, not once per window)."""
+        first = self._plane(0) if start == 0 else None
+        shape, dtype = (first.shape, first.dtype) if first is not None else self._plane_zero()
+        out = np.empty((shape[0], stop - start, *shape[1:]), dtype=dtype)
         for k in range(start, stop):
-            plane = first if k == 0 else self._plane(k)
-            if plane.shape != first.shape or plane.dtype != first.dtype:
+            plane = first if k == 0 and first is not None else self._plane(k)
+            if plane.shape != shape or plane.dtype != dtype:
                 raise InputError(
                     f"{self.planes[k][0]}: plane {k} is {_describe(plane)}, but plane 0 "
-                    f"({self.planes[0][0]}) is {_describe(first)}; every plane of a tile needs "
-                    "the same shape and dtype"
+                    f"({self.planes[0][0]}) is {_describe_as(shape, dtype)}; every plane of a "
+                    "tile needs the same shape and dtype"
                 )
             out[:, k - start] = plane
         return out
+
+    def _plane_zero(self) -> tuple[tuple[int, ...], np.dtype]:
+        """Plane 0's shape ``(c, y, x)`` and dtype, remembered per process while its files are
+        unchanged (a window of planes 1000..1064 then decodes 64 planes, not 65; a window of
+        one plane one, not two)."""
+        key = (self.planes[0], self.channels, self.same_channels,
+               _file_stamps(list(self.planes[0])))
+        found = _PLANE_ZERO.get(key)
+        if found is None:
+            plane = self._plane(0)
+            found = _PLANE_ZERO[key] = (plane.shape, plane.dtype)
+        return found
 
     def _plane(self, k: int) -> np.ndarray:
         data = FileSource(self.planes[k], 0, self.channels, self.same_channels).read()
@@ -372,7 +386,16 @@ def _file_stamps(paths) -> tuple:
 
 def _describe(data: np.ndarray) -> str:
     """``"64 x 80 uint16"`` for a ``(c, y, x)`` plane."""
-    return " x ".join(map(str, data.shape[1:])) + f" {data.dtype}"
+    return _describe_as(data.shape, data.dtype)
+
+
+def _describe_as(shape: tuple[int, ...], dtype: np.dtype) -> str:
+    return " x ".join(map(str, shape[1:])) + f" {dtype}"
+
+
+_PLANE_ZERO: dict[tuple, tuple[tuple[int, ...], np.dtype]] = {}
+"""Plane 0's shape and dtype per plane-file z-stack (and the state of its files), for
+:meth:`PlaneStackSource.read_planes`: a few bytes per tile."""
 
 
 def _new_token() -> str:
