@@ -17,7 +17,14 @@ import numpy as np
 
 from tilefuse.errors import InputError
 from tilefuse.fusion.blend import BLENDS
-from tilefuse.fusion.jobs import ChunkJob, FusedPixels, FusionPlan, chunk_job, reads_planes
+from tilefuse.fusion.jobs import (
+    ChunkJob,
+    FusedPixels,
+    FusionPlan,
+    chunk_job,
+    reads_planes,
+    window_planes,
+)
 from tilefuse.fusion.kernel import (
     accumulator_dtype,
     check_fill,
@@ -229,7 +236,7 @@ def read_sizes(layout: Layout, chunk_shape: Sequence[int],
     """
     per_px = len(layout.channels) * layout.dtype.itemsize
     paths = [classify(t.affine) for t in layout.tiles] if paths is None else paths
-    depth = int(chunk_shape[0]) + 1
+    depth = window_planes(chunk_shape[0])
     return [math.prod((min(t.shape[0], depth), *t.shape[1:]) if reads_planes(t, path)
                       else t.shape) * per_px
             for t, path in zip(layout.tiles, paths, strict=True)]

@@ -27,7 +27,8 @@ from tilefuse.plan.geometry import ChunkPlan
 if TYPE_CHECKING:
     import dask.array as da
 
-__all__ = ["ChunkJob", "FusedPixels", "FusionPlan", "chunk_job", "reads_planes", "tile_planes"]
+__all__ = ["ChunkJob", "FusedPixels", "FusionPlan", "chunk_job", "reads_planes", "tile_planes",
+           "window_planes"]
 
 _FLOAT32 = np.dtype(np.float32)
 
@@ -117,6 +118,12 @@ def reads_planes(tile, path: str) -> bool:
     whose source can read planes apart (``read_planes``; a TIFF of one z-stack in one page is
     found out on its first read, and then read whole)."""
     return len(tile.shape) == 3 and path != "affine" and hasattr(tile.source, "read_planes")
+
+
+def window_planes(chunk_depth: int) -> int:
+    """The most planes a chunk `chunk_depth` planes deep reads of a stack read by planes
+    (:func:`tile_planes`): its own and one interpolation tap of a fractional z."""
+    return int(chunk_depth) + 1
 
 
 def tile_planes(affine: np.ndarray, shape: tuple[int, ...], path: str, origin: np.ndarray,

@@ -10,7 +10,7 @@ import numpy as np
 
 from tilefuse.errors import InputError
 from tilefuse.fusion.graph import cache_advice, plan_fusion
-from tilefuse.fusion.jobs import reads_planes
+from tilefuse.fusion.jobs import reads_planes, window_planes
 from tilefuse.fusion.kernel import resolve_backend
 from tilefuse.fusion.resample import classify
 from tilefuse.io.tile_cache import DEFAULT_CACHE_BYTES
@@ -263,7 +263,7 @@ def chunk_peak(
     """
     pixels, pyramid, used = task_geometry(mosaic_shape, chunk_shape, threads)
     if max_plane_bytes is not None and len(chunk_shape) == 3:
-        window = min(max_tile_bytes, max_plane_bytes * (int(chunk_shape[0]) + 1))
+        window = min(max_tile_bytes, max_plane_bytes * window_planes(chunk_shape[0]))
         max_tile_bytes = max(window, max_whole_bytes)
     return estimate_peak(pixels, n_channels, itemsize, used, cache_bytes, backend,
                          tile_bytes=tile_bytes, max_tile_bytes=max_tile_bytes,
