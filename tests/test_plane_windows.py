@@ -164,12 +164,18 @@ def test_a_tiff_volume_in_one_page_is_read_whole(tmp_path):
     assert cache_stats()["decodes"] == 1
 
 
-def test_plane_files_read_only_the_planes_asked_and_check_them(tmp_path):
+def _plane_files(folder, n: int) -> list[tuple[str]]:
+    """Planes 0..n-1 of VOLUME's first channel, one TIFF file each."""
     planes = []
-    for z in range(5):
-        path = str(tmp_path / f"z{z}.tif")
+    for z in range(n):
+        path = str(folder / f"z{z}.tif")
         tifffile.imwrite(path, VOLUME[0, z])
         planes.append((path,))
+    return planes
+
+
+def test_plane_files_read_only_the_planes_asked_and_check_them(tmp_path):
+    planes = _plane_files(tmp_path, 5)
     source = PlaneStackSource(tuple(planes))
     assert np.array_equal(source.read_planes(2, 4), source.read()[:, 2:4])
     tifffile.imwrite(planes[3][0], VOLUME[0, 3, :4])
@@ -182,11 +188,7 @@ def test_windows_of_plane_files_decode_plane_0_once(tmp_path, monkeypatch):
     rewritten as another shape is seen again (its files' state is part of the memo)."""
     import tilefuse.io.tiles as tiles
 
-    planes = []
-    for z in range(6):
-        path = str(tmp_path / f"z{z}.tif")
-        tifffile.imwrite(path, VOLUME[0, z])
-        planes.append((path,))
+    planes = _plane_files(tmp_path, 6)
     source = PlaneStackSource(tuple(planes))
     decoded: list[str] = []
     real = tiles.FileSource.read
